@@ -1,0 +1,250 @@
+"""What every wire-format adapter provides, and the SSE framing they share.
+
+An adapter knows one API's request and response format. It never talks to the network; the request
+handler calls it in this order:
+
+1. :meth:`Adapter.model_name` and :meth:`Adapter.parse`: the request in compute-model terms
+   (:class:`~gateway.compute.ComputeRequest`); raises :class:`~gateway.errors.BadRequest` for bad input.
+2. :meth:`Adapter.rewrite`: lower samples / output cap / thinking budget / effort to a clamp target.
+3. :meth:`Adapter.prepare_upstream`: map the model name, make a stream carry usage; returns whether the
+   client itself asked for streamed usage (so the extra chunk can be stripped).
+4. :meth:`Adapter.usage_from_json` for a JSON response, or :meth:`Adapter.stream_meter` for a stream:
+   a :class:`StreamMeter` that sees the upstream bytes, returns the bytes to forward, and ends with the
+   usage (``source: upstream``, or ``counted`` when the stream carried none).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+
+from ..compute import ClampTarget, ComputeRequest, Usage
+from ..errors import BadRequest, ErrorShape
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    """One server-sent event: its raw bytes (forwarded unchanged), its ``event:`` name and ``data:``."""
+
+    raw: bytes
+    event: str | None
+    data: str | None
+
+    def json(self) -> Any:
+        """The data as JSON, or None when it is absent, ``[DONE]`` or not JSON."""
+        if not self.data or self.data == "[DONE]":
+            return None
+        try:
+            return orjson.loads(self.data)
+        except orjson.JSONDecodeError:
+            return None
+
+
+class SSEParser:
+    """Splits a byte stream into events at blank lines; keeps a partial event until it is complete."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> Iterator[SSEEvent]:
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            raw = buf[start:end + 2]
+            start = end + 2
+            ev = parse_event(raw)
+            if ev is not None:
+                yield ev
+        self._buf = buf[start:]
+
+    def flush(self) -> Iterator[SSEEvent]:
+        """What is left when the stream ends (an event without its closing blank line)."""
+        rest, self._buf = self._buf, b""
+        if rest.strip():
+            ev = parse_event(rest + (b"\n\n" if not rest.endswith(b"\n\n") else b""))
+            if ev is not None:
+                yield ev
+
+    @property
+    def pending(self) -> bytes:
+        return self._buf
+
+
+def parse_event(raw: bytes) -> SSEEvent | None:
+    name: str | None = None
+    data_lines: list[str] = []
+    text = raw.decode("utf-8", errors="replace")
+    for line in text.split("\n"):
+        if not line or line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            name = value
+        elif field == "data":
+            data_lines.append(value)
+    if name is None and not data_lines:
+        return SSEEvent(raw=raw, event=None, data=None)
+    return SSEEvent(raw=raw, event=name, data="\n".join(data_lines) if data_lines else None)
+
+
+class StreamMeter(ABC):
+    """Meters one streamed response while it passes through.
+
+    ``feed`` takes the upstream's bytes and returns those to send to the client now (everything, except
+    events the client did not ask for, such as an injected usage chunk). ``close`` returns what is
+    still held. ``usage()`` gives the final usage: the provider's own when the stream carried it
+    (``source: upstream``), else the streamed tokens counted (``source: counted``).
+    """
+
+    def __init__(self, req: ComputeRequest, client_wants_usage: bool):
+        self.req = req
+        self.client_wants_usage = client_wants_usage
+        self.finished = False  # the API's own end-of-stream marker was seen
+        self.error: dict[str, Any] | None = None  # an error event the upstream sent in the stream
+        self._parser = SSEParser()
+
+    def feed(self, chunk: bytes) -> bytes:
+        out: list[bytes] = []
+        for ev in self._parser.feed(chunk):
+            if self.on_event(ev):
+                out.append(ev.raw)
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        out: list[bytes] = []
+        for ev in self._parser.flush():
+            if self.on_event(ev):
+                out.append(ev.raw)
+        return b"".join(out)
+
+    @abstractmethod
+    def on_event(self, ev: SSEEvent) -> bool:
+        """Account for one event; True to forward it to the client."""
+
+    @abstractmethod
+    def usage(self) -> Usage:
+        """The usage of the whole response so far."""
+
+
+class Adapter(ABC):
+    """One API's wire format."""
+
+    api: ClassVar[str]  # "openai.chat", "openai.completions", "openai.responses", "anthropic.messages", "gemini"
+    shape: ClassVar[ErrorShape]
+    upstream_path: ClassVar[str] = ""  # the path to call upstream ("{model}" filled in by the adapter)
+
+    @abstractmethod
+    def model_name(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> str:
+        """The public model name the client asked for (BadRequest when missing)."""
+
+    @abstractmethod
+    def is_stream(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> bool: ...
+
+    @abstractmethod
+    def parse(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> ComputeRequest:
+        """Validate the compute-relevant fields and return the request in compute-model terms.
+
+        ``prompt_tokens`` is left 0: the handler estimates it from the body size.
+        """
+
+    @abstractmethod
+    def rewrite(self, body: dict[str, Any], req: ComputeRequest, target: ClampTarget) -> list[str]:
+        """Lower the request in place to ``target``; return what was changed, as ``field=value`` strings."""
+
+    @abstractmethod
+    def prepare_upstream(self, body: dict[str, Any], upstream_model: str, stream: bool) -> bool:
+        """Map the model name and make a stream carry usage; return whether the client asked for it."""
+
+    def upstream_url_path(self, upstream_model: str, path_params: Mapping[str, str], query: str) -> str:
+        """The path (and query) to call on the upstream."""
+        return self.upstream_path + (f"?{query}" if query else "")
+
+    @abstractmethod
+    def usage_from_json(self, body: Any, req: ComputeRequest) -> Usage | None:
+        """Usage of a non-streamed response (None when the body carries none)."""
+
+    @abstractmethod
+    def stream_meter(self, req: ComputeRequest, client_wants_usage: bool) -> StreamMeter: ...
+
+
+# ---------------------------------------------------------------------------------- validation helpers
+def req_int(body: Mapping[str, Any], key: str, *, default: int | None = None, minimum: int | None = None,
+            maximum: int | None = None, param: str | None = None) -> int | None:
+    """An optional integer field, validated: bools and floats with a fraction are refused."""
+    name = param or key
+    if key not in body or body[key] is None:
+        return default
+    v = body[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise BadRequest(f"'{name}' must be an integer, got {type(v).__name__}", param=name)
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise BadRequest(f"'{name}' must be an integer, got {v}", param=name)
+        v = int(v)
+    if minimum is not None and v < minimum:
+        raise BadRequest(f"'{name}' must be at least {minimum}, got {v}", param=name)
+    if maximum is not None and v > maximum:
+        raise BadRequest(f"'{name}' must be at most {maximum}, got {v}", param=name)
+    return int(v)
+
+
+def req_bool(body: Mapping[str, Any], key: str, *, default: bool = False, param: str | None = None) -> bool:
+    name = param or key
+    if key not in body or body[key] is None:
+        return default
+    v = body[key]
+    if not isinstance(v, bool):
+        raise BadRequest(f"'{name}' must be a boolean, got {type(v).__name__}", param=name)
+    return v
+
+
+def req_str(body: Mapping[str, Any], key: str, *, required: bool = False, choices: tuple[str, ...] | None = None,
+            param: str | None = None) -> str | None:
+    name = param or key
+    if key not in body or body[key] is None:
+        if required:
+            raise BadRequest(f"'{name}' is required", param=name)
+        return None
+    v = body[key]
+    if not isinstance(v, str):
+        raise BadRequest(f"'{name}' must be a string, got {type(v).__name__}", param=name)
+    if choices is not None and v not in choices:
+        raise BadRequest(f"'{name}' must be one of {', '.join(choices)}; got {v[:64]!r}", param=name)
+    return v
+
+
+def req_obj(body: Mapping[str, Any], key: str, *, param: str | None = None) -> Mapping[str, Any] | None:
+    name = param or key
+    if key not in body or body[key] is None:
+        return None
+    v = body[key]
+    if not isinstance(v, dict):
+        raise BadRequest(f"'{name}' must be an object, got {type(v).__name__}", param=name)
+    return v
+
+
+def nonneg(x: Any) -> int:
+    """A usage figure as a non-negative int (providers send null, floats or strings on bad days)."""
+    if isinstance(x, bool) or x is None:
+        return 0
+    if isinstance(x, (int, float)):
+        return max(int(x), 0)
+    if isinstance(x, str):
+        try:
+            return max(int(float(x)), 0)
+        except ValueError:
+            return 0
+    return 0
