@@ -270,6 +270,12 @@ def clamp_target(req: ComputeRequest, model: ModelConfig, tier: TierConfig) -> C
         return None
     c = output_cap(req, model)
     rb = reasoning_budget(req, model, c)
+    if kcap is not None and rb > 0:
+        # Keep room to think: fewer samples, each with at least a reference answer's worth of reasoning
+        # (or what was asked, if less), rather than many samples that cannot reason at all.
+        want = min(rb, model.reference_output_tokens)
+        while s > 1 and model.reference_output_tokens * (kcap / s - 1.0) < want:
+            s -= 1
     rb_limit: float = rb
     if kcap is not None and rb > 0:
         rb_limit = min(rb_limit, model.reference_output_tokens * (kcap / s - 1.0))

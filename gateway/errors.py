@@ -143,3 +143,17 @@ def shape_for_path(path: str) -> ErrorShape:
     if path.startswith("/v1beta/"):
         return "gemini"
     return "openai"
+
+
+def render_stream_error(err: GatewayError, api: str) -> bytes:
+    """An error as the in-stream event of the client's API, for failures after the stream has begun."""
+    import orjson
+
+    if api == "anthropic.messages":
+        body = render(err, "anthropic")
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+    if api == "openai.responses":
+        body = {"type": "error", "code": err.code or err.kind, "message": err.message, "param": err.param}
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+    shape: ErrorShape = "gemini" if api == "gemini" else "openai"
+    return b"data: " + orjson.dumps(render(err, shape)) + b"\n\n"

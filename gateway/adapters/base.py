@@ -15,6 +15,7 @@ handler calls it in this order:
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -45,7 +46,11 @@ class SSEEvent:
 
 
 class SSEParser:
-    """Splits a byte stream into events at blank lines; keeps a partial event until it is complete."""
+    """Splits a byte stream into events at blank lines; keeps a partial event until it is complete.
+
+    Each event keeps its raw bytes exactly as the upstream sent them (LF, CRLF or CR line ends: Gemini
+    and Vertex send CRLF), and where the chunks were cut never changes the events.
+    """
 
     __slots__ = ("_buf",)
 
@@ -54,25 +59,33 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> Iterator[SSEEvent]:
         buf = self._buf + chunk if self._buf else chunk
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         start = 0
-        while True:
-            end = buf.find(b"\n\n", start)
-            if end < 0:
-                break
-            raw = buf[start:end + 2]
-            start = end + 2
-            ev = parse_event(raw)
-            if ev is not None:
-                yield ev
+        if b"\r" not in buf:  # the common case: LF only
+            while True:
+                end = buf.find(b"\n\n", start)
+                if end < 0:
+                    break
+                raw = buf[start:end + 2]
+                start = end + 2
+                ev = parse_event(raw)
+                if ev is not None:
+                    yield ev
+        else:
+            for m in _BLANK_LINE.finditer(buf):
+                if m.end() == len(buf) and buf.endswith(b"\r"):
+                    break  # a CR at the end may be the first half of a CRLF: wait for the next byte
+                raw = buf[start:m.end()]
+                start = m.end()
+                ev = parse_event(raw)
+                if ev is not None:
+                    yield ev
         self._buf = buf[start:]
 
     def flush(self) -> Iterator[SSEEvent]:
-        """What is left when the stream ends (an event without its closing blank line)."""
+        """What is left when the stream ends (an event without its closing blank line), bytes unchanged."""
         rest, self._buf = self._buf, b""
-        if rest.strip():
-            ev = parse_event(rest + (b"\n\n" if not rest.endswith(b"\n\n") else b""))
+        if rest:
+            ev = parse_event(rest)
             if ev is not None:
                 yield ev
 
@@ -81,10 +94,16 @@ class SSEParser:
         return self._buf
 
 
+# Two line ends in a row, each LF, CRLF or CR; longer alternatives first so a CRLF is never cut in two.
+_BLANK_LINE = re.compile(rb"\r\n\r\n|\r\n\n|\n\r\n|\r\r\n|\n\n|\r\r|\r\n\r|\n\r")
+
+
 def parse_event(raw: bytes) -> SSEEvent | None:
     name: str | None = None
     data_lines: list[str] = []
     text = raw.decode("utf-8", errors="replace")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     for line in text.split("\n"):
         if not line or line.startswith(":"):
             continue
@@ -173,8 +192,8 @@ class Adapter(ABC):
         return self.upstream_path + (f"?{query}" if query else "")
 
     @abstractmethod
-    def usage_from_json(self, body: Any, req: ComputeRequest) -> Usage | None:
-        """Usage of a non-streamed response (None when the body carries none)."""
+    def usage_from_json(self, body: Any, req: ComputeRequest) -> Usage:
+        """Usage of a non-streamed response; estimated from its text (``source: estimated``) when absent."""
 
     @abstractmethod
     def stream_meter(self, req: ComputeRequest, client_wants_usage: bool) -> StreamMeter: ...

@@ -1,0 +1,150 @@
+"""OpenAI Chat Completions — ``POST /v1/chat/completions`` (also vLLM, SGLang, DeepSeek, Ollama).
+
+Compute fields: ``n`` (samples; the beam width under vLLM ``use_beam_search``; an older ``best_of`` in
+a chat body raises it), ``max_completion_tokens`` (wins, as in vLLM) else ``max_tokens`` (per-sample
+cap, reasoning included), ``reasoning_effort`` (a soft signal), and thinking switched off by DeepSeek's
+``thinking: {"type": "disabled"}`` or Qwen-style ``chat_template_kwargs: {"enable_thinking": false}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..compute import ClampTarget, ComputeRequest, Usage
+from ..errors import BadRequest
+from .base import Adapter, StreamMeter, req_bool, req_int, req_obj, req_str
+from .openai_common import (
+    ChoiceStreamMeter,
+    body_object,
+    cap_field,
+    effort_field,
+    has_counts,
+    lower_cap,
+    model_field,
+    n_field,
+    prepare_stream_usage,
+    reasoning_text,
+    stream_field,
+    text_tokens,
+    usage_from_counts,
+)
+
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+class ChatCompletions(Adapter):
+    api = "openai.chat"
+    shape = "openai"
+    upstream_path = "/v1/chat/completions"
+
+    def model_name(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> str:
+        return model_field(body)
+
+    def is_stream(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> bool:
+        return stream_field(body)
+
+    def parse(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> ComputeRequest:
+        b = body_object(body)
+        model = model_field(b)
+        messages = b.get("messages")
+        if messages is None:
+            raise BadRequest("'messages' is required", param="messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty array", param="messages")
+        n = n_field(b)
+        best_of = req_int(b, "best_of", minimum=1)
+        req_bool(b, "use_beam_search")  # beam width is n: nothing more to count, but it must be a bool
+        max_completion = cap_field(b, "max_completion_tokens")
+        max_tokens = cap_field(b, "max_tokens")
+        return ComputeRequest(
+            api=self.api,
+            model=model,
+            samples=max(n, best_of or 1),
+            output_cap=max_completion if max_completion is not None else max_tokens,
+            thinking_disabled=_thinking_disabled(b),
+            effort=effort_field(b, "reasoning_effort"),
+            stream=stream_field(b),
+        )
+
+    def rewrite(self, body: dict[str, Any], req: ComputeRequest, target: ClampTarget) -> list[str]:
+        changes: list[str] = []
+        n = body.get("n")
+        n = n if isinstance(n, int) and not isinstance(n, bool) else 1
+        best_of = body.get("best_of")
+        if isinstance(best_of, int) and not isinstance(best_of, bool) and best_of > target.samples:
+            body["best_of"] = target.samples
+            changes.append(f"best_of={target.samples}")
+        if n > target.samples:
+            body["n"] = target.samples
+            changes.append(f"n={target.samples}")
+        # The cap goes on the field the client used; both if it sent both (vLLM reads one, SGLang the other).
+        used = [k for k in _CAP_FIELDS if body.get(k) is not None] or ["max_completion_tokens"]
+        for key in used:
+            change = lower_cap(body, key, target.output_cap)
+            if change:
+                changes.append(change)
+        if target.effort is not None and target.effort != req.effort:
+            body["reasoning_effort"] = target.effort
+            changes.append(f"reasoning_effort={target.effort}")
+        return changes
+
+    def prepare_upstream(self, body: dict[str, Any], upstream_model: str, stream: bool) -> bool:
+        return prepare_stream_usage(body, upstream_model, stream)
+
+    def usage_from_json(self, body: Any, req: ComputeRequest) -> Usage:
+        choices = body.get("choices") if isinstance(body, dict) else None
+        messages = [c["message"] for c in choices or ()
+                    if isinstance(c, dict) and isinstance(c.get("message"), dict)]
+        samples = len(choices) if isinstance(choices, list) and choices else req.samples
+        reasoning_est = sum(text_tokens(reasoning_text(m)) for m in messages)
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if has_counts(usage, "prompt_tokens", "completion_tokens", "total_tokens"):
+            assert isinstance(usage, dict)
+            return usage_from_counts(usage, samples=samples, reasoning_estimate=reasoning_est)
+        return Usage(
+            samples=max(samples, 1),
+            prompt_tokens=req.prompt_tokens,
+            reasoning_tokens=reasoning_est,
+            output_tokens=sum(_visible_tokens(m) for m in messages),
+            source="estimated",
+        )
+
+    def stream_meter(self, req: ComputeRequest, client_wants_usage: bool) -> StreamMeter:
+        return ChoiceStreamMeter(req, client_wants_usage, _count_delta)
+
+
+def _thinking_disabled(b: Mapping[str, Any]) -> bool:
+    thinking = req_obj(b, "thinking")
+    if thinking is not None:
+        kind = req_str(thinking, "type", param="thinking.type")
+        if kind == "disabled":
+            return True
+    kwargs = req_obj(b, "chat_template_kwargs")
+    if kwargs is not None:
+        # Qwen3 templates read enable_thinking; DeepSeek V3.1 templates read thinking.
+        for key in ("enable_thinking", "thinking"):
+            if kwargs.get(key) is False:
+                return True
+    return False
+
+
+def _visible_tokens(message: Mapping[str, Any]) -> int:
+    n = text_tokens(message.get("content")) + text_tokens(message.get("refusal"))
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                n += text_tokens(fn.get("arguments"))
+    return n
+
+
+def _count_delta(choice: Mapping[str, Any]) -> tuple[int, int]:
+    """One visible and/or one reasoning token for a streamed chat chunk with non-empty text."""
+    d = choice.get("delta")
+    if not isinstance(d, dict):
+        return 0, 0
+    visible = 1 if (d.get("content") or d.get("refusal") or d.get("tool_calls")) else 0
+    reasoning = 1 if (d.get("reasoning_content") or d.get("reasoning")) else 0
+    return visible, reasoning

@@ -1,0 +1,299 @@
+"""What the three OpenAI wire formats share: request checks, usage extraction and the choice stream meter.
+
+Usage follows the OpenAI family's conventions (WIRE-FORMATS.md): ``completion_tokens`` includes
+reasoning (OpenAI, vLLM, DeepSeek, SGLang); the reasoning share is in
+``completion_tokens_details.reasoning_tokens``, or at the top of ``usage`` on SGLang; cached prompt
+tokens are in ``prompt_tokens_details.cached_tokens`` or DeepSeek's ``prompt_cache_hit_tokens``.
+
+When a server reports no reasoning split but did return reasoning text (SGLang without its reasoning
+counter, Ollama), the reasoning share is estimated from that text, never above ``completion_tokens``:
+the totals stay the server's own, only the split is estimated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from ..compute import ComputeRequest, Usage, UsageSource
+from ..config import EFFORT_ORDER
+from ..errors import BadRequest
+from .base import SSEEvent, StreamMeter, nonneg, req_bool, req_int, req_obj, req_str
+
+MAX_N = 128  # the OpenAI limit on ``n``
+
+
+# ------------------------------------------------------------------------------------------ requests
+def body_object(body: Any) -> Mapping[str, Any]:
+    """The request body as a JSON object (a list, a number or a string is a bad request)."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+def model_field(body: Any) -> str:
+    model = req_str(body_object(body), "model", required=True)
+    assert model is not None  # required=True raised otherwise
+    if not model:
+        raise BadRequest("'model' must not be empty", param="model")
+    return model
+
+
+def stream_field(body: Any) -> bool:
+    """``stream`` (a bool), with ``stream_options`` checked to be an object when present."""
+    b = body_object(body)
+    stream = req_bool(b, "stream")
+    options = req_obj(b, "stream_options")
+    if options is not None:
+        req_bool(options, "include_usage", param="stream_options.include_usage")
+    return stream
+
+
+def effort_field(body: Mapping[str, Any], key: str, param: str | None = None) -> str | None:
+    return req_str(body, key, choices=EFFORT_ORDER, param=param)
+
+
+def cap_field(body: Mapping[str, Any], key: str, minimum: int = 1) -> int | None:
+    """An output cap: an integer of at least ``minimum`` (zero or negative caps are refused)."""
+    return req_int(body, key, minimum=minimum)
+
+
+def n_field(body: Mapping[str, Any]) -> int:
+    n = req_int(body, "n", default=1, minimum=1, maximum=MAX_N)
+    assert n is not None
+    return n
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    return type(v).__name__
+
+
+def prepare_stream_usage(body: dict[str, Any], upstream_model: str, stream: bool) -> bool:
+    """Map the model; on a stream, make ``stream_options.include_usage`` true (other options kept).
+
+    Returns whether the client itself asked for the usage chunk.
+    """
+    body["model"] = upstream_model
+    options = body.get("stream_options")
+    wanted = isinstance(options, dict) and options.get("include_usage") is True
+    if stream:
+        merged = dict(options) if isinstance(options, dict) else {}
+        merged["include_usage"] = True
+        body["stream_options"] = merged
+    return wanted
+
+
+def lower_cap(body: dict[str, Any], key: str, cap: int) -> str | None:
+    """Set ``body[key]`` to ``cap`` unless it is already at or below it; the change as ``key=value``."""
+    cur = body.get(key)
+    if isinstance(cur, (int, float)) and not isinstance(cur, bool) and cur <= cap:
+        return None
+    body[key] = cap
+    return f"{key}={cap}"
+
+
+# --------------------------------------------------------------------------------------------- usage
+def text_tokens(text: Any) -> int:
+    """A token estimate for returned text: ceil(characters / 4)."""
+    if isinstance(text, str) and text:
+        return (len(text) + 3) // 4
+    return 0
+
+
+def reasoning_text(obj: Mapping[str, Any]) -> Any:
+    """The reasoning text of a message or delta (``reasoning_content``, or vLLM's newer ``reasoning``)."""
+    r = obj.get("reasoning_content")
+    return r if r else obj.get("reasoning")
+
+
+def usage_from_counts(u: Mapping[str, Any], *, samples: int, reasoning_estimate: int = 0,
+                      source: UsageSource = "upstream", prompt_key: str = "prompt_tokens",
+                      completion_key: str = "completion_tokens",
+                      details_key: str = "completion_tokens_details") -> Usage:
+    """A :class:`Usage` from an OpenAI-style usage object (Chat/Completions keys by default).
+
+    Reasoning is inside the completion count; when the server reports none, ``reasoning_estimate``
+    (from returned reasoning text or counted reasoning chunks) stands in, capped at the completion.
+    """
+    prompt = nonneg(u.get(prompt_key))
+    if completion_key in u and u.get(completion_key) is not None:
+        completion = nonneg(u.get(completion_key))
+    else:  # some servers send only the total
+        completion = max(nonneg(u.get("total_tokens")) - prompt, 0)
+    details = u.get(details_key)
+    reasoning = nonneg(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+    if not reasoning:
+        reasoning = nonneg(u.get("reasoning_tokens"))  # SGLang keeps it at the top of usage
+    if not reasoning and reasoning_estimate:
+        reasoning = min(reasoning_estimate, completion)
+    return Usage(
+        samples=max(samples, 1),
+        prompt_tokens=prompt,
+        reasoning_tokens=reasoning,
+        output_tokens=max(completion - reasoning, 0),
+        source=source,
+        cached_tokens=cached_tokens(u),
+    )
+
+
+def cached_tokens(u: Mapping[str, Any]) -> int:
+    for key in ("prompt_tokens_details", "input_tokens_details"):
+        d = u.get(key)
+        if isinstance(d, dict) and d.get("cached_tokens"):
+            return nonneg(d.get("cached_tokens"))
+    return nonneg(u.get("prompt_cache_hit_tokens"))  # DeepSeek
+
+
+def has_counts(u: Any, *keys: str) -> bool:
+    """Whether ``u`` is a usage object carrying at least one of ``keys``."""
+    return isinstance(u, dict) and any(u.get(k) is not None for k in keys)
+
+
+# ------------------------------------------------------------------------------------- stream meter
+class _Choice:
+    """What one choice index streamed: chunks counted, and its own usage when the server sent one."""
+
+    __slots__ = ("finished", "reasoning", "usage", "usage_final", "visible")
+
+    def __init__(self) -> None:
+        self.visible = 0
+        self.reasoning = 0
+        self.finished = False
+        self.usage: dict[str, Any] | None = None  # the latest per-choice usage
+        self.usage_final = False  # that usage came on the choice's finishing chunk: it is complete
+
+
+# (visible, reasoning) chunks a streamed choice carries; each non-empty text field counts as one token.
+ChoiceCounter = Callable[[Mapping[str, Any]], tuple[int, int]]
+
+
+class ChoiceStreamMeter(StreamMeter):
+    """Meters Chat Completions / legacy Completions streams (``data:`` JSON chunks with ``choices``).
+
+    - A chunk with ``"choices": []`` and a usage object is the request's usage (source ``upstream``);
+      it is forwarded only when the client asked for streamed usage.
+    - Usage beside non-empty choices is per choice: vLLM's ``continuous_usage_stats`` (cumulative for
+      that choice), or the usage DeepSeek, llama.cpp and older vLLM put on a choice's finishing chunk.
+      Never taken as the request total; when the ``choices: []`` chunk never comes, the choices' own
+      usage is summed (prompt counted once) — ``upstream`` when every choice finished with one and
+      the stream ended, else ``counted``.
+    - Otherwise streamed tokens are counted per choice, one per chunk with non-empty text.
+    - ``data: [DONE]`` sets ``finished``; ``data: {"error": ...}`` (vLLM, SGLang) sets ``error``.
+    """
+
+    def __init__(self, req: ComputeRequest, client_wants_usage: bool, count: ChoiceCounter,
+                 samples_floor: int = 0):
+        super().__init__(req, client_wants_usage)
+        self._count = count
+        self._samples_floor = samples_floor
+        self._choices: dict[int, _Choice] = {}
+        self._final: dict[str, Any] | None = None
+
+    def on_event(self, ev: SSEEvent) -> bool:
+        data = ev.data
+        if not data or data[0] != "{":
+            if data is not None and data.strip() == "[DONE]":
+                self.finished = True
+            return True
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        choices = obj.get("choices")
+        usage = obj.get("usage")
+        if not choices:
+            if isinstance(usage, dict):  # the request's usage chunk
+                self._final = usage
+                return self.client_wants_usage
+            err = obj.get("error")
+            if err is not None or obj.get("object") == "error":
+                self.error = err if isinstance(err, dict) else _flat_error(obj)
+            return True
+        if not isinstance(choices, list):
+            return True
+        for c in choices:
+            if not isinstance(c, dict):
+                continue
+            idx = c.get("index", 0)
+            if not isinstance(idx, int) or isinstance(idx, bool):
+                idx = 0
+            st = self._choices.get(idx)
+            if st is None:
+                st = self._choices[idx] = _Choice()
+            v, r = self._count(c)
+            st.visible += v
+            st.reasoning += r
+            done = c.get("finish_reason") is not None
+            if done:
+                st.finished = True
+            if isinstance(usage, dict):
+                st.usage = usage
+                st.usage_final = done
+        return True
+
+    def usage(self) -> Usage:
+        req = self.req
+        seen = len(self._choices)
+        samples = max(seen or req.samples, self._samples_floor)
+        counted_r = sum(c.reasoning for c in self._choices.values())
+        if self._final is not None:
+            return usage_from_counts(self._final, samples=samples, reasoning_estimate=counted_r)
+        per_choice = [c for c in self._choices.values() if c.usage is not None]
+        if per_choice:
+            return self._from_choice_usage(samples)
+        return Usage(
+            samples=max(samples, 1),
+            prompt_tokens=req.prompt_tokens,
+            reasoning_tokens=counted_r,
+            output_tokens=sum(c.visible for c in self._choices.values()),
+            source="counted",
+        )
+
+    def _from_choice_usage(self, samples: int) -> Usage:
+        prompt = 0
+        cached = 0
+        reasoning = visible = 0
+        complete = self.finished
+        for c in self._choices.values():
+            if c.usage is None:
+                complete = False
+                reasoning += c.reasoning
+                visible += c.visible
+                continue
+            u = usage_from_counts(c.usage, samples=1, reasoning_estimate=c.reasoning)
+            prompt = max(prompt, u.prompt_tokens)  # each choice reports the whole (shared) prompt
+            cached = max(cached, u.cached_tokens)
+            gen = u.generated_tokens
+            if not c.usage_final:
+                complete = False
+                gen = max(gen, c.visible + c.reasoning)  # chunks may have come after the last usage
+            r = min(u.reasoning_tokens, gen)
+            reasoning += r
+            visible += gen - r
+        return Usage(
+            samples=max(samples, 1),
+            prompt_tokens=prompt or self.req.prompt_tokens,
+            reasoning_tokens=reasoning,
+            output_tokens=visible,
+            source="upstream" if complete else "counted",
+            cached_tokens=cached,
+        )
+
+
+def _flat_error(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """An error sent flat (``{"object": "error", "message", "code"}``, older vLLM/SGLang)."""
+    return {k: obj[k] for k in ("message", "type", "param", "code") if k in obj}

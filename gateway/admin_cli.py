@@ -1,0 +1,181 @@
+"""The admin operations from the command line: the same calls as the admin API, against the store.
+
+With ``store.url: embedded`` the CLI talks to the running gateway's embedded Redis through its socket;
+when no gateway runs, it starts the embedded Redis on the same data folder for the duration of the command
+(its append-only file keeps the change for the gateway's next start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .admin import _check_id, _check_tier, admin_record, parse_duration, principal_usage
+from .config import default_config_path, load_config
+from .context import Gateway
+from .directory import Directory
+from .errors import NotFound
+from .metrics import Metrics
+
+
+@contextlib.asynccontextmanager
+async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
+    """A Gateway with the store, directory, ledger and audit log, for one CLI command."""
+    from .audit import AuditLog
+    from .ledger import Ledger
+    from .store import connect
+
+    cfg = load_config(args.config or default_config_path())
+    url = args.store or os.environ.get("KGATE_STORE_URL") or cfg.store.url
+    embedded = None
+    if url == "embedded":
+        from .redis_server import RedisServer
+
+        embedded = RedisServer(data_dir=Path(cfg.store.data_dir), port=None)
+        url = embedded.url
+        try:  # a running gateway's embedded Redis answers on its socket
+            probe = await connect(url, timeout=cfg.store.timeout_seconds)
+            await probe.ping()
+            await probe.aclose()
+            embedded = None
+        except Exception:  # noqa: BLE001 - nobody is serving that folder: serve it for this command
+            await embedded.start()
+    redis = await connect(url, timeout=cfg.store.timeout_seconds)
+    gw = Gateway(config=cfg, metrics=Metrics(process_metrics=False), replica=f"cli-{socket.gethostname()}")
+    gw.redis = redis
+    gw.directory = Directory(cfg, redis, key_prefix=cfg.store.key_prefix)
+    gw.ledger = Ledger(redis, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry)
+    key_env = cfg.audit.hmac_key_env
+    hmac_key = os.environ.get(key_env, "").encode() if key_env else b""
+    gw.audit = AuditLog(cfg.audit.dir, gw.replica, hmac_key=hmac_key or None)
+    await gw.audit.start()
+    try:
+        yield gw
+    finally:
+        await gw.audit.close()
+        with contextlib.suppress(Exception):
+            await redis.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
+def _run(args: argparse.Namespace, op: Callable[[Gateway], Awaitable[Any]]) -> int:
+    async def main() -> Any:
+        async with open_gateway(args) as gw:
+            return await op(gw)
+
+    result = asyncio.run(main())
+    if result is not None:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+ACTOR = f"cli:{os.environ.get('USER', 'unknown')}"
+
+
+def keys_create(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        pid, org = _check_id(args.principal, "principal"), _check_id(args.org, "org")
+        tier = _check_tier(gw.config, args.tier)
+        key, key_id = await gw.directory.create_key(pid, org, tier)
+        await admin_record(gw, "key.create", ACTOR, principal=pid, org=org, tier=tier, key_id=key_id)
+        print(f"key id {key_id} for principal {pid} (tier {tier}); the key is shown once:", file=sys.stderr)
+        print(key)
+
+    return _run(args, op)
+
+
+def keys_revoke(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        principal = await gw.directory.revoke_key(_check_id(args.key_id, "key_id"))
+        if principal is None:
+            raise NotFound(f"unknown key id {args.key_id!r}")
+        await admin_record(gw, "key.revoke", ACTOR, principal=principal, key_id=args.key_id)
+        return {"key_id": args.key_id, "revoked": True, "principal": principal}
+
+    return _run(args, op)
+
+
+def keys_list(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        return await gw.directory.list_keys(args.principal and _check_id(args.principal, "principal"))
+
+    return _run(args, op)
+
+
+def principals_set_tier(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        pid = _check_id(args.principal, "principal")
+        tier = _check_tier(gw.config, args.tier)
+        p = await gw.directory.set_principal(pid, tier=tier)
+        await admin_record(gw, "principal.set", ACTOR, principal=pid, tier=tier, org=p.org, enabled=p.enabled)
+        return {"id": p.id, "org": p.org, "tier": p.tier, "enabled": p.enabled}
+
+    return _run(args, op)
+
+
+def principals_list(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        out = []
+        for pid in sorted(await gw.directory.list_principal_ids()):
+            p = await gw.directory.by_id(pid)
+            if p is not None:
+                out.append({"id": p.id, "org": p.org, "tier": p.tier, "enabled": p.enabled, "source": p.source})
+        return out
+
+    return _run(args, op)
+
+
+def grants_add(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        pid = _check_id(args.principal, "principal")
+        tier = _check_tier(gw.config, args.tier)
+        if await gw.directory.by_id(pid) is None:
+            raise NotFound(f"unknown principal {pid!r}")
+        g = await gw.directory.add_grant(pid, tier, parse_duration(args.duration), args.approver, args.reason)
+        await admin_record(gw, "grant.add", ACTOR, **g.as_dict())
+        return g.as_dict()
+
+    return _run(args, op)
+
+
+def grants_list(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        return [g.as_dict() for g in await gw.directory.list_grants(args.principal)]
+
+    return _run(args, op)
+
+
+def grants_revoke(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        g = await gw.directory.revoke_grant(_check_id(args.grant_id, "grant_id"))
+        if g is None:
+            raise NotFound(f"unknown grant id {args.grant_id!r}")
+        await admin_record(gw, "grant.revoke", ACTOR, **g.as_dict())
+        return g.as_dict()
+
+    return _run(args, op)
+
+
+def usage(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        return await principal_usage(gw, _check_id(args.principal, "principal"))
+
+    return _run(args, op)

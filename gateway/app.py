@@ -1,0 +1,237 @@
+"""The aiohttp application: ``create_app(config)`` (DESIGN §4, §6, §7).
+
+The app owns its lifetimes through ``cleanup_ctx``, in order: the in-process simulator (when an upstream
+says ``base_url: simulator``), the store (an embedded Redis when ``store.url: embedded``), the ledger and
+the directory, the upstream HTTP session, the audit log and the spool. The app can run on its own
+(``kgate serve``) or be mounted as a sub-application of another aiohttp app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .adapters import ROUTES
+from .config import Config
+from .context import GATEWAY, Gateway
+from .directory import Directory, sha256_hex
+from .errors import MethodNotAllowed, NotFound, Unauthenticated, render, shape_for_path
+from .handler import _api_key, handle
+from .metrics import Metrics
+from .upstream import Upstreams
+
+log = logging.getLogger("kgate.app")
+
+DEMO_KEY_SHA256 = sha256_hex("kgate-demo-key")
+
+
+def create_app(config: Config, *, store_url: str | None = None, replica: str | None = None,
+               metrics: Metrics | None = None, audit_dir: str | None = None,
+               simulator_options: object | None = None) -> web.Application:
+    """A gateway app for ``config``. ``store_url`` overrides ``store.url`` (``embedded`` or a Redis URL)."""
+    gw = Gateway(config=config, metrics=metrics or Metrics())
+    if replica or config.server.replica_id:
+        gw.replica = replica or config.server.replica_id or gw.replica
+    gw.store_url = store_url or os.environ.get("KGATE_STORE_URL") or config.store.url
+    gw.metrics.set_policy(config)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors_middleware])
+    app[GATEWAY] = gw
+    app[_AUDIT_DIR] = audit_dir or config.audit.dir
+    app[_SIM_OPTS] = simulator_options
+    app.cleanup_ctx.extend([_simulator_ctx, _store_ctx, _session_ctx, _audit_ctx, _spool_ctx])
+    for path in ROUTES:
+        app.router.add_post(path, handle)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+_AUDIT_DIR: web.AppKey[str] = web.AppKey("kgate_audit_dir", str)
+_SIM_OPTS: web.AppKey[object] = web.AppKey("kgate_sim_opts", object)
+
+
+# --------------------------------------------------------------------------------------------- lifetimes
+async def _simulator_ctx(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    runner = None
+    if any(u.base_url == "simulator" for u in gw.config.upstreams.values()):
+        from .simulator import SimulatorOptions, start_simulator
+
+        opts = app[_SIM_OPTS] or SimulatorOptions()
+        runner, gw.simulator_url = await start_simulator(opts)  # type: ignore[arg-type]
+    yield
+    if runner is not None:
+        await runner.cleanup()
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    from .ledger import Ledger
+    from .store import connect
+
+    gw = app[GATEWAY]
+    cfg = gw.config
+    embedded = None
+    url = gw.store_url or "embedded"
+    if url == "embedded":
+        from .redis_server import RedisServer
+
+        embedded = RedisServer(data_dir=Path(cfg.store.data_dir), port=None)
+        await embedded.start()
+        url = embedded.url
+    gw.redis = await connect(url, timeout=cfg.store.timeout_seconds)
+    gw.ledger = Ledger(gw.redis, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry)
+    gw.directory = Directory(cfg, gw.redis, key_prefix=cfg.store.key_prefix)
+    await gw.directory.start()
+    if any(p.key_sha256 == DEMO_KEY_SHA256 and p.enabled for p in cfg.principals):
+        log.warning("the demo API key 'kgate-demo-key' is enabled (principal 'demo'): remove it from the "
+                    "policy before exposing this gateway to anyone")
+    yield
+    await gw.directory.stop()
+    with contextlib.suppress(Exception):
+        await gw.redis.aclose()
+    if embedded is not None:
+        await embedded.stop()
+
+
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+    gw.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                       skip_auto_headers=("User-Agent",))
+    gw.upstreams = Upstreams(gw.config.upstreams, gw.simulator_url)
+    yield
+    await gw.session.close()
+
+
+async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
+    from .audit import AuditLog
+
+    gw = app[GATEWAY]
+    key_env = gw.config.audit.hmac_key_env
+    hmac_key = os.environ.get(key_env, "").encode() if key_env else b""
+    gw.audit = AuditLog(app[_AUDIT_DIR], gw.replica, hmac_key=hmac_key or None,
+                        redis=gw.redis if gw.config.audit.redis_stream else None,
+                        stream=gw.config.audit.redis_stream)
+    await gw.audit.start()
+    yield
+    await gw.audit.close()
+
+
+async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The spool for usage metered while the store is away, replayed into the ledger when it returns."""
+    import asyncio
+    import time
+
+    from .spool import Spool
+
+    gw = app[GATEWAY]
+    if not any(t.on_store_error == "allow" for t in gw.config.tiers.values()):
+        yield
+        return
+
+    def replayed(rec: dict[str, object]) -> None:
+        if gw.audit is not None:
+            gw.audit.write_nowait({"ts": time.time(), "request_id": rec["request_id"], "replica": gw.replica,
+                                   "decision": "replayed", "reason": "spooled usage posted to the ledger",
+                                   "usage": rec.get("actual"), "policy_sha256": gw.config.version,
+                                   **{k: v for k, v in dict(rec.get("meta") or {}).items()
+                                      if k in ("principal", "org", "tier", "model")}})
+
+    path = Path(gw.config.store.data_dir) / "spool" / f"{gw.replica}.jsonl"
+    gw.spool = Spool(path, max_bytes=gw.config.store.spool_max_bytes, on_replayed=replayed)
+    assert gw.ledger is not None
+    gw.spool.start(gw.ledger, on_error=lambda exc: gw.metrics.observe_store("replay", 0.0, error=True))
+
+    async def report_depth() -> None:
+        while True:
+            records, size = gw.spool.depth() if gw.spool else (0, 0)
+            gw.metrics.set_spool_depth(records, size)
+            await asyncio.sleep(1.0)
+
+    task = asyncio.create_task(report_depth())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await gw.spool.close()
+
+
+# ------------------------------------------------------------------------------------------- endpoints
+async def list_models(request: web.Request) -> web.Response:
+    """The models this caller's tier may use, in the OpenAI list shape."""
+    gw = request.app[GATEWAY]
+    cfg = gw.config
+    from .handler import effective_tier, identify
+
+    from .handler import Outcome
+
+    principal = await identify(request, gw, cfg)
+    _, tier = await effective_tier(gw, cfg, principal, Outcome(request_id="", api="models", started=0.0))
+    data = [{"id": name, "object": "model", "owned_by": "kgate", "created": 0,
+             "reasoning": cfg.models[name].reasoning,
+             "evaluated_max_k": cfg.models[name].evaluated_max_k}
+            for name in cfg.allowed_models(tier)]
+    return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ok = gw.redis is not None and not gw.draining
+    store = "unknown"
+    if gw.redis is not None:
+        try:
+            await gw.redis.ping()
+            store = "ok"
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            store = "unreachable"
+            ok = False
+    body = {"ready": ok, "store": store, "policy_sha256": gw.config.version, "draining": gw.draining}
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    body, content_type = gw.metrics.render(request.headers.get("Accept"))
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = content_type
+    return resp
+
+
+def _dumps(obj: object) -> str:
+    return orjson.dumps(obj).decode()
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Routing errors and gateway errors outside the API handler, in the client's API shape."""
+    from .errors import GatewayError
+
+    shape = shape_for_path(request.path)
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        err: GatewayError = NotFound(f"unknown path {request.path[:200]!r}")
+    except web.HTTPMethodNotAllowed:
+        err = MethodNotAllowed(f"method {request.method} is not allowed on {request.path[:200]!r}")
+    except GatewayError as exc:
+        err = exc
+    except web.HTTPException:
+        raise
+    request.app[GATEWAY].metrics.observe_error(err)
+    return web.json_response(render(err, shape), status=err.status, headers=err.headers, dumps=_dumps)
+
+
+__all__ = ["create_app", "Unauthenticated", "_api_key"]

@@ -1,0 +1,46 @@
+"""The gateway's per-process state, held in one ``web.AppKey`` (DESIGN §7: no mutable globals)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from .audit import AuditLog
+    from .config import Config
+    from .directory import Directory
+    from .ledger import Ledger
+    from .metrics import Metrics
+    from .spool import Spool
+    from .upstream import Upstreams
+
+
+@dataclass
+class Gateway:
+    """Everything a request needs. ``config`` is swapped whole on reload; a request reads it once."""
+
+    config: Config
+    metrics: Metrics
+    replica: str = field(default_factory=socket.gethostname)
+    redis: Any = None
+    directory: Directory | None = None
+    ledger: Ledger | None = None
+    upstreams: Upstreams | None = None
+    session: aiohttp.ClientSession | None = None
+    audit: AuditLog | None = None
+    spool: Spool | None = None
+    simulator_url: str | None = None
+    store_url: str | None = None
+    # Recent mean generated tokens per sample, per model: what `admission: expected` holds.
+    model_means: dict[str, float] = field(default_factory=dict)
+    draining: bool = False
+    inflight: int = 0
+    store_ok: bool = True
+
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("kgate_gateway", Gateway)

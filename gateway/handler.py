@@ -1,0 +1,612 @@
+"""The request handler: DESIGN §4, top to bottom.
+
+identify → parse → bound → per-request caps (reject or clamp) → reserve → forward → meter → settle →
+audit + metrics. Every failure is a :class:`~gateway.errors.GatewayError`, answered in the shape of the
+API the client spoke; anything unexpected is logged and answered as a 500 without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from . import upstream as up
+from .adapters import Adapter, adapter_for_path
+from .compute import (
+    Bound,
+    Measured,
+    Usage,
+    admission_bound,
+    check_caps,
+    clamp_target,
+    expected_generated,
+    flops,
+    measure,
+)
+from .config import Config, TierConfig
+from .context import GATEWAY, Gateway
+from .directory import Principal
+from .errors import (
+    BadRequest,
+    BudgetExceeded,
+    Forbidden,
+    GatewayError,
+    InternalError,
+    NotFound,
+    PayloadTooLarge,
+    ShuttingDown,
+    StoreUnavailable,
+    Unauthenticated,
+    UpstreamError,
+    UpstreamTimeout,
+    render,
+    render_stream_error,
+    shape_for_path,
+)
+from .ledger import BudgetRefused, BudgetSpec, HoldRequest, Reservation, ScopeRef
+from .metering import ParsedRequest, decode_body, parse_request
+
+log = logging.getLogger("kgate.handler")
+
+STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError, TimeoutError)
+METRICS = ("requests", "prompt_tokens", "output_tokens", "reasoning_tokens", "generated_tokens", "flops",
+           "k_units")
+
+
+@dataclass
+class Outcome:
+    """What happened to one request: becomes the audit record and the metrics."""
+
+    request_id: str
+    api: str
+    started: float
+    principal: Principal | None = None
+    tier: str | None = None
+    grant: str | None = None
+    model: str | None = None
+    upstream: str | None = None
+    stream: bool = False
+    bound: Bound | None = None
+    measured: Measured | None = None
+    decision: str = "failed"
+    reason: str = ""
+    rule: str | None = None
+    clamped: list[str] = field(default_factory=list)
+    status: int = 500
+    mode: str = "enforce"
+    would_deny: bool = False
+    store: str = "ok"  # ok | unmetered | spooled
+    upstream_seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------ entry point
+async def handle(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    cfg = gw.config  # one snapshot per request: a reload never changes a request half-way
+    found = adapter_for_path(request.path)
+    shape = found[0].shape if found else shape_for_path(request.path)
+    out = Outcome(request_id=secrets.token_hex(12), api=found[0].api if found else "unknown",
+                  started=time.perf_counter())
+    gw.inflight += 1
+    try:
+        if found is None:
+            raise NotFound(f"unknown path {request.path[:200]!r}")
+        if gw.draining:
+            raise ShuttingDown("the gateway is shutting down; retry on another replica")
+        adapter, params = found
+        if adapter.api == "gemini":
+            params = {**params, "alt": request.query.get("alt", "")}
+        return await _serve(request, gw, cfg, adapter, params, out)
+    except GatewayError as err:
+        return _error_response(gw, out, err, shape)
+    except Exception:
+        log.exception("internal error in request %s", out.request_id)
+        return _error_response(gw, out, InternalError("internal error; the request was not charged"), shape)
+    finally:
+        gw.inflight -= 1
+        _finish(gw, cfg, out)
+
+
+async def _serve(request: web.Request, gw: Gateway, cfg: Config, adapter: Adapter, params: dict[str, str],
+                 out: Outcome) -> web.StreamResponse:
+    principal = await identify(request, gw, cfg)
+    out.principal = principal
+    raw = await read_body(request, cfg.server.max_body_bytes)
+    body = decode_body(raw)
+    out.stream = adapter.is_stream(body, params)
+    parsed = parse_request(cfg, adapter, params, raw, body)
+    out.model, out.bound = parsed.model_name, parsed.bound
+    tier_name, tier = await effective_tier(gw, cfg, principal, out)
+    out.tier, out.mode = tier_name, tier.mode
+    authorize_model(cfg, tier, parsed.model_name)
+    parsed = enforce_caps(parsed, tier, out)
+    out.bound = parsed.bound
+    out.upstream = parsed.model.upstream
+    reservation = await reserve(gw, cfg, tier, principal, parsed, out)
+    try:
+        if out.stream:
+            return await proxy_stream(request, gw, parsed, reservation, out)
+        return await proxy_json(request, gw, parsed, reservation, out)
+    except BaseException:
+        if reservation is not None and out.measured is None:
+            await _release(gw, reservation)
+        raise
+
+
+# --------------------------------------------------------------------------------------------- identity
+def _api_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return request.headers.get("x-api-key") or request.headers.get("x-goog-api-key") or (
+        request.query.get("key") if request.path.startswith("/v1beta/") else None)
+
+
+async def identify(request: web.Request, gw: Gateway, cfg: Config) -> Principal:
+    """The caller: a trusted header (behind an authenticating proxy), else an API key."""
+    assert gw.directory is not None
+    header = cfg.server.trusted_identity_header
+    try:
+        if header and request.headers.get(header):
+            principal = await gw.directory.by_id(request.headers[header].strip())
+            if principal is None or not principal.enabled:
+                raise Unauthenticated("the identity in the trusted header is not a known principal")
+            return replace(principal, source="header")
+        key = _api_key(request)
+        if not key:
+            raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>', 'x-api-key' or "
+                                  "'x-goog-api-key'", code="missing_api_key")
+        principal = await gw.directory.by_key(key)
+    except STORE_ERRORS:
+        gw.metrics.store_error("identify")
+        raise StoreUnavailable("the key store is unreachable; try again shortly") from None
+    if principal is None:
+        raise Unauthenticated("invalid API key", code="invalid_api_key")
+    return principal
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading it whole."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def effective_tier(gw: Gateway, cfg: Config, principal: Principal, out: Outcome) -> tuple[str, TierConfig]:
+    """The principal's tier, or the tier of its active grant."""
+    assert gw.directory is not None
+    name = principal.tier
+    try:
+        grant = await gw.directory.active_grant(principal.id)
+    except STORE_ERRORS:
+        grant = None  # a store outage must not elevate anyone; the principal's own tier applies
+    if grant is not None and grant.tier in cfg.tiers:
+        name = grant.tier
+        out.grant = grant.id
+    tier = cfg.tiers.get(name)
+    if tier is None:
+        raise Forbidden(f"tier {name!r} is not defined in the policy in force", code="unknown_tier")
+    return name, tier
+
+
+def authorize_model(cfg: Config, tier: TierConfig, model: str) -> None:
+    if tier.models != "*" and model not in tier.models:
+        raise Forbidden(f"model {model!r} is not available to your tier", code="model_not_allowed",
+                        detail={"rule": "model"})
+
+
+# ------------------------------------------------------------------------------------- per-request caps
+def enforce_caps(parsed: ParsedRequest, tier: TierConfig, out: Outcome) -> ParsedRequest:
+    """Reject or clamp a request whose bound exceeds the tier's per-request caps."""
+    violations = check_caps(parsed.request, parsed.bound, tier, parsed.model)
+    if not violations:
+        return parsed
+    first = violations[0]
+    if tier.mode == "shadow":
+        out.would_deny, out.rule, out.reason = True, first.cap, first.message()
+        return parsed
+    if tier.on_exceed == "clamp":
+        target = clamp_target(parsed.request, parsed.model, tier)
+        if target is not None:
+            body = orjson.loads(orjson.dumps(parsed.body))  # the client's body stays intact for the record
+            changes = parsed.adapter.rewrite(body, parsed.request, target)
+            req = replace(parsed.adapter.parse(body, parsed.path_params), model=parsed.model_name,
+                          prompt_tokens=parsed.request.prompt_tokens)
+            bound = admission_bound(req, parsed.model)
+            if changes and not check_caps(req, bound, tier, parsed.model):
+                out.clamped = changes
+                out.rule = ",".join(v.cap for v in violations)
+                return replace(parsed, body=body, request=req, bound=bound)
+    raise Forbidden(first.message(), code=f"{first.cap}_exceeded", param=None, detail={"rule": first.cap})
+
+
+# ---------------------------------------------------------------------------------------------- ledger
+def budget_amounts(parsed: ParsedRequest, tier: TierConfig, gw: Gateway) -> dict[str, float]:
+    """What to hold: the upper bound (strict) or the expected spend, never above the bound (expected)."""
+    b, m = parsed.bound, parsed.model
+    if tier.admission == "strict":
+        return {"requests": 1, "prompt_tokens": b.prompt_tokens, "output_tokens": b.output_tokens_max,
+                "reasoning_tokens": b.reasoning_tokens_max, "generated_tokens": b.generated_tokens_max,
+                "flops": b.flops_max, "k_units": b.k_max}
+    mean = gw.model_means.get(parsed.model_name)
+    g = expected_generated(parsed.request, m, b, mean * b.samples if mean else None)
+    return {"requests": 1, "prompt_tokens": b.prompt_tokens, "output_tokens": min(g, b.output_tokens_max),
+            "reasoning_tokens": min(g, b.reasoning_tokens_max), "generated_tokens": g,
+            "flops": flops(m, b.prompt_tokens, g, b.samples),
+            "k_units": min(b.k_max, g / m.reference_output_tokens)}
+
+
+def budget_holds(tier: TierConfig, principal: Principal, overrides: Mapping[str, float],
+                 amounts: Mapping[str, float]) -> list[HoldRequest]:
+    """One hold request per scope, in the order principal → org → global."""
+    by_scope: dict[str, list[BudgetSpec]] = {}
+    for b in tier.budgets:
+        limit = overrides.get(b.label, b.limit)
+        by_scope.setdefault(b.scope, []).append(BudgetSpec(b.label, b.metric, b.window, b.rolling, limit))
+    ids = {"principal": principal.id, "org": principal.org, "global": "*"}
+    return [HoldRequest(ScopeRef(scope, ids[scope]), tuple(by_scope[scope]), amounts)
+            for scope in ("principal", "org", "global") if scope in by_scope]
+
+
+def lease_seconds(gw: Gateway, cfg: Config, parsed: ParsedRequest) -> float:
+    assert gw.upstreams is not None
+    target = gw.upstreams.get(parsed.model.upstream)
+    return float(target.config.total_timeout_seconds) + cfg.store.lease_grace_seconds
+
+
+async def reserve(gw: Gateway, cfg: Config, tier: TierConfig, principal: Principal, parsed: ParsedRequest,
+                  out: Outcome) -> Reservation | None:
+    """Hold the admission amount on every budget; 429 on refusal, the tier's on_store_error on outage."""
+    if not tier.budgets:
+        return None
+    assert gw.ledger is not None and gw.directory is not None
+    t0 = time.perf_counter()
+    try:
+        overrides = await gw.directory.overrides(principal.id)
+        holds = budget_holds(tier, principal, overrides, budget_amounts(parsed, tier, gw))
+        reservation = await gw.ledger.reserve(out.request_id, holds, lease_seconds(gw, cfg, parsed))
+        gw.metrics.store_latency("reserve", time.perf_counter() - t0)
+        gw.store_ok = True
+        return reservation
+    except BudgetRefused as refused:
+        r = refused.refusal
+        if tier.mode == "shadow":
+            out.would_deny, out.rule = True, r.label
+            out.reason = f"budget {r.label} would refuse"
+            return None
+        raise BudgetExceeded(
+            f"budget {r.label} exhausted: {r.remaining:.6g} of {r.limit:.6g} {r.metric} remain in this window; "
+            f"retry after {r.retry_after} s",
+            code="budget_exceeded",
+            headers={"Retry-After": str(r.retry_after),
+                     "RateLimit-Policy": f'"{r.label}";q={_q(r.limit)}',
+                     "RateLimit": f'"{r.label}";r={_q(max(r.remaining, 0))};t={r.retry_after}'},
+            detail={"rule": r.label}) from None
+    except STORE_ERRORS as exc:
+        gw.metrics.store_error("reserve")
+        gw.store_ok = False
+        if tier.on_store_error == "allow" and gw.spool is not None:
+            out.store = "spooled"
+            log.warning("store unreachable (%s); request %s admitted unmetered into the spool",
+                        type(exc).__name__, out.request_id)
+            return None
+        if tier.on_store_error == "allow":
+            out.store = "unmetered"
+            return None
+        raise StoreUnavailable("the budget store is unreachable; request refused by policy "
+                               "(on_store_error: deny)") from None
+
+
+def _q(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.6g}"
+
+
+async def _release(gw: Gateway, reservation: Reservation) -> None:
+    assert gw.ledger is not None
+    try:
+        await gw.ledger.release(reservation)
+    except STORE_ERRORS:
+        gw.metrics.store_error("release")  # the lease expires and the reaper settles it
+
+
+async def settle(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
+                 measured: Measured) -> None:
+    """Post the actual usage (idempotent per request id); spool it when the store is away."""
+    u = measured.usage
+    actual = {"requests": 1, "prompt_tokens": u.prompt_tokens, "output_tokens": u.output_tokens,
+              "reasoning_tokens": u.reasoning_tokens, "generated_tokens": u.generated_tokens,
+              "flops": measured.flops, "k_units": measured.k}
+    if u.samples > 0 and u.source == "upstream":
+        per_sample = u.generated_tokens / u.samples
+        prev = gw.model_means.get(parsed.model_name)
+        gw.model_means[parsed.model_name] = per_sample if prev is None else 0.9 * prev + 0.1 * per_sample
+    meta = {"principal": out.principal.id if out.principal else None,
+            "org": out.principal.org if out.principal else None, "tier": out.tier, "model": out.model}
+    if reservation is None:
+        if out.store == "spooled" and gw.spool is not None and out.principal is not None and out.tier:
+            tier = gw.config.tiers.get(out.tier)
+            if tier is not None:
+                holds = budget_holds(tier, out.principal, {}, actual)
+                if not await asyncio.to_thread(gw.spool.append, out.request_id, holds, actual, meta):
+                    out.store = "unmetered"
+        return
+    assert gw.ledger is not None
+    t0 = time.perf_counter()
+    try:
+        await gw.ledger.settle(reservation, actual)
+        gw.metrics.store_latency("settle", time.perf_counter() - t0)
+    except STORE_ERRORS:
+        gw.metrics.store_error("settle")
+        if gw.spool is not None and await asyncio.to_thread(
+                gw.spool.append_settle, out.request_id, reservation, actual, meta):
+            out.store = "spooled"
+
+
+# ----------------------------------------------------------------------------------------- forwarding
+def _upstream_request(request: web.Request, gw: Gateway, parsed: ParsedRequest,
+                      out: Outcome) -> tuple[up.Target, str, bytes, Any, bool]:
+    assert gw.upstreams is not None
+    target = gw.upstreams.get(parsed.model.upstream)
+    upstream_model = parsed.model.upstream_model or parsed.model_name
+    body = parsed.body if out.clamped else dict(parsed.body)
+    client_wants_usage = parsed.adapter.prepare_upstream(body, upstream_model, out.stream)
+    path = parsed.adapter.upstream_url_path(upstream_model, parsed.path_params, _query_without_key(request))
+    headers = up.request_headers(target, parsed.adapter.shape, request.headers, out.request_id)
+    return target, path, orjson.dumps(body), headers, client_wants_usage
+
+
+def _query_without_key(request: web.Request) -> str:
+    if not request.query_string:
+        return ""
+    from urllib.parse import urlencode
+
+    return urlencode([(k, v) for k, v in request.query.items() if k != "key"])
+
+
+def _kgate_headers(out: Outcome, reservation: Reservation | None) -> dict[str, str]:
+    h = {"x-kgate-request-id": out.request_id}
+    if out.bound is not None:
+        h["x-kgate-k-max"] = f"{out.bound.k_max:.6g}"
+    if out.clamped:
+        h["x-kgate-clamped"] = ", ".join(out.clamped)
+    if reservation is not None:
+        tight = reservation.tightest()
+        if tight is not None:
+            reset = max(0, int(tight.reset_at - time.time() + 0.999))
+            label = tight.budget.label
+            h["RateLimit-Policy"] = f'"{label}";q={_q(tight.limit)}'
+            h["RateLimit"] = f'"{label}";r={_q(max(tight.remaining, 0))};t={reset}'
+    return h
+
+
+async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None,
+                     out: Outcome) -> web.Response:
+    assert gw.session is not None
+    target, path, payload, headers, _ = _upstream_request(request, gw, parsed, out)
+    t0 = time.perf_counter()
+    resp = await up.send(gw.session, target, path, payload, headers)
+    try:
+        try:
+            data = await resp.read()
+        except (asyncio.TimeoutError, TimeoutError):
+            raise UpstreamTimeout(f"upstream {target.name!r} timed out while sending its answer") from None
+        except aiohttp.ClientError:
+            raise UpstreamError(f"upstream {target.name!r} broke off its answer") from None
+    finally:
+        resp.release()
+    out.upstream_seconds = time.perf_counter() - t0
+    if resp.status >= 400:
+        return await _upstream_failure(gw, reservation, out, resp.status, data, resp.headers, parsed)
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        await _charge_nothing(gw, reservation)
+        raise UpstreamError(f"upstream {target.name!r} sent a malformed response", code="upstream_malformed") from None
+    measured = measure(parsed.adapter.usage_from_json(doc, parsed.request), parsed.model, parsed.bound)
+    out.measured = measured
+    await settle(gw, parsed, reservation, out, measured)
+    out.decision = _decision(out)
+    out.status = resp.status
+    headers = {**up.response_headers(resp.headers), **_kgate_headers(out, reservation),
+               "x-kgate-k": f"{measured.k:.6g}", "x-kgate-flops": f"{measured.flops:.6g}"}
+    return web.Response(status=resp.status, body=data, headers=headers)
+
+
+async def _upstream_failure(gw: Gateway, reservation: Reservation | None, out: Outcome, status: int, data: bytes,
+                            headers: Mapping[str, str], parsed: ParsedRequest) -> web.Response:
+    """An upstream error answer: nothing was generated, so nothing is charged."""
+    await _charge_nothing(gw, reservation)
+    out.measured = None
+    gw.metrics.upstream_error(out.upstream or "", f"http_{status}")
+    if status < 500:
+        # The provider's own answer about the request (its API's shape already): pass it on as it is.
+        out.decision, out.status, out.reason = "failed", status, f"upstream answered {status}"
+        return web.Response(status=status, body=data[:1 << 20],
+                            headers={**up.response_headers(headers), "x-kgate-request-id": out.request_id})
+    raise UpstreamError(f"upstream {out.upstream!r} answered {status}", code=f"upstream_{status}")
+
+
+async def _charge_nothing(gw: Gateway, reservation: Reservation | None) -> None:
+    if reservation is not None:
+        await _release(gw, reservation)
+
+
+async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None,
+                       out: Outcome) -> web.StreamResponse:
+    assert gw.session is not None
+    target, path, payload, headers, wants_usage = _upstream_request(request, gw, parsed, out)
+    t0 = time.perf_counter()
+    resp = await up.send(gw.session, target, path, payload, headers)
+    if resp.status >= 400:
+        try:
+            data = await resp.read()
+        except aiohttp.ClientError:
+            data = b""
+        finally:
+            resp.release()
+        out.upstream_seconds = time.perf_counter() - t0
+        return await _upstream_failure(gw, reservation, out, resp.status, data, resp.headers, parsed)
+    meter = parsed.adapter.stream_meter(parsed.request, wants_usage)
+    response = web.StreamResponse(status=resp.status, headers={
+        **up.response_headers(resp.headers), **_kgate_headers(out, reservation),
+        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    failure: GatewayError | None = None
+    client_gone = False
+    try:
+        if not await _write(response, request, None):
+            client_gone = True
+        else:
+            async for chunk in resp.content.iter_any():
+                data = meter.feed(chunk)
+                if data and not await _write(response, request, data):
+                    client_gone = True
+                    break
+            else:
+                tail = meter.close()
+                if tail and not await _write(response, request, tail):
+                    client_gone = True
+    except (asyncio.TimeoutError, TimeoutError):
+        failure = UpstreamTimeout(f"upstream {target.name!r} stalled mid-stream")
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+        failure = UpstreamError(f"upstream {target.name!r} broke off the stream")
+    except asyncio.CancelledError:
+        resp.close()
+        await asyncio.shield(_settle_stream(gw, parsed, reservation, out, meter, t0, "client disconnected"))
+        raise
+    finally:
+        if client_gone or failure is not None:
+            resp.close()  # cancels the upstream generation: nothing more is spent for a gone client
+        else:
+            resp.release()
+    if not meter.finished and failure is None and not client_gone:
+        failure = UpstreamError(f"upstream {target.name!r} ended the stream early")
+    await _settle_stream(gw, parsed, reservation, out, meter, t0,
+                         "client disconnected" if client_gone else (failure.message if failure else ""))
+    if failure is not None:
+        gw.metrics.upstream_error(out.upstream or "", failure.kind)
+        if not client_gone:
+            try:
+                await response.write(render_stream_error(failure, parsed.adapter.api))
+            except (ConnectionResetError, aiohttp.ClientConnectionError):
+                pass
+    if meter.error is not None:
+        out.reason = out.reason or "upstream sent an error event"
+    if not client_gone:
+        try:
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionError):
+            pass
+    return response
+
+
+async def _write(response: web.StreamResponse, request: web.Request, data: bytes | None) -> bool:
+    """Send to the client (``None``: send the headers); False when the client has gone away."""
+    try:
+        if data is None:
+            await response.prepare(request)
+        else:
+            await response.write(data)
+        return True
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        return False
+
+
+async def _settle_stream(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
+                         meter: Any, t0: float, problem: str) -> None:
+    if out.measured is not None:
+        return
+    out.upstream_seconds = time.perf_counter() - t0
+    usage: Usage = meter.usage()
+    measured = measure(usage, parsed.model, parsed.bound)
+    out.measured = measured
+    await settle(gw, parsed, reservation, out, measured)
+    out.status = 200
+    if problem or meter.error is not None or not meter.finished:
+        out.decision = "partial"
+        out.reason = problem or "stream ended without its final event"
+    else:
+        out.decision = _decision(out)
+
+
+def _decision(out: Outcome) -> str:
+    if out.store == "spooled":
+        return "spooled"
+    return "clamped" if out.clamped else "allowed"
+
+
+# ---------------------------------------------------------------------------------------- error & finish
+def _error_response(gw: Gateway, out: Outcome, err: GatewayError, shape: str) -> web.Response:
+    out.status = err.status
+    out.reason = err.message
+    out.rule = err.detail.get("rule", out.rule)
+    out.decision = "denied" if err.status in (401, 403, 413, 429) or (
+        err.status == 503 and isinstance(err, StoreUnavailable)) or isinstance(err, (BadRequest, NotFound)) \
+        else "failed"
+    gw.metrics.observe_error(err)
+    headers = {**err.headers, "x-kgate-request-id": out.request_id}
+    return web.json_response(render(err, shape), status=err.status, headers=headers,  # type: ignore[arg-type]
+                             dumps=lambda o: orjson.dumps(o).decode())
+
+
+def _finish(gw: Gateway, cfg: Config, out: Outcome) -> None:
+    """Audit record and metrics for every request, whatever happened."""
+    elapsed = time.perf_counter() - out.started
+    model = out.model if out.model in cfg.models else "unknown"
+    tier = out.tier or "none"
+    evaluated = cfg.models[model].evaluated_max_k if model in cfg.models else None
+    gw.metrics.observe_request(model=model, tier=tier, api=out.api, decision=out.decision, usage=out.measured,
+                               overhead_s=max(elapsed - out.upstream_seconds, 0.0),
+                               evaluated_max_k=evaluated, would_deny=out.would_deny, rule=out.rule)
+    if out.upstream_seconds and out.upstream:
+        gw.metrics.upstream_latency(out.upstream, out.upstream_seconds)
+    if gw.audit is not None:
+        gw.audit.write_nowait(audit_record(gw, cfg, out, elapsed))
+
+
+def audit_record(gw: Gateway, cfg: Config, out: Outcome, elapsed: float) -> dict[str, Any]:
+    p = out.principal
+    return {
+        "ts": time.time(),
+        "request_id": out.request_id,
+        "replica": gw.replica,
+        "principal": p.id if p else None,
+        "org": p.org if p else None,
+        "key_id": p.key_id if p else None,
+        "tier": out.tier,
+        "grant": out.grant,
+        "model": out.model if out.model in cfg.models else None,
+        "upstream": out.upstream,
+        "api": out.api,
+        "stream": out.stream,
+        "bound": out.bound.as_dict() if out.bound else None,
+        "usage": {**out.measured.as_dict(), "overrun": out.measured.overrun} if out.measured else None,
+        "decision": out.decision,
+        "reason": out.reason,
+        "rule": out.rule,
+        "clamped": out.clamped,
+        "status": out.status,
+        "latency_ms": round(elapsed * 1000, 3),
+        "policy_sha256": cfg.version,
+        "mode": out.mode,
+        "would_deny": out.would_deny,
+        "store": out.store,
+    }

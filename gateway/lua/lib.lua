@@ -1,0 +1,273 @@
+-- Shared by every ledger script: gateway/ledger.py puts this text in front of each operation's file
+-- (reserve.lua, settle.lua, release.lua, state.lua) and registers the result once.
+--
+-- All keys of one scope start with KEYS[1], which carries the scope's {hash tag}, so one script only
+-- ever touches one cluster slot:
+--   <base>:held                     hash   budget label -> amount held by outstanding leases
+--   <base>:leases                   zset   request id -> lease expiry (held requests only)
+--   <base>:rec                      hash   request id -> record: JSON while held or expired,
+--                                          'S' once settled, 'R' once released
+--   <base>:fin                      zset   request id -> when its record stopped changing (for forgetting)
+--   <base>:u:<window>:<label>:<start>  string  usage of a fixed window starting at <start>
+--   <base>:r:<window>:<label>       hash   rolling window: slice index -> usage
+-- Numbers cross the script boundary as strings written with 17 significant digits: Redis turns a Lua
+-- number into an integer in replies and into 14 digits in arguments, too coarse for FLOPs (~1e15).
+
+local SLICES = 60          -- slices of a rolling window (gateway/windows.py ROLLING_SLICES)
+local REAP_BATCH = 100     -- expired leases handled per call, so one call stays short
+local MONDAY = 345600      -- 1970-01-05T00:00Z: fixed 7d windows start on Mondays
+local LENGTH = { ['1m'] = 60, ['1h'] = 3600, ['1d'] = 86400, ['7d'] = 604800, ['30d'] = 2592000,
+                 ['day'] = 86400 }
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+-- The clock: the caller's (tests inject one) or Redis TIME, never the replica's.
+local function clock(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- Proleptic Gregorian calendar <-> days since the epoch (H. Hinnant's civil algorithms).
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m > 2) and (m - 3) or (m + 9)
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = (mp < 10) and (mp + 3) or (mp - 9)
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+-- [start, end) of the fixed window containing t.
+local function fixed_window(window, t)
+  if window == 'month' then
+    local y, m = civil_from_days(math.floor(t / 86400))
+    local start = days_from_civil(y, m, 1) * 86400
+    if m == 12 then y, m = y + 1, 1 else m = m + 1 end
+    return start, days_from_civil(y, m, 1) * 86400
+  end
+  local len = LENGTH[window]
+  local off = (window == '7d') and MONDAY or 0
+  local start = math.floor((t - off) / len) * len + off
+  return start, start + len
+end
+
+local function slice_width(window)
+  return LENGTH[window] / SLICES
+end
+
+-- Budgets arrive as 5 arguments each from ARGV[first]: label, window, rolling (1/0), limit, amount.
+local function read_budgets(first)
+  local budgets = {}
+  for i = first, #ARGV, 5 do
+    budgets[#budgets + 1] = { label = ARGV[i], window = ARGV[i + 1], rolling = ARGV[i + 2] == '1',
+                              limit = tonumber(ARGV[i + 3]), amount = tonumber(ARGV[i + 4]),
+                              amount_s = ARGV[i + 4] }
+  end
+  return budgets
+end
+
+local function fixed_key(base, b, start)
+  return base .. ':u:' .. b.window .. ':' .. b.label .. ':' .. string.format('%d', start)
+end
+
+local function rolling_key(base, b)
+  return base .. ':r:' .. b.window .. ':' .. b.label
+end
+
+-- Usage of budget b in its window at `now`, when the window next frees capacity, and (rolling only)
+-- the live slices as {index, amount} oldest first. Drops slices that have left the window.
+local function usage(base, b, now)
+  if not b.rolling then
+    local start, stop = fixed_window(b.window, now)
+    return tonumber(redis.call('GET', fixed_key(base, b, start))) or 0, stop, nil
+  end
+  local w = slice_width(b.window)
+  local oldest = math.floor(now / w) - SLICES
+  local key = rolling_key(base, b)
+  local flat = redis.call('HGETALL', key)
+  local total, live, stale = 0, {}, {}
+  for i = 1, #flat, 2 do
+    local idx = tonumber(flat[i])
+    if idx < oldest then
+      stale[#stale + 1] = flat[i]
+    else
+      local v = tonumber(flat[i + 1])
+      total = total + v
+      live[#live + 1] = { idx, v }
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  table.sort(live, function(a, c) return a[1] < c[1] end)
+  local reset_at = now
+  for _, s in ipairs(live) do
+    if s[2] > 0 then reset_at = (s[1] + SLICES + 1) * w; break end
+  end
+  return total, reset_at, live
+end
+
+-- When a refused amount could fit: a fixed window's end; for a rolling window, the moment enough old
+-- slices have left (or everything now in the window has, when holds alone are in the way).
+local function retry_at(b, now, used, held, reset_at, live)
+  if not b.rolling then return reset_at end
+  local w = slice_width(b.window)
+  local excess = used + held + b.amount - b.limit
+  local freed = 0
+  for _, s in ipairs(live) do
+    freed = freed + s[2]
+    if freed >= excess then return (s[1] + SLICES + 1) * w end
+  end
+  return (math.floor(now / w) + SLICES + 1) * w
+end
+
+-- Add `amount` (a string) to the window bucket that time t falls in; returns {key, field} of the bucket,
+-- or nil when that bucket has already left its window (nothing left to charge).
+local function add_usage(base, b, t, amount, now)
+  if not b.rolling then
+    local start, stop = fixed_window(b.window, t)
+    if stop <= now then return nil end
+    local key = fixed_key(base, b, start)
+    redis.call('INCRBYFLOAT', key, amount)
+    -- relative expiry, so an injected clock and Redis' own clock agree on how long a window lives
+    redis.call('PEXPIRE', key, math.ceil((stop - now) * 1000))
+    return { key, '' }
+  end
+  local w = slice_width(b.window)
+  local idx = math.floor(t / w)
+  local leaves = (idx + SLICES + 1) * w
+  if leaves <= now then return nil end
+  local key = rolling_key(base, b)
+  local field = string.format('%d', idx)
+  redis.call('HINCRBYFLOAT', key, field, amount)
+  local ttl = math.ceil((leaves - now) * 1000)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+  return { key, field }
+end
+
+-- Undo a charge that lease expiry made, if its bucket still exists; never below zero.
+local function take_back(key, field, amount)
+  if field == '' then
+    if redis.call('EXISTS', key) == 1 then
+      if tonumber(redis.call('INCRBYFLOAT', key, '-' .. amount)) < 0 then
+        redis.call('SET', key, '0', 'KEEPTTL')
+      end
+    end
+  elseif redis.call('HEXISTS', key, field) == 1 then
+    if tonumber(redis.call('HINCRBYFLOAT', key, field, '-' .. amount)) < 0 then
+      redis.call('HSET', key, field, '0')
+    end
+  end
+end
+
+-- Record budgets are {label, window, rolling, amount[, charged key, charged field]}.
+local function record_budget(r)
+  return { label = r[1], window = r[2], rolling = r[3] == '1' }
+end
+
+local function release_hold(base, rec)
+  local held = base .. ':held'
+  for _, r in ipairs(rec.b) do
+    redis.call('HINCRBYFLOAT', held, r[1], '-' .. r[4])
+  end
+end
+
+-- With no lease left the held sums must be zero: drop them so float residue cannot build up.
+local function tidy_held(base)
+  if redis.call('ZCARD', base .. ':leases') == 0 then redis.call('DEL', base .. ':held') end
+end
+
+-- Extend a bookkeeping key's life to at least `ms`.
+local function keep_alive(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+
+-- Lease reaping, done by every script before anything else, so no separate sweeper is needed.
+-- An expired hold is released and, in 'charge' mode, charged to the window its expiry falls in.
+-- Finished records older than `ttl` seconds are forgotten.
+local function reap(base, now, charge, ttl)
+  local leases = base .. ':leases'
+  local recs = base .. ':rec'
+  local fin = base .. ':fin'
+  local due = redis.call('ZRANGEBYSCORE', leases, '-inf', fmt(now), 'LIMIT', 0, REAP_BATCH)
+  if #due > 0 then
+    for _, rid in ipairs(due) do
+      local raw = redis.call('HGET', recs, rid)
+      if raw and string.sub(raw, 1, 1) == '{' then
+        local rec = cjson.decode(raw)
+        release_hold(base, rec)
+        local expiry = tonumber(rec.e)
+        if charge then
+          for _, r in ipairs(rec.b) do
+            local ref = add_usage(base, record_budget(r), expiry, r[4], now)
+            if ref then r[5], r[6] = ref[1], ref[2] end
+          end
+          rec.s = 'c'
+        else
+          rec.s = 'r'
+        end
+        redis.call('HSET', recs, rid, cjson.encode(rec))
+        redis.call('ZADD', fin, fmt(expiry), rid)
+      end
+    end
+    redis.call('ZREM', leases, unpack(due))
+    tidy_held(base)
+  end
+  local old = redis.call('ZRANGEBYSCORE', fin, '-inf', fmt(now - ttl), 'LIMIT', 0, REAP_BATCH)
+  if #old > 0 then
+    redis.call('HDEL', recs, unpack(old))
+    redis.call('ZREM', fin, unpack(old))
+  end
+end
+
+-- The reply: {status, now, then used, held, reset_at for each budget}.
+local function report(status, base, budgets, now)
+  local out = { status, fmt(now) }
+  local held = base .. ':held'
+  for _, b in ipairs(budgets) do
+    local used, reset_at = usage(base, b, now)
+    out[#out + 1] = fmt(used)
+    out[#out + 1] = fmt(tonumber(redis.call('HGET', held, b.label)) or 0)
+    out[#out + 1] = fmt(reset_at)
+  end
+  return out
+end
+
+-- A finished request (settled or released) keeps its marker for `ttl` seconds: repeats are no-ops.
+local function finish(base, rid, marker, now, ttl)
+  redis.call('HSET', base .. ':rec', rid, marker)
+  redis.call('ZADD', base .. ':fin', fmt(now), rid)
+  local ms = math.ceil(ttl * 1000)
+  keep_alive(base .. ':rec', ms)
+  keep_alive(base .. ':fin', ms)
+end
+
+-- Undo whatever a record still has in force: a live hold, or the charge a lease expiry made.
+local function undo(base, rid, raw)
+  local rec = cjson.decode(raw)
+  if rec.s == 'h' then
+    release_hold(base, rec)
+    redis.call('ZREM', base .. ':leases', rid)
+    tidy_held(base)
+  elseif rec.s == 'c' then
+    for _, r in ipairs(rec.b) do
+      if r[5] then take_back(r[5], r[6], r[4]) end
+    end
+  end
+end
+

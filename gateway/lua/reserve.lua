@@ -1,0 +1,52 @@
+-- reserve: check every budget of one scope and hold the amounts on all of them, or on none.
+-- KEYS[1] scope base (carries the hash tag)
+-- ARGV: now ('' = Redis TIME), request id, lease seconds, lease expiry mode ('charge'|'release'),
+--       record ttl seconds, then per budget: label, window, rolling, limit, amount
+-- Reply: {'ok', now, used, held, reset_at ...} with the state after the hold (a retried reserve of a
+-- request still held answers 'ok' without holding twice); {'refused', now, index, used, held, retry_at};
+-- {'dup', now} when the request id already finished.
+local base = KEYS[1]
+local now = clock(ARGV[1])
+local rid = ARGV[2]
+local lease = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[5])
+local budgets = read_budgets(6)
+reap(base, now, ARGV[4] == 'charge', ttl)
+
+local recs = base .. ':rec'
+local existing = redis.call('HGET', recs, rid)
+if existing then
+  if string.sub(existing, 1, 1) == '{' and cjson.decode(existing).s == 'h' then
+    return report('ok', base, budgets, now)
+  end
+  return { 'dup', fmt(now) }
+end
+
+local held = base .. ':held'
+local out = { 'ok', fmt(now) }
+for i, b in ipairs(budgets) do
+  local used, reset_at, live = usage(base, b, now)
+  local h = tonumber(redis.call('HGET', held, b.label)) or 0
+  if b.amount > 0 and used + h + b.amount > b.limit then
+    return { 'refused', fmt(now), tostring(i), fmt(used), fmt(h), fmt(retry_at(b, now, used, h, reset_at, live)) }
+  end
+  out[#out + 1] = fmt(used)
+  out[#out + 1] = fmt(h)
+  out[#out + 1] = fmt(reset_at)
+end
+
+local record = {}
+for i, b in ipairs(budgets) do
+  if b.amount > 0 then
+    out[3 * i + 1] = redis.call('HINCRBYFLOAT', held, b.label, b.amount_s)
+    record[#record + 1] = { b.label, b.window, b.rolling and '1' or '0', b.amount_s }
+  end
+end
+local expiry = now + lease
+redis.call('HSET', recs, rid, cjson.encode({ e = fmt(expiry), s = 'h', b = record }))
+redis.call('ZADD', base .. ':leases', fmt(expiry), rid)
+local ms = math.ceil((lease + ttl) * 1000)
+keep_alive(held, ms)
+keep_alive(recs, ms)
+keep_alive(base .. ':leases', ms)
+return out

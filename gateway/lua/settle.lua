@@ -1,0 +1,29 @@
+-- settle: end a request with its actual usage. Releases the hold (or takes back the charge a lease
+-- expiry made) and adds the actual to the current windows. Idempotent per request id.
+-- KEYS[1] scope base
+-- ARGV: now ('' = Redis TIME), request id, lease expiry mode, record ttl seconds,
+--       then per budget: label, window, rolling, limit, actual
+-- Reply: {outcome, now, used, held, reset_at ...}; outcome 'applied' (a hold or an expired hold was
+-- found), 'posted' (no record: the actual is added all the same, e.g. usage replayed from a spool)
+-- or 'repeat' (already settled or released: nothing changed).
+local base = KEYS[1]
+local now = clock(ARGV[1])
+local rid = ARGV[2]
+local ttl = tonumber(ARGV[4])
+local budgets = read_budgets(5)
+reap(base, now, ARGV[3] == 'charge', ttl)
+
+local raw = redis.call('HGET', base .. ':rec', rid)
+if raw == 'S' or raw == 'R' then
+  return report('repeat', base, budgets, now)
+end
+local outcome = 'posted'
+if raw then
+  undo(base, rid, raw)
+  outcome = 'applied'
+end
+for _, b in ipairs(budgets) do
+  if b.amount > 0 then add_usage(base, b, now, b.amount_s, now) end
+end
+finish(base, rid, 'S', now, ttl)
+return report(outcome, base, budgets, now)

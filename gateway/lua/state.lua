@@ -1,0 +1,10 @@
+-- state: usage, holds and reset time of budgets of one scope (admin API, headers). Reaps expired
+-- leases like every script, so what it reports is current.
+-- KEYS[1] scope base
+-- ARGV: now ('' = Redis TIME), lease expiry mode, record ttl seconds,
+--       then per budget: label, window, rolling, limit, amount (ignored)
+-- Reply: {'state', now, used, held, reset_at ...}
+local base = KEYS[1]
+local now = clock(ARGV[1])
+reap(base, now, ARGV[2] == 'charge', tonumber(ARGV[3]))
+return report('state', base, read_budgets(4), now)

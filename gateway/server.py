@@ -1,0 +1,111 @@
+"""Running kgate as a process: ``kgate serve`` and ``kgate simulate`` (DESIGN §6).
+
+``serve`` listens for clients and, separately, for the admin API; SIGTERM drains (stop accepting, let
+in-flight requests finish up to ``server.drain_seconds``, settle, flush the audit log, exit 0); SIGHUP
+reloads the policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+
+from aiohttp import web
+
+from .config import ConfigError, default_config_path, load_config, parse_listen
+
+log = logging.getLogger("kgate.server")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("KGATE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _setup_logging()
+    config_path = args.config or default_config_path()
+    config = load_config(config_path)
+    listen = args.listen or config.server.listen
+    admin_listen = args.admin_listen or config.server.admin_listen
+    parse_listen(listen)
+    parse_listen(admin_listen)
+    store = args.store or os.environ.get("KGATE_STORE_URL") or config.store.url
+    _use_uvloop()
+    try:
+        return asyncio.run(serve(config_path, listen, admin_listen, store))
+    except ConfigError:
+        raise
+    except OSError as exc:
+        print(f"kgate: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+async def serve(config_path: object, listen: str, admin_listen: str, store: str) -> int:
+    from .admin import create_admin_app
+    from .app import create_app
+    from .context import GATEWAY
+
+    config = load_config(config_path)  # type: ignore[arg-type]
+    app = create_app(config, store_url=store)
+    gw = app[GATEWAY]
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    host, port = parse_listen(listen)
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    await site.start()
+    admin_runner = web.AppRunner(create_admin_app(app, config_path), access_log=None, handle_signals=False)
+    await admin_runner.setup()
+    ahost, aport = parse_listen(admin_listen)
+    await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+    log.info("kgate listening on http://%s (admin on http://%s), store %s, policy %s (sha256 %s)",
+             listen, admin_listen, "embedded" if store == "embedded" else store.split("@")[-1],
+             config_path, config.version[:12])
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    from .admin import reload_policy
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_policy(app, config_path)))
+    await stop.wait()
+
+    # Drain: refuse new work, let what is in flight finish (bounded), then close everything in order.
+    gw.draining = True
+    log.info("draining: %d requests in flight", gw.inflight)
+    await site.stop()
+    deadline = time.monotonic() + gw.config.server.drain_seconds
+    while gw.inflight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if gw.inflight:
+        log.warning("drain period over with %d requests in flight; their holds expire with their leases",
+                    gw.inflight)
+    await admin_runner.cleanup()
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulator import SimulatorOptions, run_simulator
+
+    _setup_logging()
+    parse_listen(args.listen)
+    opts = SimulatorOptions(latency_ms=args.latency_ms, tokens_per_second=args.tokens_per_second,
+                            output_tokens=args.output_tokens, faults=list(args.fault), flavor=args.flavor)
+    return run_simulator(args.listen, opts) if args.workers <= 1 else run_simulator(
+        args.listen, opts, workers=args.workers)  # type: ignore[call-arg]

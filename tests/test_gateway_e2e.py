@@ -1,0 +1,311 @@
+"""The gateway end to end: real SDK clients → kgate → the simulator, with a real Redis (DESIGN §4)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import anthropic
+import openai
+import orjson
+import pytest
+from gatewayutil import KEYS, make_config, running_gateway
+
+from gateway.ledger import ScopeRef
+from gateway.redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_srv():
+    server = RedisServer(port=0, appendonly=False)
+    server.start_sync()
+    yield server
+    server.stop_sync()
+    server.cleanup()
+
+
+@pytest.fixture
+async def gw(redis_srv, tmp_path: Path):
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(redis_srv.url)
+    await r.flushall()
+    await r.aclose()
+    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
+        yield g
+
+
+def oai(g, who: str = "alice") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=g.url + "/v1", api_key=KEYS[who], max_retries=0)
+
+
+def claude(g, who: str = "alice") -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=g.url, api_key=KEYS[who], max_retries=0)
+
+
+async def sim_last(g) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(g.sim_url + "/_sim/stats") as r:
+        return await r.json()
+
+
+MSG = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+# ------------------------------------------------------------------------------------------ OpenAI SDK
+async def test_chat_non_streaming_meters_and_reports(gw):
+    raw = await oai(gw).chat.completions.with_raw_response.create(model="dense", messages=MSG, n=3,
+                                                                  max_tokens=50)
+    resp = raw.parse()
+    assert len(resp.choices) == 3
+    assert resp.usage is not None and resp.usage.completion_tokens > 0
+    h = raw.headers
+    assert float(h["x-kgate-k-max"]) == 3.0
+    k = float(h["x-kgate-k"])
+    assert 0 < k <= 3.0
+    assert float(h["x-kgate-flops"]) > 0
+    assert h["x-kgate-request-id"]
+    assert "RateLimit" in h and "RateLimit-Policy" in h
+    # the model name was mapped and the client's key did not travel upstream
+    last = (await sim_last(gw))["last_request"]
+    assert last["body"]["model"] == "llama-sim-8b"
+    headers = {k.lower(): v for k, v in last["headers"].items()}
+    assert KEYS["alice"] not in str(headers)
+
+
+async def test_chat_reasoning_effort_reports_reasoning_tokens(gw):
+    resp = await oai(gw).chat.completions.create(model="reasoner", messages=MSG, reasoning_effort="low",
+                                                 max_completion_tokens=1500)
+    assert resp.usage.completion_tokens_details.reasoning_tokens > 0
+
+
+async def test_chat_stream_without_usage_request_gets_no_usage_chunk(gw):
+    stream = await oai(gw).chat.completions.create(model="dense", messages=MSG, stream=True, n=2)
+    chunks = [c async for c in stream]
+    assert chunks, "the stream carried chunks"
+    assert all(c.usage is None for c in chunks)
+    assert all(c.choices for c in chunks), "the injected usage-only chunk was stripped"
+    # ...but the gateway asked the upstream for usage and metered it exactly
+    last = (await sim_last(gw))["last_request"]
+    assert last["body"]["stream_options"]["include_usage"] is True
+    st = await gw.gw.ledger.state(ScopeRef("principal", "alice"), _budgets(gw, "basic"))
+    assert st[0].used == 1
+
+
+async def test_chat_stream_with_usage_request_keeps_usage_chunk(gw):
+    stream = await oai(gw).chat.completions.create(model="reasoner", messages=MSG, stream=True,
+                                                   stream_options={"include_usage": True},
+                                                   reasoning_effort="low", max_completion_tokens=1500)
+    chunks = [c async for c in stream]
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert len(usage) == 1 and usage[0].completion_tokens_details.reasoning_tokens > 0
+
+
+async def test_responses_api(gw):
+    resp = await oai(gw).responses.create(model="reasoner", input="hello", max_output_tokens=1500,
+                                          reasoning={"effort": "low"})
+    assert resp.usage.output_tokens_details.reasoning_tokens > 0
+    stream = await oai(gw).responses.create(model="dense", input="hello", stream=True)
+    kinds = [ev.type async for ev in stream]
+    assert kinds[-1] == "response.completed"
+
+
+async def test_legacy_completions_best_of(gw):
+    resp = await oai(gw).completions.create(model="dense", prompt=["a", "b"], n=1, best_of=2, max_tokens=20)
+    assert len(resp.choices) == 2
+
+
+# --------------------------------------------------------------------------------------- Anthropic SDK
+async def test_anthropic_thinking_budget(gw):
+    raw = await claude(gw).messages.with_raw_response.create(
+        model="reasoner", max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 1024}, messages=MSG)
+    msg = raw.parse()
+    if asyncio.iscoroutine(msg):
+        msg = await msg
+    assert msg.usage.output_tokens > 0
+    assert float(raw.headers["x-kgate-k-max"]) == pytest.approx(1 + 1024 / 256)
+
+
+async def test_anthropic_stream(gw):
+    async with claude(gw).messages.stream(model="reasoner", max_tokens=3000, messages=MSG,
+                                          thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
+        final = await stream.get_final_message()
+    assert final.usage.output_tokens > 0
+
+
+async def test_anthropic_errors_have_anthropic_shape(gw):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await claude(gw).messages.create(model="reasoner", max_tokens=-5, messages=MSG)
+    assert info.value.body["type"] == "error"
+    with pytest.raises(anthropic.AuthenticationError):
+        await anthropic.AsyncAnthropic(base_url=gw.url, api_key="nope", max_retries=0).messages.create(
+            model="reasoner", max_tokens=10, messages=MSG)
+
+
+# ------------------------------------------------------------------------------------------- Gemini
+async def test_gemini_generate_and_stream(gw):
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+            "generationConfig": {"candidateCount": 2, "maxOutputTokens": 200}}
+    headers = {"x-goog-api-key": KEYS["alice"]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1beta/models/dense:generateContent", json=body, headers=headers) as r:
+            doc = await r.json()
+            assert r.status == 200, doc
+            assert len(doc["candidates"]) == 2
+            assert float(r.headers["x-kgate-k-max"]) == 2.0
+        async with s.post(gw.url + "/v1beta/models/dense:streamGenerateContent?alt=sse", json=body,
+                          headers=headers) as r:
+            text = await r.text()
+            assert r.status == 200 and text.count("data:") >= 2 and "usageMetadata" in text
+        async with s.post(gw.url + "/v1beta/models/nope:generateContent", json=body, headers=headers) as r:
+            doc = await r.json()
+            assert r.status == 404 and doc["error"]["status"] == "NOT_FOUND"
+
+
+# ----------------------------------------------------------------------------------- identity & caps
+async def test_missing_and_invalid_keys_are_401(gw):
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/chat/completions", json={"model": "dense", "messages": MSG}) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model="dense", messages=MSG)
+
+
+async def test_model_outside_tier_is_403(gw):
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        await oai(gw, "carol").chat.completions.create(model="moe", messages=MSG)
+    assert "not available to your tier" in str(info.value)
+
+
+async def test_cap_rejects_with_403_naming_cap_bound_and_limit(gw):
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        await oai(gw).chat.completions.create(model="dense", messages=MSG, n=6, max_tokens=10)
+    msg = str(info.value)
+    assert "max_samples" in msg and "bound 6" in msg and "limit 4" in msg
+    st = await sim_last(gw)
+    assert st["requests"].get("/v1/chat/completions", 0) == 0, "a refused request never reaches the upstream"
+
+
+async def test_clamp_rewrites_and_says_so(gw):
+    raw = await oai(gw, "carol").chat.completions.with_raw_response.create(
+        model="reasoner", messages=MSG, n=4, reasoning_effort="high", max_completion_tokens=8000)
+    clamped = raw.headers["x-kgate-clamped"]
+    assert "n=" in clamped and "reasoning_effort=medium" in clamped
+    assert float(raw.headers["x-kgate-k-max"]) <= 4
+    last = (await sim_last(gw))["last_request"]["body"]
+    assert last["n"] <= 2 and last["reasoning_effort"] == "medium"
+    assert raw.parse().usage.completion_tokens <= last["n"] * last["max_completion_tokens"]
+
+
+async def test_budget_exhausted_is_429_with_retry_after(gw):
+    client = oai(gw, "tina")
+    # generated_tokens budget 1000: each request holds n × max_tokens = 400 (strict)
+    await client.chat.completions.create(model="dense", messages=MSG, max_tokens=400)
+    await client.chat.completions.create(model="dense", messages=MSG, max_tokens=400)
+    with pytest.raises(openai.RateLimitError) as info:
+        for _ in range(20):
+            await client.chat.completions.create(model="dense", messages=MSG, max_tokens=400)
+    resp = info.value.response
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert "generated_tokens" in str(info.value)
+    st = await gw.gw.ledger.state(ScopeRef("principal", "tina"), _budgets(gw, "tight"))
+    assert st[0].used <= 1000 and st[0].held == 0
+
+
+async def test_shadow_mode_never_blocks(gw):
+    client = oai(gw, "sam")
+    for _ in range(3):  # over the per-request cap and over the 1-request budget: served anyway
+        await client.chat.completions.create(model="dense", messages=MSG, n=4, max_tokens=10)
+
+
+async def test_models_endpoint_lists_callers_models(gw):
+    models = await oai(gw, "carol").models.list()
+    assert sorted(m.id for m in models.data) == ["dense", "reasoner"]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("body,status", [
+    (b"{not json", 400), (b"[]", 400), (b'{"model": 5, "messages": []}', 400),
+    (b'{"model": "dense", "messages": [], "n": 0}', 400), (b'{"model": "dense", "messages": [], "n": -1}', 400),
+    (b'{"model": "dense", "messages": [], "max_tokens": -3}', 400), (b'{"model": "ghost", "messages": []}', 404),
+])
+async def test_bad_input_is_a_clean_error_and_never_forwarded(gw, body, status):
+    async with aiohttp.ClientSession() as s, s.post(
+            gw.url + "/v1/chat/completions", data=body,
+            headers={"Authorization": f"Bearer {KEYS['alice']}", "Content-Type": "application/json"}) as r:
+        doc = await r.json()
+        assert r.status == status, doc
+        assert set(doc["error"]) >= {"message", "type", "code"}
+    st = await sim_last(gw)
+    assert st["requests"].get("/v1/chat/completions", 0) == 0
+
+
+async def test_oversized_body_is_413(gw):
+    big = orjson.dumps({"model": "dense", "messages": [{"role": "user", "content": "x" * 100_000}]})
+    async with aiohttp.ClientSession() as s, s.post(
+            gw.url + "/v1/chat/completions", data=big,
+            headers={"Authorization": f"Bearer {KEYS['alice']}"}) as r:
+        assert r.status == 413
+        assert (await r.json())["error"]["code"]
+
+
+async def test_unknown_path_is_404_in_shape(gw):
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/nothing", json={}) as r:
+            assert r.status == 404 and "error" in await r.json()
+        async with s.get(gw.url + "/healthz") as r:
+            assert r.status == 200
+        async with s.get(gw.url + "/readyz") as r:
+            doc = await r.json()
+            assert r.status == 200 and doc["store"] == "ok" and len(doc["policy_sha256"]) == 64
+
+
+# -------------------------------------------------------------------------------- upstream failures
+async def test_upstream_5xx_is_502_and_charges_nothing(gw):
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEYS["tina"], max_retries=0,
+                                default_headers={"x-sim-fault": "status=500,rate=1"})
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="dense", messages=MSG, max_tokens=100)
+    assert info.value.status_code == 502
+    st = await gw.gw.ledger.state(ScopeRef("principal", "tina"), _budgets(gw, "tight"))
+    assert st[0].used == 0 and st[0].held == 0
+
+
+async def test_stream_cut_midway_charges_what_was_generated(gw):
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEYS["tina"], max_retries=0,
+                                default_headers={"x-sim-fault": "midstream,rate=1,after=5"})
+    with pytest.raises(openai.APIError):
+        stream = await client.chat.completions.create(model="dense", messages=MSG, max_tokens=100, stream=True)
+        async for _ in stream:
+            pass
+    await asyncio.sleep(0.05)
+    st = await gw.gw.ledger.state(ScopeRef("principal", "tina"), _budgets(gw, "tight"))
+    assert 0 < st[0].used < 100 and st[0].held == 0
+
+
+async def test_client_disconnect_cancels_and_charges_generated(gw):
+    async with aiohttp.ClientSession() as s:
+        await s.post(gw.sim_url + "/_sim/config", json={"tokens_per_second": 200})
+    client = oai(gw, "tina")
+    stream = await client.chat.completions.create(model="dense", messages=MSG, max_tokens=400, stream=True)
+    n = 0
+    async for _ in stream:
+        n += 1
+        if n == 3:
+            break
+    await stream.close()
+    for _ in range(100):
+        st = await gw.gw.ledger.state(ScopeRef("principal", "tina"), _budgets(gw, "tight"))
+        if st[0].held == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert st[0].held == 0
+    assert 0 < st[0].used < 400
+
+
+def _budgets(g, tier: str):
+    from gateway.ledger import BudgetSpec
+
+    return [BudgetSpec.from_config(b) for b in g.gw.config.tiers[tier].budgets]
