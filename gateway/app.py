@@ -88,7 +88,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         await embedded.start()
         url = embedded.url
     gw.redis = await connect(url, timeout=cfg.store.timeout_seconds)
-    gw.ledger = Ledger(gw.redis, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry)
+    from .resp import hot_path_client
+
+    ledger_client = hot_path_client(gw.redis, url, timeout=cfg.store.timeout_seconds)
+    gw.ledger = Ledger(ledger_client, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry)
     gw.directory = Directory(cfg, gw.redis, key_prefix=cfg.store.key_prefix)
     await gw.directory.start()
     if any(p.key_sha256 == DEMO_KEY_SHA256 and p.enabled for p in cfg.principals):
@@ -96,6 +99,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
                     "policy before exposing this gateway to anyone")
     yield
     await gw.directory.stop()
+    with contextlib.suppress(Exception):
+        await ledger_client.aclose() if ledger_client is not gw.redis else None
     with contextlib.suppress(Exception):
         await gw.redis.aclose()
     if embedded is not None:

@@ -205,10 +205,13 @@ class AuditLog:
 
     ``hmac_key``: authenticate the chain with HMAC-SHA256 (see :func:`hmac_key_from_env`).
     ``redis`` / ``stream``: also XADD each line to a Redis Stream (``MAXLEN ~ stream_maxlen``) from the
-    event loop; failures are counted in ``stream_errors`` and never delay or fail the file log.
+    event loop, with fields ``replica``, ``seq``, ``hash`` and ``record`` (the JSON line). Failures, a full
+    backlog (``stream_queue_max``) and an XADD slower than ``stream_timeout`` are counted in
+    ``stream_errors`` and never delay or fail the file log; ``close`` gives the backlog ``stream_timeout``.
     ``fsync``: fsync after each batch of lines before acknowledging them (group commit); by default lines
     are handed to the OS one write(2) each, which survives a process crash but not a power loss.
     ``clock``: seconds since the epoch; it stamps ``ts`` (when the caller gave none) and picks the day file.
+    A ``ts`` given as epoch seconds is written as RFC 3339 UTC with milliseconds.
 
     Counters for metrics: ``records_written``, ``write_errors``, ``stream_written``, ``stream_errors``,
     ``redactions``.
@@ -339,7 +342,11 @@ class AuditLog:
             rec["redacted"] = text_keys
             self.redactions += 1
             log.warning("audit record carried text fields %s: dropped", text_keys)
-        rec.setdefault("ts", rfc3339(now))
+        ts = rec.get("ts")
+        if ts is None:
+            rec["ts"] = rfc3339(now)
+        elif isinstance(ts, (int, float)) and not isinstance(ts, bool):
+            rec["ts"] = rfc3339(float(ts))  # epoch seconds from the caller: stored as RFC 3339 like the rest
         rec.setdefault("replica", self.replica)
         try:
             # Serialize now, on the caller's side: the caller may reuse its dicts, and an unserializable
@@ -374,14 +381,18 @@ class AuditLog:
                         self.write_errors += 1
                         log.error("audit fsync failed: %s", exc)
                 assert self._loop is not None
-                for item, result in done:
-                    self._loop.call_soon_threadsafe(self._settle, item, result)
+                if done:  # one wake-up of the event loop per batch, not per record
+                    self._loop.call_soon_threadsafe(self._settle_batch, done)
         finally:
             self._close_file()
             self._release_lock()
             assert self._loop is not None and self._stopped is not None
             with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
                 self._loop.call_soon_threadsafe(_set_done, self._stopped)
+
+    def _settle_batch(self, done: list[tuple[_Item, dict[str, Any] | BaseException]]) -> None:
+        for item, result in done:
+            self._settle(item, result)
 
     def _settle(self, item: _Item, result: dict[str, Any] | BaseException) -> None:
         """On the event loop: acknowledge the writer and hand the line to the stream sink."""

@@ -60,7 +60,9 @@ def _bars(points: list[tuple[str, float]], *, title: str, color: str, width: int
         if frac:
             parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" '
                          'stroke="#eaeef2"/>')
-    label_every = max(1, math.ceil(n / 12))
+    # Thin the axis labels so that they never overlap (about 6.5 px per character at 11 px).
+    longest = max((len(label) for label, _ in points), default=1)
+    label_every = max(1, math.ceil((longest * 6.5 + 8) / slot))
     for i, (label, value) in enumerate(points):
         h = plot_h * value / peak
         x = left + i * slot + (slot - bar_w) / 2

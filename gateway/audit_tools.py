@@ -58,17 +58,19 @@ class UsageError(Exception):
 # ------------------------------------------------------------------------------------- discovery
 def discover(paths: Iterable[str | Path]) -> dict[Path, list[Path]]:
     """Audit files under ``paths`` (files or directories), grouped by replica directory, in write order."""
-    groups: dict[Path, set[Path]] = defaultdict(set)
+    # Keyed by resolved path so that a file named twice (a directory and a file in it) is read once.
+    groups: dict[Path, dict[Path, Path]] = defaultdict(dict)
     for p in map(Path, paths):
         if p.is_dir():
-            for f in p.rglob("audit-*.jsonl"):
-                if FILE_RE.match(f.name) and f.is_file():
-                    groups[f.parent.resolve()].add(f)
+            found = [f for f in p.rglob("audit-*.jsonl") if FILE_RE.match(f.name) and f.is_file()]
         elif p.is_file():
-            groups[p.parent.resolve()].add(p)
+            found = [p]
         else:
             raise UsageError(f"no such file or directory: {p}")
-    return {d: sorted(fs, key=file_order) for d, fs in sorted(groups.items())}
+        for f in found:
+            real = f.resolve()
+            groups[real.parent].setdefault(real, f)
+    return {d: sorted(fs.values(), key=file_order) for d, fs in sorted(groups.items())}
 
 
 # ---------------------------------------------------------------------------------------- verify
@@ -244,6 +246,10 @@ class _Chain:
             return self._problem("altered", ln, "seq 1 does not start from the genesis hash")
         if self.allow_pruned:
             return None
+        later = self._find_seq(1)
+        if later is not None:
+            return self._problem("reordered", ln, f"the chain starts at seq {seq}; seq 1 appears later at "
+                                 f"{later.where}")
         return self._problem("missing", ln, f"the chain starts at seq {seq}: records 1..{seq - 1} are "
                              "missing (older files deleted? --allow-pruned accepts a pruned start)")
 
@@ -392,6 +398,8 @@ def _verify_main(args: list[str]) -> int:
 # ----------------------------------------------------------------------------------------- reading
 def record_time(rec: dict[str, Any]) -> float | None:
     ts = rec.get("ts")
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts):
+        return float(ts)
     if not isinstance(ts, str):
         return None
     try:

@@ -77,6 +77,7 @@ class Directory:
         self._clock = clock
         self._pepper: bytes | None = None
         self._cache: dict[str, tuple[float, Any]] = {}
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._listener: asyncio.Task[None] | None = None
         self.reload(config)
 
@@ -285,11 +286,28 @@ class Directory:
 
     # --------------------------------------------------------------------------------- cache machinery
     async def _cached(self, key: str, fetch: Any) -> Any:
+        """A cached read; concurrent misses of one key share a single fetch (no thundering herd)."""
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        value = await fetch()
+        inflight = self._inflight.get(key)
+        if inflight is not None:
+            return await asyncio.shield(inflight)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            value = await fetch()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: waiters re-raise it, nobody logs "never retrieved"
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        fut.set_result(value)
         if len(self._cache) > 100_000:  # bounded: unknown keys must not grow memory without limit
             self._cache.clear()
         self._cache[key] = (now + CACHE_TTL, value)

@@ -280,6 +280,7 @@ async def reserve(gw: Gateway, cfg: Config, tier: TierConfig, principal: Princip
         return None
     assert gw.ledger is not None and gw.directory is not None
     t0 = time.perf_counter()
+    holds: list[HoldRequest] = []
     try:
         overrides = await gw.directory.overrides(principal.id)
         holds = budget_holds(tier, principal, overrides, budget_amounts(parsed, tier, gw))
@@ -290,9 +291,11 @@ async def reserve(gw: Gateway, cfg: Config, tier: TierConfig, principal: Princip
     except BudgetRefused as refused:
         r = refused.refusal
         if tier.mode == "shadow":
+            # Served anyway; the actual usage is still posted (a settle without a hold), so the ledger
+            # shows what enforcing this policy would have meant.
             out.would_deny, out.rule = True, r.label
             out.reason = f"budget {r.label} would refuse"
-            return None
+            return Reservation(out.request_id, tuple(holds))
         raise BudgetExceeded(
             f"budget {r.label} exhausted: {r.remaining:.6g} of {r.limit:.6g} {r.metric} remain in this window; "
             f"retry after {r.retry_after} s",

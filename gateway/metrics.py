@@ -163,8 +163,8 @@ class Metrics:
             "kgate_upstream_first_byte_seconds", "Time from sending the upstream request to the first "
             "response byte (time to first token for streams).", ("upstream",), UPSTREAM_BUCKETS)
         self._upstream_errors = self._counter(
-            "kgate_upstream_errors_total", "Failed upstream exchanges by kind (connect, timeout, "
-            "status_4xx, status_5xx, protocol, disconnect, ...).", ("upstream", "kind"))
+            "kgate_upstream_errors_total", "Failed upstream exchanges by kind (http_<status>, connect, "
+            "timeout, disconnect, malformed, ...).", ("upstream", "kind"))
         self._store_latency = self._histogram(
             "kgate_store_latency_seconds", "Redis ledger/store operation latency by operation, failed "
             "operations included.", ("op",),

@@ -142,14 +142,15 @@ class RedisServer:
 
     ``port``: None — listen on a unix socket only (``unix_socket``, default ``<data_dir>/redis.sock``);
     0 — a free loopback port; N — that port on ``host``. ``data_dir`` defaults to a fresh temporary folder
-    that :meth:`cleanup` removes. ``extra_args`` are passed on, e.g. ``["--cluster-enabled", "yes"]``.
+    that :meth:`cleanup` removes. ``extra_args`` are passed on, e.g. ``["--cluster-enabled", "yes"]``;
+    ``config_file`` is passed first (Sentinel needs one: ``extra_args=["--sentinel"]``).
     """
 
     def __init__(self, *, binary: str | os.PathLike[str] | None = None, prefer: str | None = None,
                  data_dir: str | os.PathLike[str] | None = None, port: int | None = None,
                  host: str = "127.0.0.1", unix_socket: str | os.PathLike[str] | None = None,
                  appendonly: bool = True, extra_args: Sequence[str] = (), startup_timeout: float = 10.0,
-                 stop_timeout: float = 10.0):
+                 stop_timeout: float = 10.0, config_file: str | os.PathLike[str] | None = None):
         self.binary = find_redis_binary(binary if binary is not None else prefer)
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="kgate-redis-"))
@@ -159,6 +160,7 @@ class RedisServer:
             Path(unix_socket) if unix_socket else None)
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
+        self.config_file = Path(config_file).absolute() if config_file is not None else None
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -289,7 +291,10 @@ class RedisServer:
         return path.absolute()
 
     def _command(self) -> list[str]:
-        args = [str(self.binary), "--daemonize", "no", "--dir", str(self.data_dir.absolute()),
+        args = [str(self.binary)]
+        if self.config_file is not None:
+            args.append(str(self.config_file))  # must come first; Sentinel rewrites it
+        args += ["--daemonize", "no", "--dir", str(self.data_dir.absolute()),
                 "--logfile", str(self.log_file.absolute()), "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no"]
         if self.port is not None:
@@ -343,8 +348,14 @@ class RedisServer:
                 conn.settimeout(1)
                 conn.connect(str(self.unix_socket))
             with conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(64).startswith(b"+PONG")  # -LOADING while the AOF is replayed
+                conn.sendall(_PROBE)
+                buf = b""
+                while (answer := _parse_probe(buf)) is None:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return False
+                    buf += chunk
+                return answer == (True, self.pid)
         except OSError:
             return False
 
@@ -355,8 +366,14 @@ class RedisServer:
                 reader, writer = await asyncio.open_connection(self.host, self.port)
             else:
                 reader, writer = await asyncio.open_unix_connection(str(self.unix_socket))
-            writer.write(b"PING\r\n")
-            return (await asyncio.wait_for(reader.readline(), 1.0)).startswith(b"+PONG")
+            writer.write(_PROBE)
+            buf = b""
+            while (answer := _parse_probe(buf)) is None:
+                chunk = await asyncio.wait_for(reader.read(65536), 1.0)
+                if not chunk:
+                    return False
+                buf += chunk
+            return answer == (True, self.pid)
         except (OSError, TimeoutError):
             return False
         finally:
@@ -373,6 +390,32 @@ class RedisServer:
                 return False
             await asyncio.sleep(0.01)
         return True
+
+
+# Readiness: PING answers +PONG (not -LOADING while the AOF is replayed), and INFO says the process
+# answering is ours — not another server that already holds the port.
+_PROBE = b"INFO server\r\nPING\r\n"
+
+
+def _parse_probe(buf: bytes) -> tuple[bool, int | None] | None:
+    """(PING answered PONG, process_id from INFO) once both replies are in ``buf``; None until then."""
+    end = buf.find(b"\r\n")
+    if end < 0:
+        return None
+    pid = None
+    if buf.startswith(b"$"):
+        start = end + 2
+        stop = start + int(buf[1:end])
+        if len(buf) < stop + 2:
+            return None
+        m = re.search(rb"process_id:(\d+)", buf[start:stop])
+        pid = int(m.group(1)) if m else None
+        rest = buf[stop + 2:]
+    else:
+        rest = buf[end + 2:]  # an error reply to INFO
+    if b"\r\n" not in rest:
+        return None
+    return rest.startswith(b"+PONG"), pid
 
 
 def _die_with_parent() -> None:

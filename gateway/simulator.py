@@ -334,8 +334,8 @@ class _Simulator:
 
     def _error(self, shape: str, flavor: str, status: int, message: str, param: str | None = None,
                headers: dict[str, str] | None = None) -> web.Response:
-        return web.Response(status=status, body=orjson.dumps(wire.error_body(shape, flavor, status, message, param)),
-                            content_type=_JSON, headers=headers)
+        body = orjson.dumps(wire.error_body(shape, flavor, status, message, param))
+        return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
 
     # ------------------------------------------------------------------------------------- streaming
     async def _stream(self, request: web.Request, plan: Plan, ctx: GenContext,
@@ -366,7 +366,7 @@ class _Simulator:
                 await _hang_up(request)
                 return resp
             for item in frames:
-                if type(item) is int:
+                if isinstance(item, int):
                     if self.per_token:
                         if buf:
                             await resp.write(bytes(buf))
@@ -376,7 +376,7 @@ class _Simulator:
                         if delay > 0:
                             await asyncio.sleep(delay)
                     continue
-                buf += item  # type: ignore[operator]
+                buf += item
                 events += 1
                 if events == bad:
                     buf += broken
@@ -460,17 +460,17 @@ class _Simulator:
 
 def _gemini_sse(frames: Iterator[wire.Frame]) -> Iterator[wire.Frame]:
     for f in frames:
-        yield f if type(f) is int else b"data: " + f + b"\r\n\r\n"  # type: ignore[operator]
+        yield f if isinstance(f, int) else b"data: " + f + b"\r\n\r\n"
 
 
 def _gemini_array(frames: Iterator[wire.Frame]) -> Iterator[wire.Frame]:
     """Gemini's streamed JSON array: ``[{...}`` then ``,\\r\\n{...}`` per chunk and a closing ``]``."""
     first = True
     for f in frames:
-        if type(f) is int:
+        if isinstance(f, int):
             yield f
             continue
-        yield (b"[" if first else b",\r\n") + f  # type: ignore[operator]
+        yield (b"[" if first else b",\r\n") + f
         first = False
     yield b"]" if not first else b"[]"
 

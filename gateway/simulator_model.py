@@ -11,7 +11,7 @@ The rules, chosen to be easy to predict in tests:
   completions list of prompts counts each prompt; a token-id prompt counts its ids);
 - a model reasons when its name contains one of the reasoning markers, or whenever the request turns
   thinking on; a request that turns thinking off never reasons;
-- reasoning tokens per sample: an explicit thinking budget × :data:`THINKING_BUDGET_FRACTION`, else the
+- reasoning tokens per sample: an explicit thinking budget times :data:`THINKING_BUDGET_FRACTION`, else the
   effort's entry in :data:`EFFORT_TOKENS`; reasoning counts inside the per-sample output cap, as the
   providers count it, and visible tokens get what the cap leaves;
 - visible tokens per sample: the configured length (64 by default), cut by the cap.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 # A model whose name contains one of these reasons (hides reasoning tokens inside its output).
@@ -177,6 +178,7 @@ def _effort(value: Any, param: str) -> str | None:
     return value
 
 
+@lru_cache(maxsize=1024)
 def is_reasoning_model(model: str, markers: tuple[str, ...]) -> bool:
     m = model.lower()
     return any(k in m for k in markers)
@@ -272,7 +274,7 @@ def _prompt_tokens_list(prompt: Any) -> list[int]:
 
 
 def plan_completions(body: Any, ctx: GenContext) -> Plan:
-    """``POST /v1/completions``: each prompt × n returned choices; best_of candidates generated.
+    """``POST /v1/completions``: each prompt times n returned choices; best_of candidates generated.
 
     ``best_of`` generates ``max(n, best_of)`` candidates per prompt and returns ``n``. Usage
     ``completion_tokens`` counts the returned choices only (the simulator's choice; the providers do not

@@ -105,7 +105,8 @@ def error_shape(path: str) -> str:
     return "openai"
 
 
-def error_body(shape: str, flavor: str, status: int, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(shape: str, flavor: str, status: int, message: str,
+               param: str | None = None) -> dict[str, Any]:
     """An error in the API's own shape; OpenAI-compatible servers vary by flavour."""
     oa, an, ge = _ERROR_TYPES.get(status, ("server_error", "api_error", "UNKNOWN"))
     if shape == "anthropic":
@@ -176,7 +177,8 @@ def completions_json(p: Plan, flavor: str) -> dict[str, Any]:
 
 def _choice_usage(p: Plan, done: int) -> dict[str, int]:
     """vLLM continuous usage: this choice's tokens so far, not the request's."""
-    return {"prompt_tokens": p.prompt_tokens, "completion_tokens": done, "total_tokens": p.prompt_tokens + done}
+    pt = p.prompt_tokens
+    return {"prompt_tokens": pt, "completion_tokens": done, "total_tokens": pt + done}
 
 
 def openai_stream(p: Plan, flavor: str) -> Iterator[Frame]:
@@ -221,7 +223,7 @@ def openai_stream(p: Plan, flavor: str) -> Iterator[Frame]:
         for i in rng:
             yield chunk(i, part, done=p.reasoning + t + 1)
     finish = "length" if p.capped else "stop"
-    last = {"delta": {}} if chat else {"text": ""}
+    last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
     for i in rng:
         yield chunk(i, last, finish, done=p.output_tokens)
     if p.include_usage:
@@ -243,7 +245,8 @@ def _response_obj(p: Plan, rid: str, created: int, status: str, output: list[Any
         "id": rid, "object": "response", "created_at": created, "status": status, "background": False,
         "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-        "instructions": None, "max_output_tokens": None if p.cap == UNCAPPED else p.cap, "max_tool_calls": None,
+        "instructions": None, "max_output_tokens": None if p.cap == UNCAPPED else p.cap,
+        "max_tool_calls": None,
         "model": p.model, "output": output, "parallel_tool_calls": True, "previous_response_id": None,
         "reasoning": {"effort": p.effort or ("medium" if p.reasoning else None), "summary": None},
         "service_tier": "default", "store": True, "temperature": 1.0,
@@ -327,7 +330,8 @@ def messages_json(p: Plan) -> dict[str, Any]:
         content.append({"type": "thinking", "thinking": REASONING.text(p.reasoning), "signature": SIGNATURE})
     if p.visible:
         content.append({"type": "text", "text": VISIBLE.text(p.visible)})
-    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": p.model, "content": content,
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": p.model,
+            "content": content,
             "stop_reason": "max_tokens" if p.capped else "end_turn", "stop_sequence": None,
             "usage": {**anthropic_usage(p), "service_tier": "standard"}}
 
@@ -335,10 +339,11 @@ def messages_json(p: Plan) -> dict[str, Any]:
 def messages_stream(p: Plan, server_tools: bool = False) -> Iterator[Frame]:
     """message_start (input usage, output 1), thinking then text blocks, cumulative message_delta —
     twice in a row with ``server_tools``, as when server tools run — and message_stop."""
-    start = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": p.model, "content": [],
-             "stop_reason": None, "stop_sequence": None,
-             "usage": {"input_tokens": p.prompt_tokens, "cache_creation_input_tokens": 0,
-                       "cache_read_input_tokens": 0, "output_tokens": 1, "service_tier": "standard"}}
+    start: dict[str, Any] = {
+        "id": new_id("msg_"), "type": "message", "role": "assistant", "model": p.model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": p.prompt_tokens, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 0, "output_tokens": 1, "service_tier": "standard"}}
     yield _event("message_start", {"type": "message_start", "message": start})
     yield _event("ping", {"type": "ping"})
     index = 0
@@ -393,7 +398,8 @@ def gemini_json(p: Plan) -> dict[str, Any]:
         parts.append({"text": VISIBLE.text(p.visible)})
     content: dict[str, Any] = {"parts": parts, "role": "model"} if parts else {"role": "model"}
     finish = "MAX_TOKENS" if p.capped else "STOP"
-    return {"candidates": [{"content": content, "finishReason": finish, "index": i} for i in range(p.choices)],
+    cands = [{"content": content, "finishReason": finish, "index": i} for i in range(p.choices)]
+    return {"candidates": cands,
             "usageMetadata": gemini_usage(p, p.visible, p.reasoning), "modelVersion": p.model,
             "responseId": new_id("sim")}
 

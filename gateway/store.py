@@ -16,14 +16,18 @@ a ``redis.exceptions.TimeoutError`` that the caller maps to its ``on_store_error
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisClusterException, RedisError
 
 __all__ = ["StoreClient", "close", "connect"]
+
+log = logging.getLogger(__name__)
 
 StoreClient = Redis | RedisCluster
 
@@ -34,7 +38,8 @@ _TLS_ARGS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ss
 
 async def connect(url: str, *, timeout: float, decode_responses: bool = True,
                   max_connections: int | None = None) -> StoreClient:
-    """A client for ``url`` (see the module docstring). Nothing is sent yet: the first command connects.
+    """A client for ``url`` (see the module docstring). Nothing is sent yet (the first command connects),
+    except for a cluster, whose slot map is fetched now if the cluster is reachable.
 
     ``decode_responses`` defaults to True (replies as ``str``). Close with :func:`close`.
     """
@@ -49,7 +54,14 @@ async def connect(url: str, *, timeout: float, decode_responses: bool = True,
     if not rest:
         raise ValueError(f"not a store URL: {_redact(url)}")
     if scheme in ("redis+cluster", "rediss+cluster"):
-        return _cluster(rest, tls=scheme == "rediss+cluster", common=common, max_connections=max_connections)
+        cluster = _cluster(rest, tls=scheme == "rediss+cluster", common=common, max_connections=max_connections)
+        try:
+            # Fetch the slot map now: when many first commands race to build it, redis-py can route
+            # them to the wrong node (MOVED) and tear down connections that are in use.
+            await cluster.initialize()
+        except (RedisError, RedisClusterException) as exc:
+            log.warning("store: cluster %s not reachable yet (%r); will retry on first use", _redact(url), exc)
+        return cluster
     if scheme == "redis+sentinel":
         return _sentinel(rest, common=common, max_connections=max_connections)
     raise ValueError(f"unsupported store URL scheme {scheme!r} in {_redact(url)}; expected redis://, "

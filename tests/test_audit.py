@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import resource
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,9 +98,11 @@ async def test_caller_chain_fields_are_replaced_and_ts_kept(tmp_path: Path) -> N
     await log.start()
     rec = await log.write({"decision": "admin", "ts": "2025-01-01T00:00:00.000Z", "seq": 99,
                            "prev": "x", "hash": "y", "mac": "z"})
+    epoch = await log.write({"decision": "admin", "ts": DAY1 + 0.0125})  # epoch seconds become RFC 3339
     await log.close()
     assert rec["seq"] == 1 and rec["prev"] == GENESIS and "mac" not in rec
     assert rec["ts"] == "2025-01-01T00:00:00.000Z"
+    assert epoch["ts"] == "2025-03-01T10:00:00.012Z"
 
 
 async def test_concurrent_writers_keep_one_valid_chain(tmp_path: Path) -> None:
@@ -155,7 +159,7 @@ async def test_restart_resumes_the_chain(tmp_path: Path) -> None:
     (path,) = (tmp_path / "r1").glob("audit-*.jsonl")
     recs = records(path)
     assert [r["seq"] for r in recs] == [1, 2, 3, 4, 5, 6]
-    assert all(b["prev"] == a["hash"] for a, b in zip(recs, recs[1:], strict=False))
+    assert all(b["prev"] == a["hash"] for a, b in itertools.pairwise(recs))
     assert verify([tmp_path]).ok
 
 
@@ -189,8 +193,8 @@ async def test_clock_stepping_back_does_not_reopen_an_old_day(tmp_path: Path) ->
 async def test_torn_tail_starts_a_new_segment_that_notes_it(tmp_path: Path) -> None:
     (path,) = await write_days(tmp_path, days=1, per_day=3)
     size = path.stat().st_size
-    with open(path, "ab") as fh:  # a crash in the middle of writing record 4
-        fh.write(b'{"decision":"allowed","hash":"ab')
+    # A crash in the middle of writing record 4:
+    path.write_bytes(path.read_bytes() + b'{"decision":"allowed","hash":"ab')
     # Before the writer restarts, the file is simply truncated: verify says so.
     assert problem(tmp_path) == ("truncated", path.name, 4)
 
@@ -224,8 +228,7 @@ async def test_torn_tail_of_a_whole_file_resumes_from_the_previous_file(tmp_path
 
 async def test_a_corrupt_complete_last_line_refuses_to_resume(tmp_path: Path) -> None:
     (path,) = await write_days(tmp_path, days=1, per_day=2)
-    with open(path, "ab") as fh:
-        fh.write(b"garbage\n")
+    path.write_bytes(path.read_bytes() + b"garbage\n")
     log = AuditLog(tmp_path, "r1")
     with pytest.raises(AuditError, match="cannot resume"):
         await log.start()
@@ -354,6 +357,14 @@ async def test_swapped_lines_are_reordered(tmp_path: Path) -> None:
     raw[1], raw[2] = raw[2], raw[1]
     files[0].write_bytes(b"".join(raw))
     assert problem(tmp_path) == ("reordered", files[0].name, 2)
+
+
+async def test_swapped_first_lines_are_reordered(tmp_path: Path) -> None:
+    files = await write_days(tmp_path, days=1)
+    raw = lines(files[0])
+    raw[0], raw[1] = raw[1], raw[0]
+    files[0].write_bytes(b"".join(raw))
+    assert problem(tmp_path) == ("reordered", files[0].name, 1)
 
 
 async def test_truncated_last_line(tmp_path: Path) -> None:
@@ -488,7 +499,7 @@ async def test_verify_main_takes_dir_and_key_from_config(
 
 # ------------------------------------------------------------------------------------ Redis Stream sink
 @pytest.fixture
-async def redis_sock(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def redis_sock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server on a unix socket (never the shared one on 6379)."""
     exe = shutil.which("redis-server")
     if exe is None:
@@ -503,7 +514,7 @@ async def redis_sock(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
             pytest.fail("redis-server did not start")
-        await asyncio.sleep(0.02)
+        time.sleep(0.02)
     yield str(sock)
     proc.terminate()
     proc.wait(5)
@@ -517,7 +528,7 @@ async def test_stream_sink_mirrors_each_record(tmp_path: Path, redis_sock: str) 
     for i in range(10, 20):
         log.write_nowait(decision(i))
     await log.close()
-    entries = await client.xrange("kgate:audit")
+    entries: Any = await client.xrange("kgate:audit")
     await client.aclose()
     assert log.stream_written == 20 and log.stream_errors == 0 and len(entries) == 20
     fields = entries[3][1]
@@ -551,4 +562,11 @@ def test_file_names_are_what_operators_expect(tmp_path: Path) -> None:
 
     d = asyncio.run(go())
     names = sorted(os.listdir(d))
-    assert [n for n in names if re.fullmatch(r"audit-\d{4}-\d{2}-\d{2}\.jsonl", n)] == ["audit-2025-03-01.jsonl"]
+    daily = [n for n in names if re.fullmatch(r"audit-\d{4}-\d{2}-\d{2}\.jsonl", n)]
+    assert daily == ["audit-2025-03-01.jsonl"]
+
+
+async def test_a_file_named_twice_is_read_once(tmp_path: Path) -> None:
+    files = await write_days(tmp_path, days=2, per_day=2)
+    result = verify([tmp_path, files[0], tmp_path / "r1" / ".." / "r1" / files[1].name])
+    assert result.ok and result.records == 4

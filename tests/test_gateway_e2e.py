@@ -218,6 +218,10 @@ async def test_shadow_mode_never_blocks(gw):
     client = oai(gw, "sam")
     for _ in range(3):  # over the per-request cap and over the 1-request budget: served anyway
         await client.chat.completions.create(model="dense", messages=MSG, n=4, max_tokens=10)
+    # ...and still metered: the ledger shows what enforcing would have meant
+    st = await gw.gw.ledger.state(ScopeRef("principal", "sam"), _budgets(gw, "shadow"))
+    assert st[0].used == 3 and st[0].held == 0
+    assert (await sim_last(gw))["last_request"]["body"]["n"] == 4, "shadow mode never clamps"
 
 
 async def test_models_endpoint_lists_callers_models(gw):

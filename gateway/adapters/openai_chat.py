@@ -20,6 +20,7 @@ from .openai_common import (
     cap_field,
     effort_field,
     has_counts,
+    int_value,
     lower_cap,
     model_field,
     n_field,
@@ -69,10 +70,9 @@ class ChatCompletions(Adapter):
 
     def rewrite(self, body: dict[str, Any], req: ComputeRequest, target: ClampTarget) -> list[str]:
         changes: list[str] = []
-        n = body.get("n")
-        n = n if isinstance(n, int) and not isinstance(n, bool) else 1
-        best_of = body.get("best_of")
-        if isinstance(best_of, int) and not isinstance(best_of, bool) and best_of > target.samples:
+        n = int_value(body, "n", 1)
+        best_of = int_value(body, "best_of", 0)
+        if best_of > target.samples:
             body["best_of"] = target.samples
             changes.append(f"best_of={target.samples}")
         if n > target.samples:
@@ -94,9 +94,9 @@ class ChatCompletions(Adapter):
 
     def usage_from_json(self, body: Any, req: ComputeRequest) -> Usage:
         choices = body.get("choices") if isinstance(body, dict) else None
-        messages = [c["message"] for c in choices or ()
-                    if isinstance(c, dict) and isinstance(c.get("message"), dict)]
-        samples = len(choices) if isinstance(choices, list) and choices else req.samples
+        choices = [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+        messages = [c["message"] for c in choices if isinstance(c.get("message"), dict)]
+        samples = len(choices) or req.samples
         reasoning_est = sum(text_tokens(reasoning_text(m)) for m in messages)
         usage = body.get("usage") if isinstance(body, dict) else None
         if has_counts(usage, "prompt_tokens", "completion_tokens", "total_tokens"):

@@ -95,6 +95,14 @@ def prepare_stream_usage(body: dict[str, Any], upstream_model: str, stream: bool
     return wanted
 
 
+def int_value(body: Mapping[str, Any], key: str, default: int) -> int:
+    """An integer field already validated by ``parse`` (which accepts 2.0 for 2), else ``default``."""
+    v = body.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return int(v)
+    return default
+
+
 def lower_cap(body: dict[str, Any], key: str, cap: int) -> str | None:
     """Set ``body[key]`` to ``cap`` unless it is already at or below it; the change as ``key=value``."""
     cur = body.get(key)
@@ -165,12 +173,11 @@ def has_counts(u: Any, *keys: str) -> bool:
 class _Choice:
     """What one choice index streamed: chunks counted, and its own usage when the server sent one."""
 
-    __slots__ = ("finished", "reasoning", "usage", "usage_final", "visible")
+    __slots__ = ("reasoning", "usage", "usage_final", "visible")
 
     def __init__(self) -> None:
         self.visible = 0
         self.reasoning = 0
-        self.finished = False
         self.usage: dict[str, Any] | None = None  # the latest per-choice usage
         self.usage_final = False  # that usage came on the choice's finishing chunk: it is complete
 
@@ -220,8 +227,12 @@ class ChoiceStreamMeter(StreamMeter):
                 self._final = usage
                 return self.client_wants_usage
             err = obj.get("error")
-            if err is not None or obj.get("object") == "error":
-                self.error = err if isinstance(err, dict) else _flat_error(obj)
+            if isinstance(err, dict):
+                self.error = err
+            elif err is not None:
+                self.error = {"message": str(err)}
+            elif obj.get("object") == "error":
+                self.error = _flat_error(obj)
             return True
         if not isinstance(choices, list):
             return True
@@ -237,12 +248,9 @@ class ChoiceStreamMeter(StreamMeter):
             v, r = self._count(c)
             st.visible += v
             st.reasoning += r
-            done = c.get("finish_reason") is not None
-            if done:
-                st.finished = True
             if isinstance(usage, dict):
                 st.usage = usage
-                st.usage_final = done
+                st.usage_final = c.get("finish_reason") is not None
         return True
 
     def usage(self) -> Usage:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..compute import ClampTarget, ComputeRequest, Usage
-from ..errors import BadRequest, Forbidden
+from ..errors import BadRequest
 from .base import Adapter, StreamMeter, req_int
 from .openai_common import (
     ChoiceStreamMeter,
@@ -20,6 +20,7 @@ from .openai_common import (
     cap_field,
     effort_field,
     has_counts,
+    int_value,
     lower_cap,
     model_field,
     n_field,
@@ -68,18 +69,12 @@ class Completions(Adapter):
 
     def rewrite(self, body: dict[str, Any], req: ComputeRequest, target: ClampTarget) -> list[str]:
         changes: list[str] = []
-        prompts = max(req.prompts, 1)
-        per_prompt = target.samples // prompts
-        if per_prompt < 1:
-            # The prompts cannot be dropped: one sample each is the least this request can ask for.
-            raise Forbidden(
-                f"the request has {prompts} prompts; the tier allows at most {target.samples} samples",
-                code="max_samples",
-            )
-        n = body.get("n")
-        n = n if isinstance(n, int) and not isinstance(n, bool) else 1
-        best_of = body.get("best_of")
-        if isinstance(best_of, int) and not isinstance(best_of, bool) and best_of > per_prompt:
+        # Prompts cannot be dropped: one sample each is the least this request can ask for (the
+        # handler re-checks the rewritten request and refuses it if that is still too much).
+        per_prompt = max(target.samples // max(req.prompts, 1), 1)
+        n = int_value(body, "n", 1)
+        best_of = int_value(body, "best_of", 0)
+        if best_of > per_prompt:
             body["best_of"] = per_prompt
             changes.append(f"best_of={per_prompt}")
         if n > per_prompt:  # n never above best_of: best_of is already at most per_prompt
@@ -98,13 +93,13 @@ class Completions(Adapter):
 
     def usage_from_json(self, body: Any, req: ComputeRequest) -> Usage:
         choices = body.get("choices") if isinstance(body, dict) else None
-        returned = len(choices) if isinstance(choices, list) else 0
-        samples = max(returned, req.samples)  # best_of candidates are generated but not returned
+        choices = [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+        samples = max(len(choices), req.samples)  # best_of candidates are generated but not returned
         usage = body.get("usage") if isinstance(body, dict) else None
         if has_counts(usage, "prompt_tokens", "completion_tokens", "total_tokens"):
             assert isinstance(usage, dict)
             return usage_from_counts(usage, samples=samples)
-        texts = [c.get("text") for c in choices or () if isinstance(c, dict)]
+        texts = [c.get("text") for c in choices]
         return Usage(
             samples=max(samples, 1),
             prompt_tokens=req.prompt_tokens,

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from ..compute import ClampTarget, ComputeRequest, Usage
-from ..errors import BadRequest, Forbidden
+from ..errors import BadRequest
 from .base import Adapter, SSEEvent, StreamMeter, nonneg, req_obj
 from .openai_common import (
     body_object,
@@ -67,11 +67,10 @@ class Responses(Adapter):
         )
 
     def rewrite(self, body: dict[str, Any], req: ComputeRequest, target: ClampTarget) -> list[str]:
-        if target.output_cap < MIN_OUTPUT_TOKENS:
-            raise Forbidden(f"the tier's limits leave an output cap of {target.output_cap} tokens; "
-                            f"the Responses API needs at least {MIN_OUTPUT_TOKENS}", code="max_k")
         changes: list[str] = []
-        change = lower_cap(body, "max_output_tokens", target.output_cap)
+        # Never below the API's minimum (the upstream would refuse it); the handler re-checks the
+        # rewritten request against the tier and refuses it if 16 tokens are still too many.
+        change = lower_cap(body, "max_output_tokens", max(target.output_cap, MIN_OUTPUT_TOKENS))
         if change:
             changes.append(change)
         if target.effort is not None and target.effort != req.effort:
@@ -118,11 +117,9 @@ class ResponsesStreamMeter(StreamMeter):
             return True
         kind = ev.event or _leading_type(data)
         if kind in _VISIBLE_DELTAS:
-            if '"delta":""' not in data:
-                self._visible += 1
+            self._visible += _non_empty_delta(data)
         elif kind in _REASONING_DELTAS:
-            if '"delta":""' not in data:
-                self._reasoning += 1
+            self._reasoning += _non_empty_delta(data)
         elif kind in _FINAL_EVENTS or kind == "error" or kind is None:
             self._decoded(data)
         return True
@@ -163,6 +160,11 @@ class ResponsesStreamMeter(StreamMeter):
 def _usage(u: dict[str, Any], reasoning_estimate: int) -> Usage:
     return usage_from_counts(u, samples=1, reasoning_estimate=reasoning_estimate, prompt_key="input_tokens",
                              completion_key="output_tokens", details_key="output_tokens_details")
+
+
+def _non_empty_delta(data: str) -> int:
+    """1 unless the event's delta is the empty string (checked without decoding the event)."""
+    return 0 if ('"delta":""' in data or '"delta": ""' in data) else 1
 
 
 def _leading_type(data: str) -> str | None:

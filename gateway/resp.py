@@ -1,0 +1,220 @@
+"""A small pipelined Redis client for the ledger's hot path (reserve and settle scripts).
+
+Why: every gateway request runs two Lua scripts. Through redis-py's asyncio client each call checks a
+connection out of a pool, takes locks and builds several objects, which measured as the largest single
+cost of a proxied request. This client keeps **one connection per replica** and pipelines: a command is
+written at once, its reply future waits in a FIFO, and hiredis parses replies as they arrive. There is no
+pool to exhaust, so a burst of concurrent requests queues on the socket instead of failing.
+
+It speaks only what the hot path needs: ``EVALSHA`` with ``SCRIPT LOAD`` on ``NOSCRIPT`` (through
+:meth:`register_script`, the same call shape as redis-py's script objects) and plain commands. Errors are
+redis-py's exception classes, so callers handle both clients alike. A watchdog fails the connection (and
+every command waiting on it) when the oldest command has waited longer than ``timeout``; the next command
+reconnects. Standalone Redis over TCP or a unix socket, optional AUTH and database; TLS, Sentinel and
+Cluster use redis-py (see :func:`hot_path_client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: RespClient):
+        self.client = client
+        self.reader = hiredis.Reader(notEnoughData=_NEED_MORE)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        pending = self.client._pending
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.client._fail(RedisConnectionError(f"protocol error from Redis: {exc}"))
+                return
+            if reply is _NEED_MORE:
+                return
+            if not pending:
+                continue
+            fut, _ = pending.popleft()
+            if not fut.done():
+                if isinstance(reply, hiredis.ReplyError):
+                    fut.set_exception(_response_error(str(reply)))
+                else:
+                    fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"), lost=True)
+
+
+_NEED_MORE = object()
+
+
+def _response_error(message: str) -> ResponseError:
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    return ResponseError(message)
+
+
+class RespClient:
+    """One pipelined connection to a standalone Redis."""
+
+    def __init__(self, *, host: str | None = None, port: int = 6379, path: str | None = None,
+                 username: str | None = None, password: str | None = None, db: int = 0, timeout: float = 0.5):
+        self.host, self.port, self.path = host, port, path
+        self.username, self.password, self.db = username, password, db
+        self.timeout = timeout
+        self._proto: _Protocol | None = None
+        self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._connecting: asyncio.Lock | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float) -> RespClient:
+        parts = urlsplit(url)
+        q = parse_qs(parts.query)
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        if parts.scheme == "unix":
+            return cls(path=parts.path, username=user, password=password, db=int(q.get("db", ["0"])[0]),
+                       timeout=timeout)
+        if parts.scheme != "redis":
+            raise ValueError(f"RespClient speaks redis:// and unix:// only, not {parts.scheme}://")
+        db = int(parts.path.strip("/") or q.get("db", ["0"])[0])
+        return cls(host=parts.hostname or "127.0.0.1", port=parts.port or 6379, username=user,
+                   password=password, db=db, timeout=timeout)
+
+    # ------------------------------------------------------------------------------------ connection
+    async def _connect(self) -> _Protocol:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._proto is not None and self._proto.transport is not None and \
+                    not self._proto.transport.is_closing():
+                return self._proto
+            loop = asyncio.get_running_loop()
+            try:
+                if self.path:
+                    coro = loop.create_unix_connection(lambda: _Protocol(self), self.path)
+                else:
+                    coro = loop.create_connection(lambda: _Protocol(self), self.host, self.port)
+                _, proto = await asyncio.wait_for(coro, self.timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from None
+            self._proto = proto
+            if self.password:
+                auth = [b"AUTH", *([self.username.encode()] if self.username else []), self.password.encode()]
+                await self._send(proto, auth)
+            if self.db:
+                await self._send(proto, [b"SELECT", str(self.db).encode()])
+            return proto
+
+    def _fail(self, exc: Exception, *, lost: bool = False) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None and not lost:
+            proto.transport.abort()
+        while self._pending:
+            fut, _ = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _check_timeouts(self) -> None:
+        self._watchdog = None
+        if not self._pending:
+            return
+        oldest = self._pending[0][1]
+        now = time.monotonic()
+        if now - oldest > self.timeout:
+            self._fail(RedisTimeoutError(f"Redis did not answer within {self.timeout} s"))
+            return
+        self._arm(oldest + self.timeout - now)
+
+    def _arm(self, delay: float) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(max(delay, 0.001), self._check_timeouts)
+
+    async def _send(self, proto: _Protocol, args: Sequence[bytes | str]) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((fut, time.monotonic()))
+        assert proto.transport is not None
+        proto.transport.write(hiredis.pack_command(tuple(args)))
+        self._arm(self.timeout)
+        return await fut
+
+    async def execute_command(self, *args: Any) -> Any:
+        proto = self._proto
+        if proto is None or proto.transport is None or proto.transport.is_closing():
+            proto = await self._connect()
+        return await self._send(proto, args)
+
+    # ---------------------------------------------------------------------------------- redis-py shape
+    def register_script(self, script: str) -> _Script:
+        return _Script(self, script)
+
+    async def script_load(self, script: str) -> str:
+        sha = await self.execute_command("SCRIPT", "LOAD", script)
+        return sha.decode() if isinstance(sha, bytes) else str(sha)
+
+    async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._fail(RedisConnectionError("client closed"))
+
+
+class _Script:
+    """EVALSHA, loading the script on NOSCRIPT (a restarted or flushed Redis)."""
+
+    def __init__(self, client: RespClient, script: str):
+        self.client = client
+        self.script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
+        cmd = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        try:
+            return await self.client.execute_command(*cmd)
+        except NoScriptError:
+            await self.client.script_load(self.script)
+            return await self.client.execute_command(*cmd)
+
+
+class HotPathStore:
+    """redis-py for everything, except the scripts, which go through the pipelined :class:`RespClient`."""
+
+    def __init__(self, redis: Any, fast: RespClient):
+        self._redis = redis
+        self._fast = fast
+
+    def register_script(self, script: str) -> _Script:
+        return self._fast.register_script(script)
+
+    async def aclose(self) -> None:
+        await self._fast.aclose()
+        await self._redis.aclose()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+
+def hot_path_client(redis: Any, url: str, *, timeout: float) -> Any:
+    """Wrap a redis-py client so that ledger scripts use the pipelined client where it applies."""
+    if url.startswith(("redis://", "unix://")):
+        return HotPathStore(redis, RespClient.from_url(url, timeout=timeout))
+    return redis
