@@ -48,7 +48,6 @@ SUM_METRICS = (*TOKEN_METRICS, "flops", "k_units")
 GROUP_FIELDS = ("principal", "org", "model", "tier", "decision", "day", "replica", "api", "upstream")
 LEDGER_METRICS = ("requests", "prompt_tokens", "output_tokens", "reasoning_tokens", "generated_tokens",
                   "flops", "k_units")
-WINDOW_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400, "day": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 
 
 class UsageError(Exception):
@@ -497,15 +496,12 @@ class TotalKey(NamedTuple):
 
 
 def bucket_start(window: str, ts: float) -> int:
-    """Start of the fixed window holding ``ts``: epoch-aligned for 1m..30d, the UTC month for ``month``."""
-    if window == "month":
-        d = datetime.fromtimestamp(ts, UTC)
-        return int(datetime(d.year, d.month, 1, tzinfo=UTC).timestamp())
-    try:
-        size = WINDOW_SECONDS[window]
-    except KeyError:
-        raise ValueError(f"unknown window {window!r}") from None
-    return int(ts // size * size)
+    """Start of the fixed window holding ``ts``, exactly as the ledger buckets it (gateway.windows)."""
+    from .windows import WINDOWS, fixed_window
+
+    if window not in WINDOWS:
+        raise ValueError(f"unknown window {window!r}")
+    return int(fixed_window(window, ts)[0])
 
 
 def audit_totals(paths: Iterable[str | Path], since: float | datetime | None = None,

@@ -18,6 +18,9 @@ from .config import ConfigError, default_config_path, load_config
 from .errors import GatewayError
 
 
+AUDIT_COMMANDS = ("verify", "report", "reconcile")
+
+
 class UsageError(Exception):
     """Bad command-line input: printed as one line, exit 2."""
 
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_cmd", required=True,
                                                                          parser_class=_Parser)
-    for name in ("verify", "report", "reconcile"):
+    for name in AUDIT_COMMANDS:
         s = audit.add_parser(name, add_help=False, help=f"audit {name}")
         s.add_argument("rest", nargs=argparse.REMAINDER)
         s.set_defaults(func=_passthrough(name))
@@ -201,8 +204,13 @@ def _passthrough(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if len(argv) >= 2 and argv[0] == "audit" and argv[1] in AUDIT_COMMANDS:
+        # The audit tools parse their own options (argparse cannot pass options through REMAINDER).
+        args = argparse.Namespace(func=lambda _a: _passthrough(argv[1])(argparse.Namespace(rest=argv[2:])))
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

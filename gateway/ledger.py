@@ -262,7 +262,8 @@ class Ledger:
         self._touched: OrderedDict[ScopeRef, None] = OrderedDict()
 
     # -------------------------------------------------------------------------------- public API
-    async def reserve(self, request_id: str, holds: Sequence[HoldRequest], lease_seconds: float) -> Reservation:
+    async def reserve(self, request_id: str, holds: Sequence[HoldRequest],
+                      lease_seconds: float) -> Reservation:
         """Hold on every scope in order; on a refusal release what was held and raise :class:`BudgetRefused`.
 
         Raises :class:`DuplicateRequest` if the request id already finished. A retried reserve of a request

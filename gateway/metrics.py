@@ -49,6 +49,7 @@ DECISIONS: frozenset[str] = frozenset(
     ("allowed", "denied", "clamped", "failed", "partial", "spooled", "would_deny")
 )
 TOKEN_KINDS: tuple[str, ...] = ("prompt", "reasoning", "output")
+_SERVED = frozenset(("allowed", "clamped", "partial", "spooled"))
 UNKNOWN = "unknown"
 OTHER = "other"  # a denial or clamp without a named rule, or past the series fuse
 MAX_RULE_SERIES = 500
@@ -223,15 +224,6 @@ class Metrics:
         self.specs[name] = MetricSpec(name, "histogram", labels, doc)
         return Histogram(name, doc, labels, registry=self.registry, buckets=buckets)
 
-    def sample_names(self) -> set[str]:
-        """Every sample name these families can expose (histograms with _bucket/_sum/_count)."""
-        out: set[str] = set()
-        for spec in self.specs.values():
-            out.add(spec.name)
-            if spec.type == "histogram":
-                out.update(spec.name + s for s in ("_bucket", "_sum", "_count"))
-        return out
-
     # -------------------------------------------------------------------------------------- label guard
     def set_policy(self, config: Config) -> None:
         """Record the policy in force: ``kgate_policy_info{sha256}`` and the label guard.
@@ -268,12 +260,12 @@ class Metrics:
         The rules behind the decision come as ``denied_rules`` or ``rule`` (one name, or several joined
         by commas): for ``denied`` (and a shadow-mode ``would_deny``) they count in
         ``kgate_denials_total``, for ``clamped`` in ``kgate_clamps_total``. ``would_deny=True`` marks a
-        request that shadow mode served although the policy would have refused it: it is counted under
-        the decision ``would_deny``.
+        request that shadow mode served although the policy would have refused it: a served one
+        (allowed, clamped, partial, spooled) is counted under the decision ``would_deny``.
         """
         model = self._model(model)
         tier = self._tier(tier)
-        if would_deny and decision != "denied":
+        if would_deny and decision in _SERVED:
             decision = "would_deny"
         key = (model, tier, api, decision)
         child = self._request_children.get(key)
@@ -287,7 +279,7 @@ class Metrics:
         if overhead_s is not None:
             self._overhead_child(api).observe(max(overhead_s, 0.0))
         rules = [*denied_rules, *(r for r in (rule or "").split(",") if r)]
-        if decision in ("denied", "would_deny"):
+        if decision in ("denied", "would_deny") or would_deny:
             for r in rules or (OTHER,):
                 self._denial(tier, r).inc()
         elif decision == "clamped":

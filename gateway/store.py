@@ -36,7 +36,7 @@ _BOOL_ARGS = ("ssl_check_hostname",)
 _TLS_ARGS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 
 
-async def connect(url: str, *, timeout: float, decode_responses: bool = True,
+async def connect(url: str, *, timeout: float, decode_responses: bool = True,  # noqa: ASYNC109 - a socket timeout
                   max_connections: int | None = None) -> StoreClient:
     """A client for ``url`` (see the module docstring). Nothing is sent yet (the first command connects),
     except for a cluster, whose slot map is fetched now if the cluster is reachable.
@@ -48,19 +48,21 @@ async def connect(url: str, *, timeout: float, decode_responses: bool = True,
     common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                               "decode_responses": decode_responses}
     if url.startswith(_PLAIN):
-        extra = {"max_connections": max_connections} if max_connections else {}
-        return Redis.from_url(url, **common, **extra)
+        if max_connections:
+            common["max_connections"] = max_connections
+        return Redis.from_url(url, **common)
     scheme, _, rest = url.partition("://")
     if not rest:
         raise ValueError(f"not a store URL: {_redact(url)}")
     if scheme in ("redis+cluster", "rediss+cluster"):
-        cluster = _cluster(rest, tls=scheme == "rediss+cluster", common=common, max_connections=max_connections)
+        tls = scheme == "rediss+cluster"
+        cluster = _cluster(rest, tls=tls, common=common, max_connections=max_connections)
         try:
             # Fetch the slot map now: when many first commands race to build it, redis-py can route
             # them to the wrong node (MOVED) and tear down connections that are in use.
             await cluster.initialize()
         except (RedisError, RedisClusterException) as exc:
-            log.warning("store: cluster %s not reachable yet (%r); will retry on first use", _redact(url), exc)
+            log.warning("store: cluster %s not reachable yet (%r); retrying on first use", _redact(url), exc)
         return cluster
     if scheme == "redis+sentinel":
         return _sentinel(rest, common=common, max_connections=max_connections)

@@ -41,9 +41,9 @@ def fixed_window(window: str, t: float) -> tuple[float, float]:
     """The ``[start, end)`` (epoch seconds, UTC) of the fixed window of kind ``window`` containing ``t``."""
     if window == "month":
         d = datetime.fromtimestamp(math.floor(t), UTC)
-        start = datetime(d.year, d.month, 1, tzinfo=UTC)
-        end = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
-        return start.timestamp(), end.timestamp()
+        first = datetime(d.year, d.month, 1, tzinfo=UTC)
+        following = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
+        return first.timestamp(), following.timestamp()
     length = _length(window)
     offset = MONDAY_OFFSET if window == "7d" else 0
     start = math.floor((t - offset) / length) * length + offset

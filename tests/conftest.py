@@ -99,7 +99,7 @@ def redis_cluster() -> Iterator[Cluster]:
                         "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         deadline = time.monotonic() + 30
-        while not all(_cluster_ok(n.port) for n in nodes):  # every node must agree before tests start
+        while not all(_cluster_ok(n.port or 0) for n in nodes):  # every node must agree before tests start
             if time.monotonic() > deadline:
                 raise RuntimeError("the test cluster did not reach cluster_state:ok")
             time.sleep(0.05)

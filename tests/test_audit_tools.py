@@ -256,4 +256,5 @@ def test_bucket_starts() -> None:
     midnight = int(datetime(2025, 3, 14, tzinfo=UTC).timestamp())
     assert bucket_start("day", t) == bucket_start("1d", t) == midnight
     assert bucket_start("month", t) == int(datetime(2025, 3, 1, tzinfo=UTC).timestamp())
-    assert bucket_start("7d", t) % (7 * 86400) == 0 and bucket_start("7d", t) <= t
+    # 7d windows start on Mondays 00:00 UTC, as the ledger buckets them
+    assert datetime.fromtimestamp(bucket_start("7d", t), UTC).weekday() == 0 and bucket_start("7d", t) <= t

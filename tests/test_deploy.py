@@ -80,7 +80,9 @@ def check_promql(metrics: Metrics, expr: str, where: str, allow: frozenset[str] 
         if fam is None:
             problems.append(f"{where}: selector {name!r} names no kgate metric")
             continue
-        known = set(metrics.specs[fam].labels) | TARGET_LABELS | ({"le"} if name.endswith("_bucket") else set())
+        known = set(metrics.specs[fam].labels) | TARGET_LABELS
+        if name.endswith("_bucket"):
+            known.add("le")
         for label in _LABEL_MATCHER.findall(matchers):
             if label not in known:
                 problems.append(f"{where}: {name} has no label {label!r}")
@@ -120,8 +122,8 @@ def test_alert_rules_are_complete_and_have_runbooks() -> None:
     # What the brief asks to be alerted on, each by at least one rule.
     exprs = " ".join(r["expr"] for r in rules)
     for metric in ("kgate_store_errors_total", 'decision=~"denied', "kgate_holds_outstanding",
-                   "kgate_spool_depth_records", "kgate_upstream_errors_total", "kgate_k_above_evaluated_total",
-                   "kgate_audit_write_errors_total", "kgate_ready"):
+                   "kgate_spool_depth_records", "kgate_upstream_errors_total",
+                   "kgate_k_above_evaluated_total", "kgate_audit_write_errors_total", "kgate_ready"):
         assert metric in exprs, f"no alert on {metric}"
     assert "deriv(kgate_holds_outstanding" in exprs  # "growing", not only "too high"
 
@@ -172,7 +174,8 @@ def panels(d: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
-    return [(f"{p['title']}/{t['refId']}", t["expr"]) for p in panels(dashboard()) for t in p.get("targets", [])]
+    return [(f"{p['title']}/{t['refId']}", t["expr"])
+            for p in panels(dashboard()) for t in p.get("targets", [])]
 
 
 def _substitute(expr: str) -> str:
@@ -212,10 +215,10 @@ def test_dashboard_structure() -> None:
             for t in p["targets"]:
                 assert t["datasource"]["uid"] == "${datasource}"
     titles = {p["title"] for p in panels(d)}
-    for wanted in ("Request rate by decision", "Denials by rule", "Tokens by kind", "FLOPs rate", "K distribution",
-                   "K quantiles", "K above evaluated", "Upstream latency p50 / p99", "Gateway overhead p50 / p99",
-                   "Store latency p50 / p99", "Store errors", "Holds outstanding", "Spool depth",
-                   "Audit write errors"):
+    for wanted in ("Request rate by decision", "Denials by rule", "Tokens by kind", "FLOPs rate",
+                   "K distribution", "K quantiles", "K above evaluated", "Upstream latency p50 / p99",
+                   "Gateway overhead p50 / p99", "Store latency p50 / p99", "Store errors",
+                   "Holds outstanding", "Spool depth", "Audit write errors"):
         assert wanted in titles, f"missing panel {wanted!r}"
     heat = next(p for p in panels(d) if p["title"] == "K distribution")
     assert heat["type"] == "heatmap" and heat["targets"][0]["format"] == "heatmap"
@@ -226,13 +229,16 @@ def test_dashboard_expressions_parse(tmp_path: Path) -> None:
     """promtool parses every dashboard query (as a recording rule), with Grafana's variables filled in."""
     rules = [{"record": f"kgate_dashboard:expr_{i}", "expr": _substitute(e)}
              for i, (_, e) in enumerate(dashboard_exprs())]
-    (tmp_path / "dashboard_rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "dash", "rules": rules}]}))
+    doc = {"groups": [{"name": "dash", "rules": rules}]}
+    (tmp_path / "dashboard_rules.yml").write_text(yaml.safe_dump(doc))
     _promtool("check", "rules", "dashboard_rules.yml", cwd=tmp_path)
 
 
 # ----------------------------------------------------------------------------------------- kubernetes
 def k8s_docs(*, include_optional: bool = True) -> list[tuple[Path, dict[str, Any]]]:
-    files = sorted(K8S.glob("*.yaml")) + (sorted((K8S / "optional").glob("*.yaml")) if include_optional else [])
+    files = sorted(K8S.glob("*.yaml"))
+    if include_optional:
+        files += sorted((K8S / "optional").glob("*.yaml"))
     return [(f, d) for f in files for d in yaml.safe_load_all(f.read_text()) if d]
 
 
@@ -302,7 +308,7 @@ def test_deployment_probes_and_shutdown(container: dict[str, Any], policy: Confi
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     grace = pod["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= float(pre_stop[1]) + policy.server.drain_seconds + 5, "grace period shorter than the drain"
+    assert grace >= float(pre_stop[1]) + policy.server.drain_seconds + 5, "grace period shorter than drain"
 
 
 def app_routes(config: Config) -> set[str]:
@@ -387,7 +393,8 @@ def test_prometheus_example_scrapes_the_headless_service() -> None:
 
 
 def test_manifests_are_valid_kubernetes_objects() -> None:
-    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate for schema checks")
+    kv = pytest.importorskip("kubernetes_validate",
+                             reason="pip install kubernetes-validate for Kubernetes schema checks")
     docs = [(f, d) for f, d in k8s_docs(include_optional=False) if d["kind"] != "Kustomization"]
     for version in ("1.27.0", kv.latest_version()):
         for f, d in docs:

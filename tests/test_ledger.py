@@ -47,7 +47,8 @@ async def test_reserve_holds_and_settle_posts_actual(ledger: Ledger) -> None:
     s = by_label(res.states)
     assert (s["req-1h"].used, s["req-1h"].held, s["req-1h"].remaining) == (0, 1, 9)
     assert (s["out-1d"].used, s["out-1d"].held, s["out-1d"].remaining) == (0, 300, 700)
-    assert res.tightest() is not None and res.tightest().budget.label == "out-1d"
+    tightest = res.tightest()
+    assert tightest is not None and tightest.budget.label == "out-1d"
 
     result = await ledger.settle(res, {"output_tokens": 120})
     assert result.applied and not result.repeat and result.outcomes == ((ALICE, "applied"),)
@@ -119,7 +120,8 @@ async def test_release_voids_and_finishes_the_request(ledger: Ledger) -> None:
     await ledger.release(res)  # idempotent
     state = by_label(await ledger.state(ALICE, [REQ, TOK]))
     assert (state["out-1d"].used, state["out-1d"].held, state["req-1h"].used) == (0, 0, 0)
-    assert (await ledger.settle(res, {"output_tokens": 10})).repeat  # a settle after a release changes nothing
+    # a settle after a release changes nothing
+    assert (await ledger.settle(res, {"output_tokens": 10})).repeat
     with pytest.raises(DuplicateRequest):
         await ledger.reserve("r1", [hold()], 60)
 
@@ -234,7 +236,7 @@ async def test_multi_scope_refusal_rolls_back_earlier_holds(ledger: Ledger) -> N
         assert all(s.held == 0 and s.used == 0 for s in await ledger.state(scope, budgets))
     assert await ledger.holds_outstanding() == 0
 
-    ok = await ledger.reserve("r2", holds[:2] + [hold(EVERYONE, global_tok, output_tokens=200)], 60)
+    ok = await ledger.reserve("r2", [*holds[:2], hold(EVERYONE, global_tok, output_tokens=200)], 60)
     assert [s.scope for s in ok.states] == [ALICE, ALICE, ACME, EVERYONE]
     assert await ledger.holds_outstanding() == 3
     out = await ledger.settle(ok, {"output_tokens": 50})

@@ -41,7 +41,8 @@ async def test_500_concurrent_reserves_admit_exactly_the_limit(wide_store, key_p
     assert (req.held, tok.held, req.used) == (37, 3700, 0)
 
     rng = random.Random(7)
-    settled = await asyncio.gather(*(ledger.settle(r, {"output_tokens": rng.randint(0, 100)}) for r in admitted))
+    settled = await asyncio.gather(*(ledger.settle(r, {"output_tokens": rng.randint(0, 100)})
+                                     for r in admitted))
     assert all(s.applied and not s.overruns for s in settled)
     [req, tok] = await ledger.state(ALICE, [budget, tokens])
     assert req.used == 37 and req.held == 0 and tok.held == 0 and tok.used <= tokens.limit

@@ -13,8 +13,8 @@ from gateway.ledger import BudgetRefused, BudgetSpec, HoldRequest, Ledger, Scope
 ALICE = ScopeRef("principal", "alice")
 
 
-def ts(*args: int) -> float:
-    return datetime(*args, tzinfo=UTC).timestamp()
+def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> float:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp()
 
 
 @pytest.fixture
@@ -30,7 +30,8 @@ async def use(ledger: Ledger, rid: str, budget: BudgetSpec, amount: float) -> No
 async def test_lua_windows_match_python(ledger: Ledger, clock) -> None:
     budgets = [BudgetSpec(f"b-{w}", "output_tokens", w, False, 10) for w in windows.WINDOWS]
     rng = random.Random(3)
-    samples = [ts(2024, 2, 29, 23, 59, 59), ts(2025, 12, 31, 23, 59, 59) + 0.999, ts(2026, 1, 5), ts(2100, 3, 1)]
+    samples = [ts(2024, 2, 29, 23, 59, 59), ts(2025, 12, 31, 23, 59, 59) + 0.999, ts(2026, 1, 5),
+               ts(2100, 3, 1)]
     samples += [rng.uniform(0, 4_102_444_800) for _ in range(40)]
     for t in samples:
         clock.t = t
@@ -133,7 +134,7 @@ async def test_window_keys_expire_with_their_window(redis7, key_prefix, clock) -
         res = await ledger.reserve("a", [HoldRequest(ALICE, (minute, rolling, month), {})], 30)
         await ledger.settle(res, {})
         base = ledger.key_base(ALICE)
-        keys = sorted(await client.keys(key_prefix + "*"))
+        keys = sorted(str(k) for k in await client.keys(key_prefix + "*"))
         assert all(k.startswith(base + ":") for k in keys)  # one hash tag: one cluster slot
         ttls = {k[len(base) + 1:]: await client.pttl(k) for k in keys}
         assert 44_000 < ttls[f"u:1m:m:{int(ts(2026, 1, 1, 12))}"] <= 45_000

@@ -237,11 +237,16 @@ def test_handler_style_keywords_would_deny_rule_and_clamps() -> None:
                       rule="principal:k_units:1d")
     m.observe_request(model="m1", tier="free", api="openai.chat", decision="denied")  # e.g. 401: no rule
     m.observe_request(model="m1", tier="free", api="openai.chat", decision="failed", rule="max_k")
+    # a shadow-mode request that then failed upstream stays a failure, and still counts its rule
+    m.observe_request(model="m1", tier="free", api="openai.chat", decision="failed", would_deny=True,
+                      rule="max_samples")
     base = {"model": "m1", "tier": "free", "api": "openai.chat"}
     assert value(m, "kgate_requests_total", decision="would_deny", **base) == 1
     assert value(m, "kgate_requests_total", decision="allowed", **base) is None
     assert value(m, "kgate_requests_total", decision="clamped", **base) == 1
     assert value(m, "kgate_denials_total", tier="free", rule="max_k") == 1  # the would_deny; not the failure
+    assert value(m, "kgate_denials_total", tier="free", rule="max_samples") == 1
+    assert value(m, "kgate_requests_total", decision="failed", **base) == 2
     assert value(m, "kgate_denials_total", tier="free", rule="principal:k_units:1d") == 1
     assert value(m, "kgate_denials_total", tier="free", rule="other") == 1
     assert value(m, "kgate_clamps_total", tier="free", rule="max_k") == 1

@@ -102,7 +102,7 @@ def test_stop_escalates_to_sigkill(redis_server: RedisServer) -> None:
 def test_failure_to_start_reports_the_log(redis_server: RedisServer) -> None:
     clash = RedisServer(prefer="7", port=redis_server.port, startup_timeout=5)
     try:
-        with pytest.raises(RedisServerError, match="(?i)address already in use|exited"):
+        with pytest.raises(RedisServerError, match=r"(?i)address already in use|exited"):
             clash.start_sync()
     finally:
         clash.cleanup()
