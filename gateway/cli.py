@@ -196,7 +196,7 @@ def _passthrough(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        mod = importlib.import_module("gateway.audit_tools")
+        mod = importlib.import_module("gateway.reconcile" if name == "reconcile" else "gateway.audit_tools")
         func: Callable[[list[str]], int] = getattr(mod, f"{name}_main")
         return func(list(args.rest))
 

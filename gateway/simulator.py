@@ -315,8 +315,9 @@ class _Simulator:
         self.stats.add_plan(plan)
         if plan.stream:
             return await self._stream(request, plan, ctx, fault)
+        out: Any
         if api == "chat":
-            out = wire.chat_json(plan, flavor)
+            out = wire.chat_bytes(plan, flavor)
         elif api == "completions":
             out = wire.completions_json(plan, flavor)
         elif api == "responses":
@@ -325,7 +326,7 @@ class _Simulator:
             out = wire.messages_json(plan)
         else:
             out = wire.gemini_json(plan)
-        raw = orjson.dumps(out)
+        raw = out if api == "chat" else orjson.dumps(out)
         if self.per_token:  # samples decode in parallel: the answer takes one sample's tokens
             await asyncio.sleep(plan.output_tokens * self.per_token)
         if fault is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -304,3 +305,60 @@ def test_scrape_hooks_refresh_gauges_and_audit_totals(caplog: pytest.LogCaptureF
     assert value(m, "kgate_audit_records_total") == 28
     assert value(m, "kgate_audit_write_errors_total") == 2
     assert "scrape hook" in caplog.text
+
+
+# ------------------------------------------------------------------------- through the running gateway
+def _total(fams: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """Sum of ``name`` over every series whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in fams.items() if n == name and want <= lbl)
+
+
+async def test_running_gateway_exports_what_it_did(tmp_path: Path) -> None:
+    """Real Redis, real app and simulator: each kind of request shows up on GET /metrics."""
+    import aiohttp
+    from gatewayutil import KEYS, make_config, running_gateway
+
+    from gateway.redis_server import RedisServer
+
+    server = RedisServer(port=0, appendonly=False)
+    server.start_sync()
+    try:
+        config = make_config(tmp_path, server.url)
+        async with running_gateway(config) as g, aiohttp.ClientSession() as s:
+            async def chat(who: str, **body: object) -> int:
+                payload = {"messages": [{"role": "user", "content": "hi"}], **body}
+                async with s.post(g.url + "/v1/chat/completions", json=payload,
+                                  headers={"Authorization": f"Bearer {KEYS[who]}"}) as r:
+                    await r.read()
+                    return r.status
+
+            assert await chat("alice", model="dense", n=2, max_tokens=20) == 200
+            assert await chat("alice", model="dense", n=6, max_tokens=10) == 403  # max_samples 4
+            assert await chat("carol", model="reasoner", n=4, reasoning_effort="high",
+                              max_completion_tokens=8000) == 200                # clamped
+            assert await chat("alice", model="client-invented-model", max_tokens=5) >= 400
+            async with s.get(g.url + "/metrics") as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"].startswith("text/plain")
+                text = await r.text()
+    finally:
+        server.stop_sync()
+        server.cleanup()
+
+    fams = {(smp.name, frozenset(smp.labels.items())): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+    assert _total(fams, "kgate_requests_total", model="dense", tier="basic", decision="allowed") == 1
+    assert _total(fams, "kgate_requests_total", tier="basic", decision="denied") == 1
+    assert _total(fams, "kgate_requests_total", model="unknown", decision="denied") == 1
+    assert _total(fams, "kgate_denials_total", tier="basic", rule="max_samples") == 1
+    assert _total(fams, "kgate_requests_total", model="reasoner", tier="clamp", decision="clamped") == 1
+    assert _total(fams, "kgate_clamps_total", tier="clamp") >= 1
+    assert _total(fams, "kgate_tokens_total", model="dense", tier="basic", kind="output") > 0
+    assert _total(fams, "kgate_request_k_count", model="dense", tier="basic") == 1
+    assert _total(fams, "kgate_flops_total", model="dense") > 0
+    assert _total(fams, "kgate_gateway_overhead_seconds_count") >= 3
+    assert _total(fams, "kgate_store_latency_seconds_count") >= 1
+    assert _total(fams, "kgate_policy_info", sha256=config.version) == 1
+    assert _total(fams, "kgate_build_info", version=__version__) == 1
+    assert "client-invented-model" not in text
