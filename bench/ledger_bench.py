@@ -27,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway import store  # noqa: E402
-from gateway.ledger import BudgetSpec, HoldRequest, Ledger, ScopeRef  # noqa: E402
-from gateway.redis_server import RedisServer  # noqa: E402
+from gateway import store
+from gateway.ledger import BudgetSpec, HoldRequest, Ledger, ScopeRef
+from gateway.redis_server import RedisServer
 
 BUDGETS = (
     BudgetSpec("req-1m", "requests", "1m", False, 1e12),

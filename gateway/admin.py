@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .config import Config, ConfigError, load_config
 from .context import GATEWAY, Gateway
@@ -103,7 +104,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 @web.middleware
-async def _auth_and_errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def _auth_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     gw = request.app[PARENT][GATEWAY]
     try:
         token = os.environ.get(gw.config.server.admin_token_env, "")
@@ -282,7 +283,7 @@ async def principal_usage(gw: Gateway, principal_id: str) -> dict[str, Any]:
 def _state_dict(st: Any) -> dict[str, Any]:
     from dataclasses import asdict, is_dataclass
 
-    return asdict(st) if is_dataclass(st) else dict(st)
+    return asdict(st) if is_dataclass(st) and not isinstance(st, type) else dict(st)
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -298,22 +299,26 @@ async def policy(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
-    ok, message = await reload_policy(request.app[PARENT], request.app[CONFIG_PATH])
-    await admin_record(_gw(request), "policy.reload", _actor(request), ok=ok, message=message)
+    ok, message = await reload_policy(request.app[PARENT], request.app[CONFIG_PATH], actor=_actor(request))
     if not ok:
         raise BadRequest(message, code="policy_invalid")
     return _json({"reloaded": True, "policy_sha256": _gw(request).config.version})
 
 
-async def reload_policy(app: web.Application, config_path: object) -> tuple[bool, str]:
-    """Validate the policy files, then swap the config atomically; keep the old one on any error."""
+async def reload_policy(app: web.Application, config_path: object, *, actor: str = "file-watch") -> tuple[bool, str]:
+    """Validate the policy files, then swap the config atomically; keep the old one on any error.
+
+    Every attempt that changes something or fails is an audit record (``decision: admin``).
+    """
     gw = app[GATEWAY]
+    old_version = gw.config.version
     paths = config_path if config_path is not None else list(gw.config.source_files)
     try:
         new = load_config(paths)  # type: ignore[arg-type]
     except ConfigError as exc:
         log.error("policy reload failed, keeping sha256 %s: %s", gw.config.version[:12], exc)
         gw.metrics.observe_policy_reload(False)
+        await admin_record(gw, "policy.reload", actor, ok=False, message=str(exc)[:4000])
         return False, str(exc)
     if new.version == gw.config.version:
         return True, "unchanged"
@@ -325,4 +330,6 @@ async def reload_policy(app: web.Application, config_path: object) -> tuple[bool
         gw.directory.reload(new)
     gw.metrics.observe_policy_reload(True, new)
     log.info("policy reloaded: sha256 %s", new.version[:12])
+    await admin_record(gw, "policy.reload", actor, ok=True, previous_sha256=old_version,
+                       policy_sha256_new=new.version)
     return True, "reloaded"

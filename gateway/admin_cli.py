@@ -40,15 +40,12 @@ async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
     if url == "embedded":
         from .redis_server import RedisServer
 
-        embedded = RedisServer(data_dir=Path(cfg.store.data_dir), port=None)
-        url = embedded.url
-        try:  # a running gateway's embedded Redis answers on its socket
-            probe = await connect(url, timeout=cfg.store.timeout_seconds)
-            await probe.ping()
-            await probe.aclose()
-            embedded = None
-        except Exception:  # noqa: BLE001 - nobody is serving that folder: serve it for this command
-            await embedded.start()
+        server = RedisServer(data_dir=Path(cfg.store.data_dir), port=None)
+        url = server.url
+        if not await _answers(url, cfg.store.timeout_seconds):
+            # Nobody serves that folder (no gateway running): serve it for the duration of this command.
+            await server.start()
+            embedded = server
     redis = await connect(url, timeout=cfg.store.timeout_seconds)
     gw = Gateway(config=cfg, metrics=Metrics(process_metrics=False), replica=f"cli-{socket.gethostname()}")
     gw.redis = redis
@@ -66,6 +63,20 @@ async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
             await redis.aclose()
         if embedded is not None:
             await embedded.stop()
+
+
+async def _answers(url: str, timeout: float) -> bool:
+    """Whether a Redis answers at ``url`` (a running gateway's embedded Redis answers on its socket)."""
+    from .store import connect
+
+    try:
+        probe = await connect(url, timeout=timeout)
+        try:
+            return bool(await probe.ping())
+        finally:
+            await probe.aclose()
+    except Exception:
+        return False
 
 
 def _run(args: argparse.Namespace, op: Callable[[Gateway], Awaitable[Any]]) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .adapters import ROUTES
 from .config import Config
@@ -45,7 +46,8 @@ def create_app(config: Config, *, store_url: str | None = None, replica: str | N
     app[GATEWAY] = gw
     app[_AUDIT_DIR] = audit_dir or config.audit.dir
     app[_SIM_OPTS] = simulator_options
-    app.cleanup_ctx.extend([_simulator_ctx, _store_ctx, _session_ctx, _audit_ctx, _spool_ctx])
+    app.cleanup_ctx.extend([_simulator_ctx, _store_ctx, _session_ctx, _audit_ctx, _spool_ctx, _watch_ctx,
+                             _gauges_ctx])
     for path in ROUTES:
         app.router.add_post(path, handle)
     app.router.add_get("/v1/models", list_models)
@@ -133,7 +135,6 @@ async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
     """The spool for usage metered while the store is away, replayed into the ledger when it returns."""
-    import asyncio
     import time
 
     from .spool import Spool
@@ -148,7 +149,7 @@ async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
             gw.audit.write_nowait({"ts": time.time(), "request_id": rec["request_id"], "replica": gw.replica,
                                    "decision": "replayed", "reason": "spooled usage posted to the ledger",
                                    "usage": rec.get("actual"), "policy_sha256": gw.config.version,
-                                   **{k: v for k, v in dict(rec.get("meta") or {}).items()
+                                   **{k: v for k, v in dict(rec.get("meta") or {}).items()  # type: ignore[call-overload]
                                       if k in ("principal", "org", "tier", "model")}})
 
     path = Path(gw.config.store.data_dir) / "spool" / f"{gw.replica}.jsonl"
@@ -156,18 +157,87 @@ async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
     assert gw.ledger is not None
     gw.spool.start(gw.ledger, on_error=lambda exc: gw.metrics.observe_store("replay", 0.0, error=True))
 
-    async def report_depth() -> None:
-        while True:
-            records, size = gw.spool.depth() if gw.spool else (0, 0)
-            gw.metrics.set_spool_depth(records, size)
-            await asyncio.sleep(1.0)
+    yield
+    await gw.spool.close()
 
-    task = asyncio.create_task(report_depth())
+
+async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Reload the policy when one of its files changes (validated first; the old one kept on error)."""
+    import asyncio
+
+    from .admin import reload_policy
+
+    gw = app[GATEWAY]
+
+    def stamp() -> tuple[tuple[str, float, int], ...]:
+        out = []
+        for f in gw.config.source_files:
+            try:
+                st = os.stat(f)
+                out.append((f, st.st_mtime, st.st_size))
+            except OSError:
+                out.append((f, 0.0, -1))
+        return tuple(out)
+
+    async def watch() -> None:
+        last = stamp()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = stamp()
+            if now != last:
+                last = now
+                await reload_policy(app, list(gw.config.source_files))
+                last = stamp()
+
+    task = asyncio.create_task(watch(), name="kgate-policy-watch") if gw.config.source_files else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+WATCH_INTERVAL = 1.0  # seconds between looks at the policy files' mtime and size
+GAUGE_INTERVAL = 2.0  # seconds between refreshes of readiness, holds outstanding, spool depth
+
+
+async def _gauges_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keep the gauges that are read from their owners fresh: readiness, holds, spool, audit totals."""
+    import asyncio
+    import time
+
+    gw = app[GATEWAY]
+
+    async def refresh() -> None:
+        ok = False
+        if gw.redis is not None:
+            t0 = time.perf_counter()
+            try:
+                await gw.redis.ping()
+                gw.metrics.observe_store("ping", time.perf_counter() - t0)
+                ok = True
+                if gw.ledger is not None:
+                    gw.metrics.set_holds_outstanding(await gw.ledger.holds_outstanding())
+            except Exception:
+                gw.metrics.observe_store("ping", time.perf_counter() - t0, error=True)
+        gw.store_ok = ok
+        gw.metrics.set_ready(ok and not gw.draining)
+        if gw.spool is not None:
+            gw.metrics.set_spool_depth(*await asyncio.to_thread(gw.spool.depth))
+        if gw.audit is not None:
+            gw.metrics.set_audit_totals(gw.audit.records_written, gw.audit.write_errors)
+
+    async def loop() -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await refresh()
+            await asyncio.sleep(GAUGE_INTERVAL)
+
+    task = asyncio.create_task(loop(), name="kgate-gauges")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    await gw.spool.close()
 
 
 # ------------------------------------------------------------------------------------------- endpoints
@@ -175,9 +245,7 @@ async def list_models(request: web.Request) -> web.Response:
     """The models this caller's tier may use, in the OpenAI list shape."""
     gw = request.app[GATEWAY]
     cfg = gw.config
-    from .handler import effective_tier, identify
-
-    from .handler import Outcome
+    from .handler import Outcome, effective_tier, identify
 
     principal = await identify(request, gw, cfg)
     _, tier = await effective_tier(gw, cfg, principal, Outcome(request_id="", api="models", started=0.0))
@@ -200,9 +268,10 @@ async def readyz(request: web.Request) -> web.Response:
         try:
             await gw.redis.ping()
             store = "ok"
-        except Exception:  # noqa: BLE001 - any failure means not ready
+        except Exception:
             store = "unreachable"
             ok = False
+    gw.metrics.set_ready(ok)
     body = {"ready": ok, "store": store, "policy_sha256": gw.config.version, "draining": gw.draining}
     return web.json_response(body, status=200 if ok else 503)
 
@@ -220,7 +289,7 @@ def _dumps(obj: object) -> str:
 
 
 @web.middleware
-async def _errors_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Routing errors and gateway errors outside the API handler, in the client's API shape."""
     from .errors import GatewayError
 
@@ -239,4 +308,4 @@ async def _errors_middleware(request: web.Request, handler: web.Handler) -> web.
     return web.json_response(render(err, shape), status=err.status, headers=err.headers, dumps=_dumps)
 
 
-__all__ = ["create_app", "Unauthenticated", "_api_key"]
+__all__ = ["Unauthenticated", "_api_key", "create_app"]

@@ -17,7 +17,6 @@ import orjson
 from .config import ConfigError, default_config_path, load_config
 from .errors import GatewayError
 
-
 AUDIT_COMMANDS = ("verify", "report", "reconcile")
 
 

@@ -265,7 +265,7 @@ def clamp_target(req: ComputeRequest, model: ModelConfig, tier: TierConfig) -> C
         s = min(s, tier.max_samples)
     kcap = effective_max_k(tier, model)
     if kcap is not None:
-        s = min(s, max(int(math.floor(kcap + 1e-9)), 0))
+        s = min(s, max(math.floor(kcap + 1e-9), 0))
     if s < 1:
         return None
     c = output_cap(req, model)
@@ -281,7 +281,7 @@ def clamp_target(req: ComputeRequest, model: ModelConfig, tier: TierConfig) -> C
         rb_limit = min(rb_limit, model.reference_output_tokens * (kcap / s - 1.0))
     if tier.max_reasoning_tokens is not None and rb > 0:
         rb_limit = min(rb_limit, tier.max_reasoning_tokens / s)
-    new_rb = max(int(math.floor(rb_limit + 1e-9)), 0)
+    new_rb = max(math.floor(rb_limit + 1e-9), 0)
     thinking_budget: int | None = None
     if new_rb < rb:
         if req.thinking_budget is not None and req.thinking_budget >= 0 and req.thinking_budget <= c:

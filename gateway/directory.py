@@ -318,7 +318,7 @@ class Directory:
         if self._redis is not None:
             try:
                 await self._redis.publish(self.channel, what)
-            except Exception:  # noqa: BLE001 - the TTL still bounds staleness
+            except Exception:
                 log.warning("could not publish directory invalidation for %s", what)
 
     def invalidate(self, what: str | None = None) -> None:
@@ -344,6 +344,7 @@ class Directory:
         backoff = 0.1
         while True:
             try:
+                assert self._redis is not None
                 pubsub = self._redis.pubsub()
                 await pubsub.subscribe(self.channel)
                 backoff = 0.1
@@ -352,7 +353,7 @@ class Directory:
                         self.invalidate(_s(msg["data"]))
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - reconnect with backoff
+            except Exception:
                 self.invalidate()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -410,7 +410,7 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
     try:
         try:
             data = await resp.read()
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise UpstreamTimeout(f"upstream {target.name!r} timed out while sending its answer") from None
         except aiohttp.ClientError:
             raise UpstreamError(f"upstream {target.name!r} broke off its answer") from None
@@ -487,7 +487,7 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
                 tail = meter.close()
                 if tail and not await _write(response, request, tail):
                     client_gone = True
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         failure = UpstreamTimeout(f"upstream {target.name!r} stalled mid-stream")
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
         failure = UpstreamError(f"upstream {target.name!r} broke off the stream")

@@ -113,7 +113,7 @@ def reconcile_main(argv: list[str]) -> int:
         return int(exc.code or 0)
     try:
         rows, unexplained = asyncio.run(reconcile(args))
-    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+    except Exception as exc:
         print(f"kgate audit reconcile: {exc}", file=sys.stderr)
         return 2
     if args.format == "json":

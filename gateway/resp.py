@@ -113,9 +113,9 @@ class RespClient:
                 if self.path:
                     coro = loop.create_unix_connection(lambda: _Protocol(self), self.path)
                 else:
-                    coro = loop.create_connection(lambda: _Protocol(self), self.host, self.port)
+                    coro = loop.create_connection(lambda: _Protocol(self), self.host or "127.0.0.1", self.port)
                 _, proto = await asyncio.wait_for(coro, self.timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from None
             self._proto = proto
             if self.password:
@@ -153,7 +153,7 @@ class RespClient:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((fut, time.monotonic()))
         assert proto.transport is not None
-        proto.transport.write(hiredis.pack_command(tuple(args)))
+        proto.transport.write(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
         self._arm(self.timeout)
         return await fut
 

@@ -161,7 +161,7 @@ class Spool:
                     backoff = interval
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - the store is still away: back off, retry
+                except Exception as exc:
                     if on_error is not None:
                         on_error(exc)
                     backoff = min(backoff * 2, 10.0)

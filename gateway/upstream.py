@@ -7,7 +7,6 @@ not on an allowlist are dropped in both directions.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -94,7 +93,7 @@ async def send(session: aiohttp.ClientSession, target: Target, path: str, body: 
     try:
         return await session.post(url, data=body, headers=headers, timeout=target.timeout,
                                   allow_redirects=False, auto_decompress=True)
-    except (TimeoutError, asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+    except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeout(f"upstream {target.name!r} did not answer in time") from None
     except aiohttp.ClientConnectorError:
         raise UpstreamError(f"cannot connect to upstream {target.name!r}", code="upstream_unreachable") from None

@@ -72,7 +72,7 @@ def cluster_of_two(tmp_path: Path):
 
 
 async def test_two_gateways_never_overspend(cluster_of_two):
-    urls, redis, audit_dir = cluster_of_two
+    urls, _redis, audit_dir = cluster_of_two
     for u in urls:
         await _wait(u + "/readyz")
     body = {"model": "dense", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30}
