@@ -17,14 +17,13 @@ from pathlib import Path
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from .adapters import ROUTES
+from .adapters import ROUTES, adapter_for_path
 from .config import Config
 from .context import GATEWAY, Gateway
 from .directory import Directory, sha256_hex
-from .errors import MethodNotAllowed, NotFound, Unauthenticated, render, shape_for_path
-from .handler import _api_key, handle
+from .errors import GatewayError, MethodNotAllowed, NotFound, render, shape_for_path
+from .handler import Outcome, effective_tier, handle, identify
 from .metrics import Metrics
 from .upstream import Upstreams
 
@@ -42,7 +41,7 @@ def create_app(config: Config, *, store_url: str | None = None, replica: str | N
         gw.replica = replica or config.server.replica_id or gw.replica
     gw.store_url = store_url or os.environ.get("KGATE_STORE_URL") or config.store.url
     gw.metrics.set_policy(config)
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors_middleware])
+    app = web.Application(client_max_size=config.server.max_body_bytes)
     app[GATEWAY] = gw
     app[_AUDIT_DIR] = audit_dir or config.audit.dir
     app[_SIM_OPTS] = simulator_options
@@ -54,6 +53,7 @@ def create_app(config: Config, *, store_url: str | None = None, replica: str | N
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_route("*", "/{tail:.*}", fallback)
     return app
 
 
@@ -245,10 +245,11 @@ async def list_models(request: web.Request) -> web.Response:
     """The models this caller's tier may use, in the OpenAI list shape."""
     gw = request.app[GATEWAY]
     cfg = gw.config
-    from .handler import Outcome, effective_tier, identify
-
-    principal = await identify(request, gw, cfg)
-    _, tier = await effective_tier(gw, cfg, principal, Outcome(request_id="", api="models", started=0.0))
+    try:
+        principal = await identify(request, gw, cfg)
+        _, tier = await effective_tier(gw, cfg, principal, Outcome(request_id="", api="models", started=0.0))
+    except GatewayError as err:
+        return _error(request, err)
     data = [{"id": name, "object": "model", "owned_by": "kgate", "created": 0,
              "reasoning": cfg.models[name].reasoning,
              "evaluated_max_k": cfg.models[name].evaluated_max_k}
@@ -288,24 +289,24 @@ def _dumps(obj: object) -> str:
     return orjson.dumps(obj).decode()
 
 
-@web.middleware
-async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Routing errors and gateway errors outside the API handler, in the client's API shape."""
-    from .errors import GatewayError
-
-    shape = shape_for_path(request.path)
-    try:
-        return await handler(request)
-    except web.HTTPNotFound:
-        err: GatewayError = NotFound(f"unknown path {request.path[:200]!r}")
-    except web.HTTPMethodNotAllowed:
-        err = MethodNotAllowed(f"method {request.method} is not allowed on {request.path[:200]!r}")
-    except GatewayError as exc:
-        err = exc
-    except web.HTTPException:
-        raise
+def _error(request: web.Request, err: GatewayError) -> web.Response:
+    """A gateway error outside the API handler, in the shape of the API the path belongs to."""
     request.app[GATEWAY].metrics.observe_error(err)
-    return web.json_response(render(err, shape), status=err.status, headers=err.headers, dumps=_dumps)
+    return web.json_response(render(err, shape_for_path(request.path)), status=err.status, headers=err.headers,
+                             dumps=_dumps)
 
 
-__all__ = ["Unauthenticated", "_api_key", "create_app"]
+async def fallback(request: web.Request) -> web.Response:
+    """Every other path and method: 405 on a known path, else 404 — in the client's API shape.
+
+    A catch-all route rather than a middleware: a middleware would cost every proxied request.
+    """
+    if adapter_for_path(request.path) is not None or request.path in _GET_PATHS:
+        return _error(request, MethodNotAllowed(f"method {request.method} is not allowed on {request.path[:200]!r}"))
+    return _error(request, NotFound(f"unknown path {request.path[:200]!r}"))
+
+
+_GET_PATHS = ("/v1/models", "/healthz", "/readyz", "/metrics")
+
+
+__all__ = ["create_app"]

@@ -462,8 +462,11 @@ class AuditLog:
             rec["mac"] = MAC_NAME
         else:
             rec.pop("mac", None)
-        rec["hash"] = chain_hash(self._prev, canonical(rec), self._key)
-        line = orjson.dumps(rec, option=orjson.OPT_SORT_KEYS) + b"\n"
+        body = orjson.dumps(rec, option=orjson.OPT_SORT_KEYS)  # canonical(rec): rec has no hash yet
+        rec["hash"] = digest = chain_hash(self._prev, body, self._key)
+        # One serialization per record: the line is the canonical body with the hash appended (verify
+        # parses the line, so key order in the file does not matter).
+        line = b"%s,\"hash\":\"%s\"}\n" % (body[:-1], digest.encode())
         view = memoryview(line)
         written = 0
         try:

@@ -14,7 +14,7 @@ N active parameters, V_ref the model's reference answer length.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .config import EFFORT_ORDER, ModelConfig, TierConfig
@@ -57,7 +57,11 @@ class Bound:
     flops_max: float
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Spelled out: dataclasses.asdict deep-copies and costs more than the whole bound computation.
+        return {"samples": self.samples, "prompt_tokens": self.prompt_tokens, "output_cap": self.output_cap,
+                "reasoning_budget": self.reasoning_budget, "generated_tokens_max": self.generated_tokens_max,
+                "output_tokens_max": self.output_tokens_max, "reasoning_tokens_max": self.reasoning_tokens_max,
+                "k_max": self.k_max, "flops_max": self.flops_max}
 
 
 @dataclass(frozen=True)

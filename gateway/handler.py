@@ -258,13 +258,34 @@ def budget_amounts(parsed: ParsedRequest, tier: TierConfig, gw: Gateway) -> dict
 def budget_holds(tier: TierConfig, principal: Principal, overrides: Mapping[str, float],
                  amounts: Mapping[str, float]) -> list[HoldRequest]:
     """One hold request per scope, in the order principal → org → global."""
+    ids = {"principal": principal.id, "org": principal.org, "global": "*"}
+    return [HoldRequest(ScopeRef(scope, ids[scope]), specs, amounts)
+            for scope, specs in _scoped_specs(tier, tuple(sorted(overrides.items())))]
+
+
+_SPEC_CACHE: dict[tuple[int, tuple[tuple[str, float], ...]],
+                  tuple[TierConfig, list[tuple[str, tuple[BudgetSpec, ...]]]]] = {}
+
+
+def _scoped_specs(tier: TierConfig, overrides: tuple[tuple[str, float], ...]
+                  ) -> list[tuple[str, tuple[BudgetSpec, ...]]]:
+    """A tier's budgets as ledger specs grouped by scope, built once per tier and override set.
+
+    Specs are immutable and validated on creation; building them per request was a measurable cost.
+    """
+    key = (id(tier), overrides)
+    hit = _SPEC_CACHE.get(key)
+    if hit is not None and hit[0] is tier:  # identity check: an id can be reused after a reload
+        return hit[1]
+    limits = dict(overrides)
     by_scope: dict[str, list[BudgetSpec]] = {}
     for b in tier.budgets:
-        limit = overrides.get(b.label, b.limit)
-        by_scope.setdefault(b.scope, []).append(BudgetSpec(b.label, b.metric, b.window, b.rolling, limit))
-    ids = {"principal": principal.id, "org": principal.org, "global": "*"}
-    return [HoldRequest(ScopeRef(scope, ids[scope]), tuple(by_scope[scope]), amounts)
-            for scope in ("principal", "org", "global") if scope in by_scope]
+        by_scope.setdefault(b.scope, []).append(BudgetSpec.from_config(b, limits.get(b.label)))
+    out = [(scope, tuple(by_scope[scope])) for scope in ("principal", "org", "global") if scope in by_scope]
+    if len(_SPEC_CACHE) > 4096:  # tiers are replaced on reload; keep the cache from growing for ever
+        _SPEC_CACHE.clear()
+    _SPEC_CACHE[key] = (tier, out)
+    return out
 
 
 def lease_seconds(gw: Gateway, cfg: Config, parsed: ParsedRequest) -> float:

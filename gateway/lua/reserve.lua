@@ -22,31 +22,33 @@ if existing then
   return { 'dup', fmt(now) }
 end
 
-local held = base .. ':held'
+local held = read_held(base, labels_of(budgets))
 local out = { 'ok', fmt(now) }
 for i, b in ipairs(budgets) do
   local used, reset_at, live = usage(base, b, now)
-  local h = tonumber(redis.call('HGET', held, b.label)) or 0
+  local h = held[i]
   if b.amount > 0 and used + h + b.amount > b.limit then
     return { 'refused', fmt(now), tostring(i), fmt(used), fmt(h), fmt(retry_at(b, now, used, h, reset_at, live)) }
   end
   out[#out + 1] = fmt(used)
-  out[#out + 1] = fmt(h)
+  out[#out + 1] = fmt(h + b.amount)
   out[#out + 1] = fmt(reset_at)
 end
 
-local record = {}
+local record, fields = {}, {}
 for i, b in ipairs(budgets) do
   if b.amount > 0 then
-    out[3 * i + 1] = redis.call('HINCRBYFLOAT', held, b.label, b.amount_s)
+    fields[#fields + 1] = b.label
+    fields[#fields + 1] = fmt(held[i] + b.amount)
     record[#record + 1] = { b.label, b.window, b.rolling and '1' or '0', b.amount_s }
   end
 end
+if #fields > 0 then redis.call('HSET', base .. ':held', unpack(fields)) end
 local expiry = now + lease
 redis.call('HSET', recs, rid, cjson.encode({ e = fmt(expiry), s = 'h', b = record }))
 redis.call('ZADD', base .. ':leases', fmt(expiry), rid)
 local ms = math.ceil((lease + ttl) * 1000)
-keep_alive(held, ms)
+keep_alive(base .. ':held', ms)
 keep_alive(recs, ms)
 keep_alive(base .. ':leases', ms)
 return out

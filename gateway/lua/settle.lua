@@ -23,7 +23,7 @@ if raw then
   outcome = 'applied'
 end
 for _, b in ipairs(budgets) do
-  if b.amount > 0 then add_usage(base, b, now, b.amount_s, now) end
+  if b.amount > 0 then add_usage(base, b, now, b.amount, now) end
 end
 finish(base, rid, 'S', now, ttl)
 return report(outcome, base, budgets, now)
