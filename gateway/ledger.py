@@ -101,9 +101,10 @@ class BudgetSpec:
                    rolling=budget.rolling, limit=float(budget.limit if limit is None else limit))
 
     @cached_property
-    def _argv(self) -> tuple[str, str, str, str]:
-        # Encoded once per spec: label, window, rolling, limit (specs are reused across requests).
-        return (self.label, self.window, "1" if self.rolling else "0", _num(self.limit))
+    def _arg(self) -> bytes:
+        # The script argument, encoded once per spec (specs are reused across requests); the label goes
+        # last so it may contain spaces.
+        return f"{self.window} {int(self.rolling)} {_num(self.limit)} {self.label}".encode()
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,8 @@ class Ledger:
 
         Raises :class:`DuplicateRequest` if the request id already finished. A retried reserve of a request
         still held does not hold twice. If this call fails or is cancelled midway, the holds it may have
-        made are released before the error propagates.
+        made are rolled back before the error propagates. A rolled-back request is as if never reserved:
+        settling it later (shadow mode, spool replay) posts its usage on every scope.
         """
         if not request_id:
             raise ValueError("a request needs an id")
@@ -282,10 +284,9 @@ class Ledger:
         expires_at = 0.0
         for i, hold in enumerate(holds):
             amounts = [_hold_amount(hold, b) for b in hold.budgets]
-            argv: list[str] = [self._now(), request_id, lease, self.lease_expiry, self._ttl]
+            argv: list[str | bytes] = [self._now(), request_id, lease, self.lease_expiry, self._ttl]
             for b, amount in zip(hold.budgets, amounts, strict=True):
-                argv += b._argv
-                argv.append(_num(amount))
+                argv += (b._arg, _num(amount))
             try:
                 reply = await self._reserve(keys=[self._base(hold.scope)], args=argv)
             except BaseException:
@@ -314,10 +315,9 @@ class Ledger:
         rid = reservation.request_id
         calls = []
         for hold in reservation.holds:
-            argv: list[str] = [self._now(), rid, self.lease_expiry, self._ttl]
+            argv: list[str | bytes] = [self._now(), rid, self.lease_expiry, self._ttl]
             for b in hold.budgets:
-                argv += b._argv
-                argv.append(_num(_actual_amount(actual, b.metric)))
+                argv += (b._arg, _num(_actual_amount(actual, b.metric)))
             calls.append(self._settle(keys=[self._base(hold.scope)], args=argv))
         replies = await asyncio.gather(*calls, return_exceptions=True)
         for r in replies:
@@ -333,22 +333,21 @@ class Ledger:
             states += _states(hold.scope, hold.budgets, reply)
             for b in hold.budgets:
                 excess = _actual_amount(actual, b.metric) - _hold_amount(hold, b, strict=False)
-                if excess > 0 and outcome != "repeat":
+                if excess > 0 and outcome == "applied":
                     beyond.append((hold.scope, b.label, excess))
         return SettleResult(rid, tuple(outcomes), tuple(states), tuple(beyond))
 
     async def release(self, reservation: Reservation) -> None:
         """Void the request on every scope (idempotent; a later settle of it is a repeat)."""
-        await self._release_all(reservation.request_id, reservation.holds, swallow=False)
+        await self._release_all(reservation.request_id, reservation.holds, forget=False)
 
     async def state(self, scope: ScopeRef, budgets: Sequence[BudgetSpec]) -> list[BudgetState]:
         """Usage, holds, remaining and reset time of ``budgets`` on ``scope`` (for the admin API)."""
         if not budgets:
             return []
-        argv: list[str] = [self._now(), self.lease_expiry, self._ttl]
+        argv: list[str | bytes] = [self._now(), self.lease_expiry, self._ttl]
         for b in budgets:
-            argv += b._argv
-            argv.append("0")
+            argv += (b._arg, "0")
         reply = await self._state(keys=[self._base(scope)], args=argv)
         return _states(scope, tuple(budgets), reply)
 
@@ -389,18 +388,20 @@ class Ledger:
         return base
 
     async def _rollback(self, request_id: str, holds: Sequence[HoldRequest]) -> None:
-        await self._release_all(request_id, holds, swallow=True)
+        # Forget rather than void: the request may still be served (shadow mode, on_store_error allow)
+        # and settled later, which must then post its usage on every scope.
+        await self._release_all(request_id, holds, forget=True)
 
-    async def _release_all(self, request_id: str, holds: Sequence[HoldRequest], *, swallow: bool) -> None:
-        argv = [request_id, self.lease_expiry, self._ttl]
+    async def _release_all(self, request_id: str, holds: Sequence[HoldRequest], *, forget: bool) -> None:
+        argv = [request_id, self.lease_expiry, self._ttl, "1" if forget else "0"]
         calls = [self._release(keys=[self._base(h.scope)], args=[self._now(), *argv]) for h in holds]
         results = await asyncio.gather(*calls, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
-                if not swallow:
+                if not forget:
                     raise r
-                # The lease will expire and be reaped; nothing is lost but time.
-                log.warning("ledger: could not release %s: %r", request_id, r)
+                # A rollback that fails leaves a lease that expires and is reaped: nothing is lost.
+                log.warning("ledger: could not roll back %s: %r", request_id, r)
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -244,6 +244,21 @@ async def test_multi_scope_refusal_rolls_back_earlier_holds(ledger: Ledger) -> N
     assert [s.used for s in out.states] == [1, 50, 50, 50]
 
 
+async def test_settle_after_a_refusal_posts_on_every_scope(ledger: Ledger) -> None:
+    """Shadow mode serves a refused request anyway; its usage must land on all scopes."""
+    org_tok = BudgetSpec("org-out", "output_tokens", "1d", False, 100)
+    holds = [hold(ALICE, TOK, output_tokens=300), hold(ACME, org_tok, output_tokens=300)]
+    with pytest.raises(BudgetRefused):
+        await ledger.reserve("r1", holds, 60)
+    out = await ledger.settle(Reservation("r1", tuple(holds)), {"output_tokens": 250})
+    assert [o for _, o in out.outcomes] == ["posted", "posted"]
+    assert [s.used for s in out.states] == [250, 250]
+    assert [s.budget.label for s in out.overruns] == ["org-out"]
+    # the id is single-use from now on
+    with pytest.raises(DuplicateRequest):
+        await ledger.reserve("r1", holds[:1], 60)
+
+
 async def test_scopes_without_budgets_are_skipped(ledger: Ledger) -> None:
     res = await ledger.reserve("r1", [HoldRequest(ACME, (), {}), hold()], 60)
     assert [h.scope for h in res.holds] == [ALICE]
@@ -290,3 +305,32 @@ def test_budget_spec_from_config() -> None:
     spec = BudgetSpec.from_config(cfg, limit=5e17)
     assert (spec.label, spec.metric, spec.window, spec.rolling, spec.limit) == (
         "principal:flops:7d:rolling", "flops", "7d", True, 5e17)
+
+
+async def test_labels_may_hold_any_character(ledger: Ledger) -> None:
+    odd = BudgetSpec("team budget {x}: tokens\nper day", "output_tokens", "1d", True, 100)
+    res = await ledger.reserve("r1", [hold(ALICE, odd, output_tokens=60)], 60)
+    out = await ledger.settle(res, {"output_tokens": 50})
+    assert out.states[0].budget.label == odd.label and out.states[0].used == 50
+
+
+@pytest.mark.parametrize("server", ["redis7", "redis62"])
+async def test_many_pairs_through_the_pipelined_client(server: str, request, key_prefix, clock) -> None:
+    """The gateway's hot path (gateway.resp) back to back: on Redis 6.2 built with libc malloc this once
+    corrupted Redis' Lua argument cache (INCRBYFLOAT in scripts) and failed within a few calls."""
+    from gateway.resp import RespClient
+
+    client = RespClient.from_url(request.getfixturevalue(server).url, timeout=5.0)
+    try:
+        ledger = Ledger(client, key_prefix=key_prefix, clock=clock)
+        await ledger.prepare()
+        budgets = (BudgetSpec("req", "requests", "1m", False, 1e9),
+                   BudgetSpec("out", "output_tokens", "1d", True, 1e12), FLOPS)
+        for i in range(300):
+            res = await ledger.reserve(f"r{i}", [HoldRequest(ALICE, budgets, {"output_tokens": 9,
+                                                                                "flops": 1e9})], 60)
+            await ledger.settle(res, {"output_tokens": 7, "flops": 1e9})
+        states = await ledger.state(ALICE, budgets)
+        assert [s.used for s in states] == [300, 2100, 3e11]
+    finally:
+        await client.aclose()

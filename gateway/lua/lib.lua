@@ -74,13 +74,14 @@ local function slice_width(window)
   return LENGTH[window] / SLICES
 end
 
--- Budgets arrive as 5 arguments each from ARGV[first]: label, window, rolling (1/0), limit, amount.
+-- Budgets arrive as 2 arguments each from ARGV[first]: the budget, as '<window> <rolling 1|0> <limit>
+-- <label>' (the label last, so it may hold any character), and the amount.
 local function read_budgets(first)
   local budgets = {}
-  for i = first, #ARGV, 5 do
-    budgets[#budgets + 1] = { label = ARGV[i], window = ARGV[i + 1], rolling = ARGV[i + 2] == '1',
-                              limit = tonumber(ARGV[i + 3]), amount = tonumber(ARGV[i + 4]),
-                              amount_s = ARGV[i + 4] }
+  for i = first, #ARGV, 2 do
+    local window, rolling, limit, label = string.match(ARGV[i], '^(%S+) ([01]) (%S+) (.*)$')
+    budgets[#budgets + 1] = { label = label, window = window, rolling = rolling == '1',
+                              limit = tonumber(limit), amount = tonumber(ARGV[i + 1]), amount_s = ARGV[i + 1] }
   end
   return budgets
 end
@@ -214,9 +215,9 @@ local function tidy_held(base)
   if redis.call('ZCARD', base .. ':leases') == 0 then redis.call('DEL', base .. ':held') end
 end
 
--- Extend a bookkeeping key's life to at least `ms`.
+-- Extend a bookkeeping key's life to at least `ms`, with 10% to spare so that most calls only read.
 local function keep_alive(key, ms)
-  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, math.ceil(ms * 1.1)) end
 end
 
 -- Lease reaping, done by every script before anything else, so no separate sweeper is needed.

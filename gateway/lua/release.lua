@@ -1,13 +1,17 @@
--- release: void a request (it never ran, or an earlier scope's hold is rolled back). Releases the hold,
--- or takes back the charge a lease expiry made. Idempotent per request id; an unknown id is marked
--- released too, so a reserve that arrives late cannot hold for it.
+-- release: void a request (it never ran). Releases the hold, or takes back the charge a lease expiry
+-- made, and marks the request released: idempotent, a later settle of it is a repeat, and an unknown id
+-- is marked too, so a reserve that arrives late cannot hold for it.
+-- With `forget` (rolling back a reserve that another scope refused, or that failed) the record is
+-- deleted instead of marked: the request is as if never reserved here, and a later settle (shadow
+-- mode, spool replay) posts its usage.
 -- KEYS[1] scope base
--- ARGV: now ('' = Redis TIME), request id, lease expiry mode, record ttl seconds
+-- ARGV: now ('' = Redis TIME), request id, lease expiry mode, record ttl seconds, forget ('1'|'0')
 -- Reply: {outcome, now}; outcome 'released', 'unknown' or 'repeat'.
 local base = KEYS[1]
 local now = clock(ARGV[1])
 local rid = ARGV[2]
 local ttl = tonumber(ARGV[4])
+local forget = ARGV[5] == '1'
 reap(base, now, ARGV[3] == 'charge', ttl)
 
 local raw = redis.call('HGET', base .. ':rec', rid)
@@ -19,5 +23,12 @@ if raw then
   undo(base, rid, raw)
   outcome = 'released'
 end
-finish(base, rid, 'R', now, ttl)
+if forget then
+  if raw then
+    redis.call('HDEL', base .. ':rec', rid)
+    redis.call('ZREM', base .. ':fin', rid)
+  end
+else
+  finish(base, rid, 'R', now, ttl)
+end
 return { outcome, fmt(now) }

@@ -1,7 +1,7 @@
 -- reserve: check every budget of one scope and hold the amounts on all of them, or on none.
 -- KEYS[1] scope base (carries the hash tag)
 -- ARGV: now ('' = Redis TIME), request id, lease seconds, lease expiry mode ('charge'|'release'),
---       record ttl seconds, then per budget: label, window, rolling, limit, amount
+--       record ttl seconds, then per budget: budget ('<window> <rolling> <limit> <label>'), amount
 -- Reply: {'ok', now, used, held, reset_at ...} with the state after the hold (a retried reserve of a
 -- request still held answers 'ok' without holding twice); {'refused', now, index, used, held, retry_at};
 -- {'dup', now} when the request id already finished.

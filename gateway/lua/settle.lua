@@ -2,7 +2,7 @@
 -- expiry made) and adds the actual to the current windows. Idempotent per request id.
 -- KEYS[1] scope base
 -- ARGV: now ('' = Redis TIME), request id, lease expiry mode, record ttl seconds,
---       then per budget: label, window, rolling, limit, actual
+--       then per budget: budget ('<window> <rolling> <limit> <label>'), actual
 -- Reply: {outcome, now, used, held, reset_at ...}; outcome 'applied' (a hold or an expired hold was
 -- found), 'posted' (no record: the actual is added all the same, e.g. usage replayed from a spool)
 -- or 'repeat' (already settled or released: nothing changed).

@@ -2,7 +2,7 @@
 -- leases like every script, so what it reports is current.
 -- KEYS[1] scope base
 -- ARGV: now ('' = Redis TIME), lease expiry mode, record ttl seconds,
---       then per budget: label, window, rolling, limit, amount (ignored)
+--       then per budget: budget ('<window> <rolling> <limit> <label>'), amount (ignored)
 -- Reply: {'state', now, used, held, reset_at ...}
 local base = KEYS[1]
 local now = clock(ARGV[1])
