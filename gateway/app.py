@@ -23,7 +23,7 @@ from .config import Config
 from .context import GATEWAY, Gateway
 from .directory import Directory, sha256_hex
 from .errors import GatewayError, MethodNotAllowed, NotFound, render, shape_for_path
-from .handler import Outcome, effective_tier, handle, identify
+from .handler import Outcome, api_handler, effective_tier, identify
 from .metrics import Metrics
 from .upstream import Upstreams
 
@@ -47,8 +47,9 @@ def create_app(config: Config, *, store_url: str | None = None, replica: str | N
     app[_SIM_OPTS] = simulator_options
     app.cleanup_ctx.extend([_simulator_ctx, _store_ctx, _session_ctx, _audit_ctx, _spool_ctx, _watch_ctx,
                              _gauges_ctx])
-    for path in ROUTES:
-        app.router.add_post(path, handle)
+    for path, adapter in ROUTES.items():
+        method = path.rsplit(":", 1)[1] if adapter.api == "gemini" else None
+        app.router.add_post(path, api_handler(adapter, method))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -301,7 +302,8 @@ async def fallback(request: web.Request) -> web.Response:
 
     A catch-all route rather than a middleware: a middleware would cost every proxied request.
     """
-    if adapter_for_path(request.path) is not None or request.path in _GET_PATHS:
+    path = "/" + request.match_info.get("tail", "")  # relative to this app, also when mounted under a prefix
+    if adapter_for_path(path) is not None or path in _GET_PATHS:
         return _error(request, MethodNotAllowed(f"method {request.method} is not allowed on {request.path[:200]!r}"))
     return _error(request, NotFound(f"unknown path {request.path[:200]!r}"))
 

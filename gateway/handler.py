@@ -11,7 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,7 +21,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import upstream as up
-from .adapters import Adapter, adapter_for_path
+from .adapters import Adapter
 from .compute import (
     Bound,
     Measured,
@@ -51,7 +51,6 @@ from .errors import (
     UpstreamTimeout,
     render,
     render_stream_error,
-    shape_for_path,
 )
 from .ledger import BudgetRefused, BudgetSpec, HoldRequest, Reservation, ScopeRef
 from .metering import ParsedRequest, decode_body, parse_request
@@ -90,28 +89,38 @@ class Outcome:
 
 
 # ------------------------------------------------------------------------------------------ entry point
-async def handle(request: web.Request) -> web.StreamResponse:
+def api_handler(adapter: Adapter, method: str | None = None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler of one API route (``method``: Gemini's generateContent / streamGenerateContent).
+
+    The adapter is bound to the route, not looked up from the path, so the app also works mounted under
+    a prefix as a sub-application.
+    """
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        params = dict(request.match_info)
+        if method is not None:
+            params["method"] = method
+            params["alt"] = request.query.get("alt", "")
+        return await serve_api(request, adapter, params)
+
+    return handle
+
+
+async def serve_api(request: web.Request, adapter: Adapter, params: dict[str, str]) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     cfg = gw.config  # one snapshot per request: a reload never changes a request half-way
-    found = adapter_for_path(request.path)
-    shape = found[0].shape if found else shape_for_path(request.path)
-    out = Outcome(request_id=secrets.token_hex(12), api=found[0].api if found else "unknown",
-                  started=time.perf_counter())
+    out = Outcome(request_id=secrets.token_hex(12), api=adapter.api, started=time.perf_counter())
     gw.inflight += 1
     try:
-        if found is None:
-            raise NotFound(f"unknown path {request.path[:200]!r}")
         if gw.draining:
             raise ShuttingDown("the gateway is shutting down; retry on another replica")
-        adapter, params = found
-        if adapter.api == "gemini":
-            params = {**params, "alt": request.query.get("alt", "")}
         return await _serve(request, gw, cfg, adapter, params, out)
     except GatewayError as err:
-        return _error_response(gw, out, err, shape)
+        return _error_response(gw, out, err, adapter.shape)
     except Exception:
         log.exception("internal error in request %s", out.request_id)
-        return _error_response(gw, out, InternalError("internal error; the request was not charged"), shape)
+        return _error_response(gw, out, InternalError("internal error; the request was not charged"),
+                               adapter.shape)
     finally:
         gw.inflight -= 1
         _finish(gw, cfg, out)
@@ -151,7 +160,7 @@ def _api_key(request: web.Request) -> str | None:
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
     return request.headers.get("x-api-key") or request.headers.get("x-goog-api-key") or (
-        request.query.get("key") if request.path.startswith("/v1beta/") else None)
+        request.query.get("key") if "/v1beta/" in request.path else None)
 
 
 async def identify(request: web.Request, gw: Gateway, cfg: Config) -> Principal:

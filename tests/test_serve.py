@@ -1,0 +1,115 @@
+"""`kgate serve` as a new user runs it, and the app mounted inside another aiohttp app (DESIGN §6)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from gatewayutil import KEYS, make_config
+
+from gateway.app import create_app
+from gateway.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "kgate serve exited early"
+            try:
+                async with s.get(url + "/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("kgate serve never became ready")
+
+
+async def test_kgate_serve_with_embedded_defaults_works_for_the_demo_key(tmp_path: Path):
+    """No config, no Redis URL, no model server: the example policy, an embedded Redis, the simulator."""
+    work = tmp_path / "fresh"
+    work.mkdir()
+    shutil.copytree(ROOT / "policies", work / "policies")
+    port, admin = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KGATE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--admin-listen", f"127.0.0.1:{admin}"], cwd=work, env=env,
+                            stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_ready(url, proc)
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="kgate-demo-key", max_retries=0)
+        raw = await client.chat.completions.with_raw_response.create(
+            model="reasoner-32b", messages=[{"role": "user", "content": "hi"}], n=4, reasoning_effort="high")
+        # the README's example: the standard tier clamps this request and says how
+        assert raw.headers["x-kgate-clamped"] == "n=2, max_completion_tokens=1024, reasoning_effort=medium"
+        assert float(raw.headers["x-kgate-k-max"]) <= 4
+        resp = raw.parse()
+        assert len(resp.choices) == 2 and resp.usage.completion_tokens > 0
+        assert (work / ".kgate" / "redis.sock").exists() or any((work / ".kgate").iterdir())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    log = err.decode()
+    assert "kgate-demo-key" in log and "warn" in log.lower(), "the demo key is announced at start-up"
+    assert "Traceback" not in log
+    # the embedded Redis kept its data on disk (append-only file) for the next start
+    assert list((work / ".kgate").rglob("*.aof*")) or list((work / ".kgate").rglob("appendonly*"))
+    # audit records were written and their chain verifies
+    from gateway.audit_tools import verify_main
+
+    assert verify_main([str(work / ".kgate" / "audit")]) == 0
+
+
+@pytest.fixture
+def redis_srv():
+    server = RedisServer(port=0, appendonly=False)
+    server.start_sync()
+    yield server
+    server.stop_sync()
+    server.cleanup()
+
+
+async def test_app_mounts_as_a_sub_application(redis_srv, tmp_path: Path):
+    parent = web.Application()
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="parent")
+
+    parent.router.add_get("/", hello)
+    parent.add_subapp("/llm", create_app(make_config(tmp_path, redis_srv.url)))
+    runner = web.AppRunner(parent)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        base = f"http://127.0.0.1:{port}"
+        client = openai.AsyncOpenAI(base_url=base + "/llm/v1", api_key=KEYS["alice"], max_retries=0)
+        resp = await client.chat.completions.create(model="dense", messages=[{"role": "user", "content": "x"}])
+        assert resp.choices
+        async with aiohttp.ClientSession() as s:
+            body = {"contents": [{"parts": [{"text": "hi"}]}]}
+            async with s.post(base + "/llm/v1beta/models/dense:generateContent", json=body,
+                              headers={"x-goog-api-key": KEYS["alice"]}) as r:
+                assert r.status == 200, await r.text()
+            async with s.get(base + "/") as r:
+                assert await r.text() == "parent"
+            async with s.get(base + "/llm/v1/chat/completions") as r:
+                assert r.status == 405 and "error" in await r.json()
+    finally:
+        await runner.cleanup()
