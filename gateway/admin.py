@@ -21,7 +21,7 @@ from aiohttp.typedefs import Handler
 
 from .config import Config, ConfigError, load_config
 from .context import GATEWAY, Gateway
-from .errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthenticated, render
+from .errors import BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound, Unauthenticated, render
 
 log = logging.getLogger("kgate.admin")
 
@@ -45,6 +45,20 @@ def _check_id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not _ID.match(value):
         raise BadRequest(f"'{what}' must be 1-128 characters of letters, digits and _.@:-", param=what)
     return value
+
+
+def _check_budget_label(cfg: Config, label: str) -> str:
+    """A label of a principal-scope budget of some tier: an override of anything else would never apply,
+    and an override of an org or global budget would change a limit that other principals share."""
+    scopes = {b.label: b.scope for t in cfg.tiers.values() for b in t.budgets}
+    if scopes.get(label) == "principal":
+        return label
+    known = sorted(k for k, v in scopes.items() if v == "principal")
+    if label in scopes:
+        raise BadRequest(f"budget {label[:128]!r} has scope {scopes[label]}; overrides apply to principal-scope "
+                         "budgets only", param="budget")
+    raise BadRequest(f"unknown budget {label[:128]!r}; the policy's principal-scope budgets are "
+                     f"{', '.join(known) or '(none)'}", param="budget")
 
 
 def _check_tier(cfg: Config, tier: Any) -> str:
@@ -117,7 +131,7 @@ async def _auth_and_errors(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPNotFound:
         err: GatewayError = NotFound(f"unknown admin path {request.path[:200]!r}")
     except web.HTTPMethodNotAllowed:
-        err = BadRequest(f"method {request.method} not allowed on {request.path[:200]!r}")
+        err = MethodNotAllowed(f"method {request.method} not allowed on {request.path[:200]!r}")
     except GatewayError as exc:
         err = exc
     except web.HTTPException:
@@ -155,6 +169,9 @@ async def put_principal(request: web.Request) -> web.Response:
     enabled = body.get("enabled")
     if enabled is not None and not isinstance(enabled, bool):
         raise BadRequest("'enabled' must be a boolean", param="enabled")
+    if tier is None and await gw.directory.by_id(pid) is None:
+        # Without a tier a new principal could never be served (403 "tier '' is not defined").
+        raise BadRequest(f"principal {pid!r} is new: 'tier' is required", param="tier")
     p = await gw.directory.set_principal(pid, tier=tier, org=org, enabled=enabled)
     await admin_record(gw, "principal.set", _actor(request), principal=pid, tier=p.tier, org=p.org,
                        enabled=p.enabled)
@@ -239,7 +256,7 @@ async def put_override(request: web.Request) -> web.Response:
     gw = _gw(request)
     assert gw.directory is not None
     pid = _check_id(request.match_info["principal"], "principal")
-    label = request.match_info["label"]
+    label = _check_budget_label(gw.config, request.match_info["label"])
     body = await _body(request)
     limit = body.get("limit")
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0:
@@ -275,15 +292,12 @@ async def principal_usage(gw: Gateway, principal_id: str) -> dict[str, Any]:
         overrides = await gw.directory.overrides(p.id)
         for hold in budget_holds(tier, p, overrides, {}):
             for st in await gw.ledger.state(hold.scope, hold.budgets):
-                budgets.append({"scope": hold.scope.scope, "scope_id": hold.scope.id, **_state_dict(st)})
+                budgets.append({"scope": st.scope.scope, "scope_id": st.scope.id, "budget": st.budget.label,
+                                "metric": st.budget.metric, "window": st.budget.window,
+                                "rolling": st.budget.rolling, "limit": st.limit, "used": st.used,
+                                "held": st.held, "remaining": st.remaining, "reset_at": st.reset_at})
     return {"principal": p.id, "org": p.org, "tier": tier_name, "base_tier": p.tier,
             "grant": grant.as_dict() if grant else None, "budgets": budgets}
-
-
-def _state_dict(st: Any) -> dict[str, Any]:
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(st) if is_dataclass(st) and not isinstance(st, type) else dict(st)
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -308,28 +322,45 @@ async def reload(request: web.Request) -> web.Response:
 async def reload_policy(app: web.Application, config_path: object, *, actor: str = "file-watch") -> tuple[bool, str]:
     """Validate the policy files, then swap the config atomically; keep the old one on any error.
 
-    Every attempt that changes something or fails is an audit record (``decision: admin``).
+    Every attempt that changes something or fails is an audit record (``decision: admin``). Never raises:
+    the file watcher and the SIGHUP handler call it in the background, and an exception there would end
+    hot reload for the life of the process.
     """
     gw = app[GATEWAY]
-    old_version = gw.config.version
-    paths = config_path if config_path is not None else list(gw.config.source_files)
+    old = gw.config
+    paths = config_path if config_path is not None else list(old.source_files)
     try:
         new = load_config(paths)  # type: ignore[arg-type]
-    except ConfigError as exc:
-        log.error("policy reload failed, keeping sha256 %s: %s", gw.config.version[:12], exc)
+        if not new.tiers:
+            # Most likely a file caught half-written (an empty file is valid YAML): with no tiers every
+            # request would be refused, so this is never what the operator meant.
+            raise ConfigError([f"{', '.join(new.source_files)}: tiers: the policy defines no tiers"])
+    except Exception as exc:  # ConfigError, or a file that vanished between two reads
+        message = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+        log.error("policy reload failed, keeping sha256 %s: %s", old.version[:12], message)
         gw.metrics.observe_policy_reload(False)
-        await admin_record(gw, "policy.reload", actor, ok=False, message=str(exc)[:4000])
-        return False, str(exc)
-    if new.version == gw.config.version:
+        await _record_quietly(gw, "policy.reload", actor, ok=False, message=message[:4000])
+        return False, message
+    if new.version == old.version:
         return True, "unchanged"
     from .upstream import Upstreams
 
-    gw.upstreams = Upstreams(new.upstreams, gw.simulator_url)
+    # Requests admitted under the old policy may still be on their way upstream: keep its upstreams
+    # reachable by name (the new policy's models only name upstreams it defines).
+    gw.upstreams = Upstreams({**old.upstreams, **new.upstreams}, gw.simulator_url)
     gw.config = new
     if gw.directory is not None:
         gw.directory.reload(new)
     gw.metrics.observe_policy_reload(True, new)
     log.info("policy reloaded: sha256 %s", new.version[:12])
-    await admin_record(gw, "policy.reload", actor, ok=True, previous_sha256=old_version,
-                       policy_sha256_new=new.version)
+    await _record_quietly(gw, "policy.reload", actor, ok=True, previous_sha256=old.version,
+                          policy_sha256_new=new.version)
     return True, "reloaded"
+
+
+async def _record_quietly(gw: Gateway, action: str, actor: str, **details: Any) -> None:
+    """An admin record whose failure is logged, never raised."""
+    try:
+        await admin_record(gw, action, actor, **details)
+    except Exception:
+        log.exception("could not write the audit record for %s", action)

@@ -8,10 +8,11 @@ API the client spoke; anything unexpected is logged and answered as a 500 withou
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -56,6 +57,19 @@ from .ledger import BudgetRefused, BudgetSpec, HoldRequest, Reservation, ScopeRe
 from .metering import ParsedRequest, decode_body, parse_request
 
 log = logging.getLogger("kgate.handler")
+
+
+def _request_ids() -> Iterator[str]:
+    """Request ids unique across replicas and restarts: a random 64-bit prefix per process and a counter.
+
+    (The ledger keys settle idempotency on them; os.urandom per request was a measurable syscall.)
+    """
+    prefix = secrets.token_hex(8)
+    for n in itertools.count(1):
+        yield f"{prefix}{n:08x}"
+
+
+_REQUEST_IDS = _request_ids()
 
 STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError, TimeoutError)
 METRICS = ("requests", "prompt_tokens", "output_tokens", "reasoning_tokens", "generated_tokens", "flops",
@@ -109,7 +123,7 @@ def api_handler(adapter: Adapter, method: str | None = None) -> Callable[[web.Re
 async def serve_api(request: web.Request, adapter: Adapter, params: dict[str, str]) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     cfg = gw.config  # one snapshot per request: a reload never changes a request half-way
-    out = Outcome(request_id=secrets.token_hex(12), api=adapter.api, started=time.perf_counter())
+    out = Outcome(request_id=next(_REQUEST_IDS), api=adapter.api, started=time.perf_counter())
     gw.inflight += 1
     try:
         if gw.draining:

@@ -358,8 +358,13 @@ class Ledger:
         targets = list(scopes if scopes is not None else self._touched)
         if not targets:
             return 0
-        counts = await asyncio.gather(*(self.redis.zcard(self._base(s) + ":leases") for s in targets))
-        return int(sum(counts))
+        keys = [self._base(s) + ":leases" for s in targets]
+        if not hasattr(self.redis, "pipeline"):  # a bare pipelined client (gateway.resp) pipelines anyway
+            return int(sum(await asyncio.gather(*(self.redis.execute_command("ZCARD", k) for k in keys))))
+        pipe = self.redis.pipeline(transaction=False)  # one round trip (per node), not one per scope
+        for k in keys:
+            pipe.zcard(k)
+        return int(sum(await pipe.execute()))
 
     async def prepare(self) -> None:
         """Load the scripts now (e.g. at startup, to fail early); calls load them on demand anyway."""

@@ -1,8 +1,8 @@
 """Running kgate as a process: ``kgate serve`` and ``kgate simulate`` (DESIGN §6).
 
-``serve`` listens for clients and, separately, for the admin API; SIGTERM drains (stop accepting, let
-in-flight requests finish up to ``server.drain_seconds``, settle, flush the audit log, exit 0); SIGHUP
-reloads the policy.
+``serve`` listens for clients and, separately, for the admin API; SIGTERM (or SIGINT) drains: stop
+accepting, let in-flight requests finish up to ``server.drain_seconds`` (a second signal ends the wait),
+settle, flush the audit log, exit 0. SIGHUP reloads the policy.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .config import ConfigError, default_config_path, load_config, parse_listen
+
+if TYPE_CHECKING:
+    from .context import Gateway
 
 log = logging.getLogger("kgate.server")
 
@@ -55,50 +59,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def serve(config_path: object, listen: str, admin_listen: str, store: str) -> int:
-    from .admin import create_admin_app
+    """Run until SIGTERM or SIGINT, then drain; returns the exit code (0 after a drain)."""
+    from .admin import create_admin_app, reload_policy
     from .app import create_app
     from .context import GATEWAY
+
+    # Signals first: a SIGTERM that arrives while the store or the listeners start up is a request to
+    # stop once started, not a reason to die without cleaning up (the default action).
+    stop = asyncio.Event()
+    force = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_stop() -> None:
+        if stop.is_set():
+            force.set()  # a second signal: stop waiting for the requests in flight
+            log.warning("second stop signal: ending the drain now")
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
 
     config = load_config(config_path)  # type: ignore[arg-type]
     app = create_app(config, store_url=store)
     gw = app[GATEWAY]
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
-    await runner.setup()
-    host, port = parse_listen(listen)
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-    await site.start()
     admin_runner = web.AppRunner(create_admin_app(app, config_path), access_log=None, handle_signals=False)
-    await admin_runner.setup()
-    ahost, aport = parse_listen(admin_listen)
-    await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
-    log.info("kgate listening on http://%s (admin on http://%s), store %s, policy %s (sha256 %s)",
-             listen, admin_listen, "embedded" if store == "embedded" else store.split("@")[-1],
-             config_path, config.version[:12])
+    try:
+        await runner.setup()
+        host, port = parse_listen(listen)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        await site.start()
+        await admin_runner.setup()
+        ahost, aport = parse_listen(admin_listen)
+        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+        log.info("kgate listening on http://%s (admin on http://%s), store %s, policy %s (sha256 %s)",
+                 listen, admin_listen, "embedded" if store == "embedded" else store.split("@")[-1],
+                 config_path, config.version[:12])
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(
+            reload_policy(app, config_path, actor="sighup")))
+        await stop.wait()
+        loop.remove_signal_handler(signal.SIGHUP)
+        await drain(gw, site, force)
+    finally:
+        # Close in order: the admin API, then the app (its cleanup_ctx settles nothing new, stops the spool,
+        # flushes and closes the audit log, then the store). Also after a failed start.
+        await admin_runner.cleanup()
+        await runner.cleanup()
+    log.info("stopped")
+    return 0
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    from .admin import reload_policy
 
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(
-        reload_policy(app, config_path, actor="sighup")))
-    await stop.wait()
+async def drain(gw: Gateway, site: web.BaseSite, force: asyncio.Event) -> None:
+    """Refuse new work, and let what is in flight finish, up to ``server.drain_seconds``.
 
-    # Drain: refuse new work, let what is in flight finish (bounded), then close everything in order.
+    New connections are refused (the listener closes); a request on a connection kept alive is answered
+    503 ``shutting_down`` in its API's shape. Streams in flight run to their end and settle. Requests still
+    running when the period ends (or on a second signal) are cancelled by the runner's cleanup: their
+    handlers settle what was generated, as for a client that went away.
+    """
     gw.draining = True
     log.info("draining: %d requests in flight", gw.inflight)
     await site.stop()
     deadline = time.monotonic() + gw.config.server.drain_seconds
-    while gw.inflight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter, not an event
+    while gw.inflight > 0 and time.monotonic() < deadline and not force.is_set():  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     if gw.inflight:
-        log.warning("drain period over with %d requests in flight; their holds expire with their leases",
+        log.warning("drain ended with %d requests in flight: they are cancelled and settle what they generated",
                     gw.inflight)
-    await admin_runner.cleanup()
-    await runner.cleanup()
-    log.info("stopped")
-    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -5,17 +5,12 @@ actual usage is appended here — one JSON line per request, fsynced before the 
 instead of being lost. A settle that failed (Redis went away while a request ran) is appended too: its hold
 stays in Redis until its lease expires, and the replayed settle corrects the charge to the actual.
 
-A background task replays the lines into the ledger in order as soon as the store answers again, through
-the ledger's idempotent operations, so a line replayed twice (a crash between the ledger write and the
-spool's progress mark) still counts once:
-
-- ``settle`` lines (a settle that failed): :meth:`Ledger.settle` under the request id, which turns the
-  hold (or the charge its expired lease made) into the actual.
-- ``post`` lines (a reserve that failed): the reserve may still have reached Redis (a timeout is not a
-  refusal), and the ledger's rollback of it marks the request id as voided, after which a settle under
-  that id would be a no-op and the usage lost. So the replay first voids the request id on its scopes
-  (:meth:`Ledger.release`: releases a late hold, takes back a late hold's expiry charge, or just marks the
-  id), then posts the actual under the derived id ``<request id>:spool``.
+A background task replays the lines into the ledger in order as soon as the store answers again, with
+:meth:`Ledger.settle` under the request id. Settle is idempotent, so a line replayed twice (a crash between
+the ledger write and the spool's progress mark) still counts once, and it finds whatever the outage left:
+a hold (a settle that failed: ``kind: settle``), or the charge its expired lease made, is turned into the
+actual; nothing at all (a reserve that failed: ``kind: post``; the ledger's rollback of a reserve that
+may have reached Redis forgets the request rather than marking it) and the actual is posted.
 
 Progress is a byte offset kept beside the file (``<spool>.offset``); once everything is replayed the file
 starts afresh. Crash safety: a line is acknowledged only after ``fsync``; a torn last line (a crash in the
@@ -32,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +40,6 @@ import orjson
 from .ledger import BudgetSpec, HoldRequest, Ledger, Reservation, ScopeRef
 
 log = logging.getLogger("kgate.spool")
-
-SPOOL_ID_SUFFIX = ":spool"  # ledger id of a replayed ``post`` line: <request id>:spool
 
 # Seconds between replay attempts while the store stays away: short, because a store that is back should
 # see the backlog soon (readiness, reconcile), and one refused connection every few seconds costs nothing.
@@ -65,15 +59,20 @@ def _hold_from_dict(d: Mapping[str, Any]) -> HoldRequest:
                        {k: float(v) for k, v in d["amounts"].items()})
 
 
+OnReplayed = Callable[[dict[str, Any]], Awaitable[None] | None]
+
+
 class Spool:
     """An append-only, fsynced, bounded file of usage waiting for the ledger.
 
     ``append`` may be called from any thread (the gateway calls it through ``asyncio.to_thread``);
     ``replay``, ``start`` and ``close`` belong to the event loop that created the spool.
+    ``on_replayed(record)`` is called for each line once the ledger has it, before the line is marked done;
+    when it returns an awaitable (e.g. an audit write), the mark waits for it, so a crash in between
+    replays the line again (a repeat for the ledger) rather than losing what ``on_replayed`` records.
     """
 
-    def __init__(self, path: str | Path, *, max_bytes: int = 64 << 20,
-                 on_replayed: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(self, path: str | Path, *, max_bytes: int = 64 << 20, on_replayed: OnReplayed | None = None):
         self.path = Path(path)
         self.offset_path = self.path.with_suffix(self.path.suffix + ".offset")
         self.max_bytes = max_bytes
@@ -205,17 +204,11 @@ class Spool:
                         rid = str(rec["request_id"])
                         holds = tuple(_hold_from_dict(h) for h in rec["holds"])
                         actual = {str(k): float(v) for k, v in rec["actual"].items()}
-                        kind = rec.get("kind", "settle")
-                        if kind not in ("post", "settle"):
-                            raise ValueError(f"unknown kind {kind!r}")
                     except (KeyError, TypeError, ValueError, AttributeError) as exc:
                         self._skip(off_after, f"malformed record ({exc!r})")
                         rec = None
                     else:
                         try:  # store errors propagate: the line is retried later
-                            if kind == "post":
-                                await ledger.release(Reservation(rid, holds))
-                                rid += SPOOL_ID_SUFFIX
                             await ledger.settle(Reservation(rid, holds), actual)
                         except ValueError as exc:  # the ledger refuses the amounts: retrying cannot help
                             self._skip(off_after, str(exc))
@@ -223,7 +216,9 @@ class Spool:
                 if rec is not None:
                     if self.on_replayed is not None:
                         try:
-                            self.on_replayed(rec)
+                            result = self.on_replayed(rec)
+                            if inspect.isawaitable(result):
+                                await result
                         except Exception:
                             log.exception("spool: on_replayed failed for %s", rec.get("request_id"))
                     self.replayed += 1

@@ -36,7 +36,7 @@ _BOOL_ARGS = ("ssl_check_hostname",)
 _TLS_ARGS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 
 
-async def connect(url: str, *, timeout: float, decode_responses: bool = True,  # noqa: ASYNC109 - a socket timeout
+async def connect(url: str, *, timeout: float, decode_responses: bool = True,
                   max_connections: int | None = None) -> StoreClient:
     """A client for ``url`` (see the module docstring). Nothing is sent yet (the first command connects),
     except for a cluster, whose slot map is fetched now if the cluster is reachable.

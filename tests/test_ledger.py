@@ -1,4 +1,4 @@
-"""The ledger's semantics against real Redis: 7.x, 6.2 and a 7.x cluster (the ``store`` fixture).
+"""The ledger's semantics against real Redis: 7.x, 6.2 and a 7.x cluster (the ``store_client`` fixture).
 
 Time is injected (``clock``) so lease expiry is tested without sleeping.
 """
@@ -34,8 +34,8 @@ def hold(scope: ScopeRef = ALICE, *budgets: BudgetSpec, **amounts: float) -> Hol
 
 
 @pytest.fixture
-def ledger(store, key_prefix, clock) -> Ledger:
-    return Ledger(store, key_prefix=key_prefix, clock=clock)
+def ledger(store_client, key_prefix, clock) -> Ledger:
+    return Ledger(store_client, key_prefix=key_prefix, clock=clock)
 
 
 def by_label(states) -> dict:
@@ -191,8 +191,8 @@ async def test_release_after_expiry_takes_the_charge_back(ledger: Ledger, clock)
     assert (s["out-1d"].used, s["req-1h"].used, s["out-1d"].held) == (0, 0, 0)
 
 
-async def test_lease_expiry_release_mode(store, key_prefix, clock) -> None:
-    ledger = Ledger(store, key_prefix=key_prefix, clock=clock, lease_expiry="release")
+async def test_lease_expiry_release_mode(store_client, key_prefix, clock) -> None:
+    ledger = Ledger(store_client, key_prefix=key_prefix, clock=clock, lease_expiry="release")
     res = await ledger.reserve("r1", [hold(output_tokens=300)], lease_seconds=30)
     assert await ledger.holds_outstanding() == 1
     clock.advance(31)
@@ -214,13 +214,13 @@ async def test_expired_lease_frees_room_for_others(ledger: Ledger, clock) -> Non
     await ledger.reserve("r4", [hold(output_tokens=100)], 60)  # ...but the 100 left is usable again
 
 
-async def test_finished_ids_are_forgotten_after_record_ttl(store, key_prefix, clock) -> None:
-    ledger = Ledger(store, key_prefix=key_prefix, clock=clock, record_ttl=60)
+async def test_finished_ids_are_forgotten_after_record_ttl(store_client, key_prefix, clock) -> None:
+    ledger = Ledger(store_client, key_prefix=key_prefix, clock=clock, record_ttl=60)
     res = await ledger.reserve("r1", [hold()], 30)
     await ledger.settle(res, {"output_tokens": 1})
     clock.advance(61)
     await ledger.state(ALICE, [TOK])  # reaps
-    rec = await store.hget(ledger.key_base(ALICE) + ":rec", "r1")
+    rec = await store_client.hget(ledger.key_base(ALICE) + ":rec", "r1")
     assert rec is None
 
 
@@ -274,10 +274,10 @@ async def test_cancelled_reserve_leaves_no_hold(ledger: Ledger) -> None:
     assert state["out-1d"].held == 0
 
 
-async def test_redis_time_is_the_default_clock(store, key_prefix) -> None:
+async def test_redis_time_is_the_default_clock(store_client, key_prefix) -> None:
     import time
 
-    ledger = Ledger(store, key_prefix=key_prefix)
+    ledger = Ledger(store_client, key_prefix=key_prefix)
     res = await ledger.reserve("r1", [hold()], 60)
     assert abs(res.expires_at - 60 - time.time()) < 5
     await ledger.settle(res, {"output_tokens": 1})
@@ -332,5 +332,7 @@ async def test_many_pairs_through_the_pipelined_client(server: str, request, key
             await ledger.settle(res, {"output_tokens": 7, "flops": 1e9})
         states = await ledger.state(ALICE, budgets)
         assert [s.used for s in states] == [300, 2100, 3e11]
+        await ledger.reserve("open", [HoldRequest(ALICE, budgets, {"output_tokens": 1, "flops": 1})], 60)
+        assert await ledger.holds_outstanding() == 1
     finally:
         await client.aclose()

@@ -18,8 +18,8 @@ def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: 
 
 
 @pytest.fixture
-def ledger(store, key_prefix, clock) -> Ledger:
-    return Ledger(store, key_prefix=key_prefix, clock=clock)
+def ledger(store_client, key_prefix, clock) -> Ledger:
+    return Ledger(store_client, key_prefix=key_prefix, clock=clock)
 
 
 async def use(ledger: Ledger, rid: str, budget: BudgetSpec, amount: float) -> None:

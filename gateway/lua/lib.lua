@@ -222,8 +222,9 @@ end
 
 -- Lease reaping, done by every script before anything else, so no separate sweeper is needed.
 -- An expired hold is released and, in 'charge' mode, charged to the window its expiry falls in.
--- Finished records older than `ttl` seconds are forgotten.
-local function reap(base, now, charge, ttl)
+-- With `forget`, finished records older than `ttl` seconds are dropped too (the scripts that finish
+-- requests do this; reserve skips it, to stay short).
+local function reap(base, now, charge, ttl, forget)
   local leases = base .. ':leases'
   local recs = base .. ':rec'
   local fin = base .. ':fin'
@@ -251,6 +252,7 @@ local function reap(base, now, charge, ttl)
     redis.call('ZREM', leases, unpack(due))
     tidy_held(base)
   end
+  if not forget then return end
   local old = redis.call('ZRANGEBYSCORE', fin, '-inf', fmt(now - ttl), 'LIMIT', 0, REAP_BATCH)
   if #old > 0 then
     redis.call('HDEL', recs, unpack(old))

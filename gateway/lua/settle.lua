@@ -11,7 +11,7 @@ local now = clock(ARGV[1])
 local rid = ARGV[2]
 local ttl = tonumber(ARGV[4])
 local budgets = read_budgets(5)
-reap(base, now, ARGV[3] == 'charge', ttl)
+reap(base, now, ARGV[3] == 'charge', ttl, true)
 
 local raw = redis.call('HGET', base .. ':rec', rid)
 if raw == 'S' or raw == 'R' then

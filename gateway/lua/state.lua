@@ -6,5 +6,5 @@
 -- Reply: {'state', now, used, held, reset_at ...}
 local base = KEYS[1]
 local now = clock(ARGV[1])
-reap(base, now, ARGV[2] == 'charge', tonumber(ARGV[3]))
+reap(base, now, ARGV[2] == 'charge', tonumber(ARGV[3]), true)
 return report('state', base, read_budgets(4), now)
