@@ -26,7 +26,8 @@ KEYS = {
 TIERS = {"alice": "basic", "carol": "clamp", "tina": "tight", "sam": "shadow", "olga": "open", "vera": "vetted"}
 
 
-def policy_dict(store_url: str, data_dir: Path, **tier_overrides: Any) -> dict[str, Any]:
+def policy_dict(store_url: str, data_dir: Path, server: dict[str, Any] | None = None,
+                **tier_overrides: Any) -> dict[str, Any]:
     tiers: dict[str, Any] = {
         "basic": {"models": ["dense", "reasoner", "moe"], "max_k": 8, "max_samples": 4,
                   "efforts": ["none", "minimal", "low", "medium", "high"], "on_exceed": "reject",
@@ -47,7 +48,7 @@ def policy_dict(store_url: str, data_dir: Path, **tier_overrides: Any) -> dict[s
     for name, over in tier_overrides.items():
         tiers[name] = {**tiers.get(name, {}), **over}
     return {
-        "server": {"max_body_bytes": 65536},
+        "server": {"max_body_bytes": 65536, **(server or {})},
         "store": {"url": store_url, "data_dir": str(data_dir), "timeout_seconds": 0.5,
                   "lease_grace_seconds": 5},
         "audit": {"dir": str(data_dir / "audit")},
@@ -73,14 +74,16 @@ def policy_dict(store_url: str, data_dir: Path, **tier_overrides: Any) -> dict[s
     }
 
 
-def write_policy(tmp_path: Path, store_url: str, **tier_overrides: Any) -> Path:
+def write_policy(tmp_path: Path, store_url: str, server: dict[str, Any] | None = None,
+                 **tier_overrides: Any) -> Path:
     path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy_dict(store_url, tmp_path / "data", **tier_overrides)))
+    path.write_text(yaml.safe_dump(policy_dict(store_url, tmp_path / "data", server, **tier_overrides)))
     return path
 
 
-def make_config(tmp_path: Path, store_url: str, **tier_overrides: Any) -> Config:
-    return load_config(write_policy(tmp_path, store_url, **tier_overrides))
+def make_config(tmp_path: Path, store_url: str, server: dict[str, Any] | None = None,
+                **tier_overrides: Any) -> Config:
+    return load_config(write_policy(tmp_path, store_url, server, **tier_overrides))
 
 
 class RunningGateway:

@@ -313,3 +313,25 @@ def _budgets(g, tier: str):
     from gateway.ledger import BudgetSpec
 
     return [BudgetSpec.from_config(b) for b in g.gw.config.tiers[tier].budgets]
+
+
+# ----------------------------------------------------------------------------- trusted identity header
+async def test_trusted_identity_header_behind_an_authenticating_proxy(redis_srv, tmp_path: Path):
+    cfg = make_config(tmp_path, redis_srv.url, server={"trusted_identity_header": "X-Authenticated-User"})
+    async with running_gateway(cfg) as g, aiohttp.ClientSession() as s:
+        body = {"model": "dense", "messages": MSG, "max_tokens": 5}
+        async with s.post(g.url + "/v1/chat/completions", json=body,
+                          headers={"X-Authenticated-User": "carol"}) as r:
+            assert r.status == 200, await r.text()
+        async with s.post(g.url + "/v1/chat/completions", json={**body, "model": "moe"},
+                          headers={"X-Authenticated-User": "carol"}) as r:
+            assert r.status == 403, "the header's principal gets its own tier"
+        async with s.post(g.url + "/v1/chat/completions", json=body,
+                          headers={"X-Authenticated-User": "mallory"}) as r:
+            assert r.status == 401
+        # without the header, API keys still work
+        async with s.post(g.url + "/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEYS['alice']}"}) as r:
+            assert r.status == 200
+        last = (await (await s.get(g.sim_url + "/_sim/stats")).json())["last_request"]
+        assert "x-authenticated-user" not in last["headers"], "identity headers are not forwarded"

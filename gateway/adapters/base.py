@@ -200,15 +200,23 @@ class Adapter(ABC):
 
 
 # ---------------------------------------------------------------------------------- validation helpers
+# The largest integer any field may carry (2**53 - 1, the largest a JSON number holds exactly): beyond it
+# a sample count times an output cap no longer converts to a float, and no API means such a value.
+MAX_INT = 2**53 - 1
+
+
 def req_int(body: Mapping[str, Any], key: str, *, default: int | None = None, minimum: int | None = None,
             maximum: int | None = None, param: str | None = None) -> int | None:
-    """An optional integer field, validated: bools and floats with a fraction are refused."""
+    """An optional integer field, validated: bools, floats with a fraction and magnitudes above
+    :data:`MAX_INT` are refused."""
     name = param or key
     if key not in body or body[key] is None:
         return default
     v = body[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise BadRequest(f"'{name}' must be an integer, got {type(v).__name__}", param=name)
+    if abs(v) > MAX_INT:
+        raise BadRequest(f"'{name}' must be an integer of magnitude at most {MAX_INT}, got {v:.6g}", param=name)
     if isinstance(v, float):
         if not v.is_integer():
             raise BadRequest(f"'{name}' must be an integer, got {v}", param=name)
