@@ -381,7 +381,10 @@ class AuditLog:
                         self.write_errors += 1
                         log.error("audit fsync failed: %s", exc)
                 assert self._loop is not None
-                if done:  # one wake-up of the event loop per batch, not per record
+                # One wake-up of the event loop per batch, and none at all when nobody waits for these
+                # records (write_nowait) and there is no stream sink: waking the loop is a syscall.
+                if done and (self._sink_task is not None or any(
+                        item.future is not None or isinstance(result, BaseException) for item, result in done)):
                     self._loop.call_soon_threadsafe(self._settle_batch, done)
         finally:
             self._close_file()

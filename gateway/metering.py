@@ -19,6 +19,8 @@ from .compute import Bound, ComputeRequest, Measured, admission_bound, estimate_
 from .config import Config, ModelConfig
 from .errors import BadRequest, NotFound
 
+MAX_DEPTH = 255  # the deepest nesting a request body may have: what orjson can write back out
+
 
 @dataclass(frozen=True)
 class ParsedRequest:
@@ -54,6 +56,13 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"the request body is not valid JSON: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    # orjson reads 1024 levels of nesting but writes only 255: a deeper body would parse here and then
+    # fail when forwarded. Counting brackets is cheap and only a body with that many goes to the check.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        try:
+            orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise BadRequest(f"the request body is nested more than {MAX_DEPTH} levels deep") from None
     return body
 
 

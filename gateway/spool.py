@@ -5,12 +5,20 @@ actual usage is appended here — one JSON line per request, fsynced before the 
 instead of being lost. A settle that failed (Redis went away while a request ran) is appended too: its hold
 stays in Redis until its lease expires, and the replayed settle corrects the charge to the actual.
 
-A background task replays the lines into the ledger in order as soon as the store answers again, with
-:meth:`Ledger.settle` under the request id. Settle is idempotent, so a line replayed twice (a crash between
-the ledger write and the spool's progress mark) still counts once, and it finds whatever the outage left:
-a hold (a settle that failed: ``kind: settle``), or the charge its expired lease made, is turned into the
-actual; nothing at all (a reserve that failed: ``kind: post``; the ledger's rollback of a reserve that
-may have reached Redis forgets the request rather than marking it) and the actual is posted.
+A hold that could not be voided is appended too (``kind: release``): a release that failed, or a reserve
+that failed and was refused by policy — the reserve may have reached Redis before it died, and its
+rollback could not. Without the line, the lease would expire and be charged for a request never served.
+
+A background task replays the lines into the ledger in order as soon as the store answers again, through
+the ledger's idempotent operations, so a line replayed twice (a crash between the ledger write and the
+spool's progress mark) still counts once. Each finds whatever the outage left in Redis:
+
+- usage lines: :meth:`Ledger.settle` under the request id turns a hold (a settle that failed: ``kind:
+  settle``), or the charge its expired lease made, into the actual; with nothing there (a reserve that
+  failed: ``kind: post``; the ledger's rollback of a reserve that may have reached Redis forgets the
+  request rather than marking it) the actual is posted.
+- ``release`` lines: :meth:`Ledger.release` voids a hold, takes back its expiry charge, or only marks an
+  id that never reached Redis.
 
 Progress is a byte offset kept beside the file (``<spool>.offset``); once everything is replayed the file
 starts afresh. Crash safety: a line is acknowledged only after ``fsync``; a torn last line (a crash in the
@@ -125,6 +133,11 @@ class Spool:
         self.wake()
         return True
 
+    def append_release(self, request_id: str, holds: Sequence[HoldRequest],
+                       meta: Mapping[str, Any] | None = None) -> bool:
+        """A hold that may exist in Redis and must be voided (a release, or a denied reserve, that failed)."""
+        return self._append("release", request_id, holds, {}, meta)
+
     def wake(self) -> None:
         """Ask the background task to replay now (any thread; e.g. when the store is known to be back)."""
         loop = self._loop
@@ -204,17 +217,21 @@ class Spool:
                         rid = str(rec["request_id"])
                         holds = tuple(_hold_from_dict(h) for h in rec["holds"])
                         actual = {str(k): float(v) for k, v in rec["actual"].items()}
+                        release = rec.get("kind") == "release"
                     except (KeyError, TypeError, ValueError, AttributeError) as exc:
                         self._skip(off_after, f"malformed record ({exc!r})")
                         rec = None
                     else:
                         try:  # store errors propagate: the line is retried later
-                            await ledger.settle(Reservation(rid, holds), actual)
+                            if release:
+                                await ledger.release(Reservation(rid, holds))
+                            else:
+                                await ledger.settle(Reservation(rid, holds), actual)
                         except ValueError as exc:  # the ledger refuses the amounts: retrying cannot help
                             self._skip(off_after, str(exc))
                             rec = None
                 if rec is not None:
-                    if self.on_replayed is not None:
+                    if self.on_replayed is not None and not release:
                         try:
                             result = self.on_replayed(rec)
                             if inspect.isawaitable(result):

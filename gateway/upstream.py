@@ -19,6 +19,7 @@ from .errors import UpstreamError, UpstreamTimeout
 
 # Client headers that carry meaning for the provider and nothing about the caller's identity.
 FORWARD_REQUEST_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta", "accept")
+MAX_FORWARDED_VALUE = 1024  # characters; provider headers (versions, beta flags) are far shorter
 # Upstream response headers worth passing back (request ids help a client open a support ticket).
 FORWARD_RESPONSE_HEADERS = ("content-type", "x-request-id", "request-id", "openai-processing-ms",
                             "anthropic-organization-id")
@@ -61,7 +62,7 @@ def request_headers(target: Target, api_shape: str, client: Mapping[str, str], r
     h["X-Request-Id"] = request_id
     for name in FORWARD_REQUEST_HEADERS:
         v = client.get(name)
-        if v is not None and "\r" not in v and "\n" not in v:
+        if v is not None and _safe_value(v):
             h[name] = v
     if api_shape == "anthropic" and "anthropic-version" not in h:
         h["anthropic-version"] = "2023-06-01"
@@ -75,11 +76,17 @@ def request_headers(target: Target, api_shape: str, client: Mapping[str, str], r
     if target.config.base_url == "simulator":
         # The built-in simulator takes test-control headers (x-sim-fault, ...); real upstreams never see them.
         for k, v in client.items():
-            if k.lower().startswith("x-sim-") and "\r" not in v and "\n" not in v:
+            if k.lower().startswith("x-sim-") and _safe_value(v):
                 h[k] = v
     for k, v in target.config.headers.items():
         h[k] = v
     return h
+
+
+def _safe_value(value: str) -> bool:
+    """A client header value fit to forward: short printable ASCII. CR/LF would split the header, other
+    control and non-ASCII bytes are refused by some servers; none occur in a real provider header."""
+    return len(value) <= MAX_FORWARDED_VALUE and value.isascii() and value.isprintable()
 
 
 def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:

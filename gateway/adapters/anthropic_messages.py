@@ -14,11 +14,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
-
 from ..compute import ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest, Forbidden
-from .base import Adapter, SSEEvent, StreamMeter, nonneg, req_bool, req_int, req_obj, req_str
+from .base import Adapter, SSEEvent, StreamMeter, json_size, nonneg, req_bool, req_int, req_obj, req_str
 
 EFFORTS: tuple[str, ...] = ("low", "medium", "high", "xhigh", "max")
 THINKING_TYPES: tuple[str, ...] = ("enabled", "adaptive", "disabled")
@@ -162,7 +160,7 @@ def _content_chars(content: Any) -> tuple[int, int]:
         elif kind == "text":
             visible += _strlen(block.get("text"))
         elif kind in ("tool_use", "server_tool_use") and block.get("input") is not None:
-            visible += len(orjson.dumps(block["input"]))
+            visible += json_size(block["input"])
     return thinking, visible
 
 

@@ -216,7 +216,8 @@ def req_int(body: Mapping[str, Any], key: str, *, default: int | None = None, mi
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise BadRequest(f"'{name}' must be an integer, got {type(v).__name__}", param=name)
     if abs(v) > MAX_INT:
-        raise BadRequest(f"'{name}' must be an integer of magnitude at most {MAX_INT}, got {v:.6g}", param=name)
+        raise BadRequest(f"'{name}' must be an integer of magnitude at most {MAX_INT}, got {str(v)[:32]}",
+                         param=name)
     if isinstance(v, float):
         if not v.is_integer():
             raise BadRequest(f"'{name}' must be an integer, got {v}", param=name)
@@ -261,6 +262,15 @@ def req_obj(body: Mapping[str, Any], key: str, *, param: str | None = None) -> M
     if not isinstance(v, dict):
         raise BadRequest(f"'{name}' must be an object, got {type(v).__name__}", param=name)
     return v
+
+
+def json_size(obj: Any) -> int:
+    """The length of ``obj`` as JSON, for token estimates; an upstream may send JSON nested deeper than
+    orjson writes (255 levels), which must not fail the request: its text length stands in."""
+    try:
+        return len(orjson.dumps(obj))
+    except orjson.JSONEncodeError:
+        return len(str(obj))
 
 
 def nonneg(x: Any) -> int:

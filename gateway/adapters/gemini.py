@@ -24,7 +24,7 @@ import orjson
 from ..compute import ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest, Forbidden
 from .anthropic_messages import estimate_tokens, request_object
-from .base import Adapter, SSEEvent, StreamMeter, nonneg, req_int, req_obj, req_str
+from .base import Adapter, SSEEvent, StreamMeter, json_size, nonneg, req_int, req_obj, req_str
 
 LEVELS: tuple[str, ...] = ("minimal", "low", "medium", "high")  # thinkingLevel, lower-cased
 METHODS: tuple[str, ...] = ("generateContent", "streamGenerateContent")
@@ -224,7 +224,7 @@ class _Tally:
                 else:
                     self.text_chars += len(text)
             elif part.get("functionCall") is not None:
-                self.text_chars += len(orjson.dumps(part["functionCall"]))
+                self.text_chars += json_size(part["functionCall"])
 
     def done(self, samples: int) -> bool:
         """Every expected candidate has finished (or the prompt was blocked)."""
