@@ -14,7 +14,6 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -111,10 +110,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    from .http_client import HttpClient
+
     gw = app[GATEWAY]
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-    gw.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
-                                       skip_auto_headers=("User-Agent",))
+    gw.session = HttpClient()
     gw.upstreams = Upstreams(gw.config.upstreams, gw.simulator_url)
     yield
     await gw.session.close()

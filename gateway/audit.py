@@ -248,6 +248,7 @@ class AuditLog:
         self._torn: _Torn | None = None
         self._lock_fd: int | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._outbox: list[_Item] = []  # records of this loop turn, not yet handed to the thread
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future[None] | None = None
@@ -273,6 +274,7 @@ class AuditLog:
         if self._thread is None or self._closing:
             return
         self._closing = True
+        self._handoff()
         self._queue.put(_STOP)
         assert self._stopped is not None
         await self._stopped
@@ -355,17 +357,33 @@ class AuditLog:
         except TypeError:
             self.write_errors += 1
             raise
-        self._queue.put(_Item(payload, now, fut))
+        # Hand records to the writer thread once per turn of the event loop, not one by one: each
+        # hand-off wakes the thread (a futex syscall and a context switch), which per record was one of
+        # the larger costs of a proxied request.
+        self._outbox.append(_Item(payload, now, fut))
+        if len(self._outbox) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._handoff)
+
+    def _handoff(self) -> None:
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self._queue.put(batch)
 
     # ------------------------------------------------------------------------------ writer thread
     def _run(self) -> None:
         stop = False
         try:
             while not stop:
-                batch = [self._queue.get()]
+                batch: list[Any] = []
+                first = self._queue.get()
                 while True:
+                    if isinstance(first, list):
+                        batch.extend(first)
+                    else:
+                        batch.append(first)
                     try:
-                        batch.append(self._queue.get_nowait())
+                        first = self._queue.get_nowait()
                     except queue.Empty:
                         break
                 done: list[tuple[_Item, dict[str, Any] | BaseException]] = []

@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from .audit import AuditLog
     from .config import Config
     from .directory import Directory
+    from .http_client import HttpClient
     from .ledger import Ledger
     from .metrics import Metrics
     from .spool import Spool
@@ -31,7 +30,7 @@ class Gateway:
     directory: Directory | None = None
     ledger: Ledger | None = None
     upstreams: Upstreams | None = None
-    session: aiohttp.ClientSession | None = None
+    session: HttpClient | None = None
     audit: AuditLog | None = None
     spool: Spool | None = None
     simulator_url: str | None = None

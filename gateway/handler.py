@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -53,6 +52,7 @@ from .errors import (
     render,
     render_stream_error,
 )
+from .http_client import HttpBroken, HttpTimeout
 from .ledger import BudgetRefused, BudgetSpec, HoldRequest, Reservation, ScopeRef
 from .metering import ParsedRequest, decode_body, parse_request
 
@@ -304,7 +304,8 @@ def _scoped_specs(tier: TierConfig, overrides: tuple[tuple[str, float], ...]
     by_scope: dict[str, list[BudgetSpec]] = {}
     for b in tier.budgets:
         by_scope.setdefault(b.scope, []).append(BudgetSpec.from_config(b, limits.get(b.label)))
-    out = [(scope, tuple(by_scope[scope])) for scope in ("principal", "org", "global") if scope in by_scope]
+    out: list[tuple[str, tuple[BudgetSpec, ...]]] = [
+        (scope, tuple(by_scope[scope])) for scope in ("principal", "org", "global") if scope in by_scope]
     if len(_SPEC_CACHE) > 4096:  # tiers are replaced on reload; keep the cache from growing for ever
         _SPEC_CACHE.clear()
     _SPEC_CACHE[key] = (tier, out)
@@ -452,12 +453,7 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
     t0 = time.perf_counter()
     resp = await up.send(gw.session, target, path, payload, headers)
     try:
-        try:
-            data = await resp.read()
-        except TimeoutError:
-            raise UpstreamTimeout(f"upstream {target.name!r} timed out while sending its answer") from None
-        except aiohttp.ClientError:
-            raise UpstreamError(f"upstream {target.name!r} broke off its answer") from None
+        data = await up.read_body(target, resp)
     finally:
         resp.release()
     out.upstream_seconds = time.perf_counter() - t0
@@ -505,8 +501,8 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
     resp = await up.send(gw.session, target, path, payload, headers)
     if resp.status >= 400:
         try:
-            data = await resp.read()
-        except aiohttp.ClientError:
+            data = await up.read_body(target, resp)
+        except GatewayError:
             data = b""
         finally:
             resp.release()
@@ -522,7 +518,7 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
         if not await _write(response, request, None):
             client_gone = True
         else:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp.iter_any():
                 data = meter.feed(chunk)
                 if data and not await _write(response, request, data):
                     client_gone = True
@@ -531,14 +527,17 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
                 tail = meter.close()
                 if tail and not await _write(response, request, tail):
                     client_gone = True
-    except TimeoutError:
+    except HttpTimeout:
         failure = UpstreamTimeout(f"upstream {target.name!r} stalled mid-stream")
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+    except HttpBroken:
         failure = UpstreamError(f"upstream {target.name!r} broke off the stream")
     except asyncio.CancelledError:
         resp.close()
         await asyncio.shield(_settle_stream(gw, parsed, reservation, out, meter, t0, "client disconnected"))
         raise
+    except Exception:  # a bug of ours mid-stream: the client still gets an error event and the end
+        log.exception("internal error while streaming request %s", out.request_id)
+        failure = InternalError("internal error while streaming; you are charged only what was generated")
     finally:
         if client_gone or failure is not None:
             resp.close()  # cancels the upstream generation: nothing more is spent for a gone client
@@ -553,14 +552,14 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
         if not client_gone:
             try:
                 await response.write(render_stream_error(failure, parsed.adapter.api))
-            except (ConnectionResetError, aiohttp.ClientConnectionError):
+            except ConnectionResetError:
                 pass
     if meter.error is not None:
         out.reason = out.reason or "upstream sent an error event"
     if not client_gone:
         try:
             await response.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionError):
+        except ConnectionResetError:
             pass
     return response
 
@@ -573,7 +572,7 @@ async def _write(response: web.StreamResponse, request: web.Request, data: bytes
         else:
             await response.write(data)
         return True
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+    except ConnectionResetError:
         return False
 
 

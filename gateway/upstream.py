@@ -11,11 +11,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import aiohttp
-from multidict import CIMultiDict
-
 from .config import UpstreamConfig
 from .errors import UpstreamError, UpstreamTimeout
+from .http_client import HttpBroken, HttpClient, HttpTimeout, Response, Timeouts
 
 # Client headers that carry meaning for the provider and nothing about the caller's identity.
 FORWARD_REQUEST_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta", "accept")
@@ -30,7 +28,7 @@ class Target:
     name: str
     base_url: str
     config: UpstreamConfig
-    timeout: aiohttp.ClientTimeout
+    timeout: Timeouts
     auth_value: str | None  # the upstream's own key, from the environment
 
 
@@ -44,8 +42,8 @@ class Upstreams:
             if base is None:
                 continue
             key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-            timeout = aiohttp.ClientTimeout(total=cfg.total_timeout_seconds, connect=cfg.connect_timeout_seconds,
-                                            sock_read=cfg.read_timeout_seconds)
+            timeout = Timeouts(connect=cfg.connect_timeout_seconds, read=cfg.read_timeout_seconds,
+                               total=cfg.total_timeout_seconds)
             self._targets[name] = Target(name, base.rstrip("/"), cfg, timeout, key)
 
     def get(self, name: str) -> Target:
@@ -55,14 +53,12 @@ class Upstreams:
         return target
 
 
-def request_headers(target: Target, api_shape: str, client: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
+def request_headers(target: Target, api_shape: str, client: Mapping[str, str], request_id: str) -> dict[str, str]:
     """The headers sent upstream: content type, the upstream's own credentials, a few provider headers."""
-    h: CIMultiDict[str] = CIMultiDict()
-    h["Content-Type"] = "application/json"
-    h["X-Request-Id"] = request_id
+    h = {"content-type": "application/json", "x-request-id": request_id}
     for name in FORWARD_REQUEST_HEADERS:
         v = client.get(name)
-        if v is not None and _safe_value(v):
+        if v is not None and _clean(v):
             h[name] = v
     if api_shape == "anthropic" and "anthropic-version" not in h:
         h["anthropic-version"] = "2023-06-01"
@@ -72,20 +68,20 @@ def request_headers(target: Target, api_shape: str, client: Mapping[str, str], r
         elif api_shape == "gemini":
             h["x-goog-api-key"] = target.auth_value
         else:
-            h["Authorization"] = f"Bearer {target.auth_value}"
+            h["authorization"] = f"Bearer {target.auth_value}"
     if target.config.base_url == "simulator":
         # The built-in simulator takes test-control headers (x-sim-fault, ...); real upstreams never see them.
         for k, v in client.items():
-            if k.lower().startswith("x-sim-") and _safe_value(v):
-                h[k] = v
+            if k.lower().startswith("x-sim-") and _clean(v):
+                h[k.lower()] = v
     for k, v in target.config.headers.items():
-        h[k] = v
+        h[k.lower()] = v
     return h
 
 
-def _safe_value(value: str) -> bool:
-    """A client header value fit to forward: short printable ASCII. CR/LF would split the header, other
-    control and non-ASCII bytes are refused by some servers; none occur in a real provider header."""
+def _clean(value: str) -> bool:
+    """A header value safe to forward: printable ASCII (so no CR, LF or NUL: no header injection; and no
+    other control or non-ASCII bytes, which no provider header carries) of sane length."""
     return len(value) <= MAX_FORWARDED_VALUE and value.isascii() and value.isprintable()
 
 
@@ -93,16 +89,23 @@ def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     return {k: upstream[k] for k in FORWARD_RESPONSE_HEADERS if k in upstream}
 
 
-async def send(session: aiohttp.ClientSession, target: Target, path: str, body: bytes,
-               headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
+async def send(client: HttpClient, target: Target, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
     """POST to the upstream; connection failures and timeouts become UpstreamError / UpstreamTimeout."""
-    url = target.base_url + path
     try:
-        return await session.post(url, data=body, headers=headers, timeout=target.timeout,
-                                  allow_redirects=False, auto_decompress=True)
-    except (TimeoutError, aiohttp.ServerTimeoutError):
+        return await client.post(target.base_url, path, body, headers, target.timeout)
+    except HttpTimeout:
         raise UpstreamTimeout(f"upstream {target.name!r} did not answer in time") from None
-    except aiohttp.ClientConnectorError:
-        raise UpstreamError(f"cannot connect to upstream {target.name!r}", code="upstream_unreachable") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"upstream {target.name!r} failed: {type(exc).__name__}") from None
+    except HttpBroken as exc:
+        if exc.connect:
+            raise UpstreamError(f"cannot connect to upstream {target.name!r}", code="upstream_unreachable") from None
+        raise UpstreamError(f"upstream {target.name!r} failed before answering") from None
+
+
+async def read_body(target: Target, resp: Response) -> bytes:
+    """The whole response body; failures while reading it become UpstreamError / UpstreamTimeout."""
+    try:
+        return await resp.read()
+    except HttpTimeout:
+        raise UpstreamTimeout(f"upstream {target.name!r} timed out while sending its answer") from None
+    except HttpBroken:
+        raise UpstreamError(f"upstream {target.name!r} broke off its answer") from None
