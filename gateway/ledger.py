@@ -319,7 +319,10 @@ class Ledger:
             for b in hold.budgets:
                 argv += (b._arg, _num(_actual_amount(actual, b.metric)))
             calls.append(self._settle(keys=[self._base(hold.scope)], args=argv))
-        replies = await asyncio.gather(*calls, return_exceptions=True)
+        if len(calls) == 1:  # the common case: no task to create for a single scope
+            replies: list[Any] = [await calls[0]]
+        else:
+            replies = await asyncio.gather(*calls, return_exceptions=True)
         for r in replies:
             if isinstance(r, BaseException):
                 raise r
