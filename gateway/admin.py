@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
 import re
 import time
@@ -45,6 +46,13 @@ def _check_id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not _ID.match(value):
         raise BadRequest(f"'{what}' must be 1-128 characters of letters, digits and _.@:-", param=what)
     return value
+
+
+def _check_text(value: Any, what: str, limit: int) -> str:
+    """A required free-text field (approver, reason), stripped and bounded."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(f"'{what}' is required", param=what)
+    return value.strip()[:limit]
 
 
 def _check_budget_label(cfg: Config, label: str) -> str:
@@ -218,15 +226,11 @@ async def add_grant(request: web.Request) -> web.Response:
     pid = _check_id(body.get("principal"), "principal")
     tier = _check_tier(gw.config, body.get("tier"))
     duration = parse_duration(body.get("duration", ""))
-    approver = body.get("approver")
-    reason = body.get("reason")
-    if not isinstance(approver, str) or not approver.strip():
-        raise BadRequest("'approver' is required", param="approver")
-    if not isinstance(reason, str) or not reason.strip():
-        raise BadRequest("'reason' is required", param="reason")
+    approver = _check_text(body.get("approver"), "approver", 256)
+    reason = _check_text(body.get("reason"), "reason", 1024)
     if await gw.directory.by_id(pid) is None:
         raise NotFound(f"unknown principal {pid!r}")
-    g = await gw.directory.add_grant(pid, tier, duration, approver.strip()[:256], reason.strip()[:1024])
+    g = await gw.directory.add_grant(pid, tier, duration, approver, reason)
     await admin_record(gw, "grant.add", _actor(request), **g.as_dict())
     return _json(g.as_dict(), status=201)
 
@@ -259,7 +263,7 @@ async def put_override(request: web.Request) -> web.Response:
     label = _check_budget_label(gw.config, request.match_info["label"])
     body = await _body(request)
     limit = body.get("limit")
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0:
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit < math.inf:
         raise BadRequest("'limit' must be a non-negative number", param="limit")
     await gw.directory.set_override(pid, label, float(limit))
     await admin_record(gw, "override.set", _actor(request), principal=pid, budget=label, limit=float(limit))

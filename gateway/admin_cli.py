@@ -10,20 +10,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .admin import _check_id, _check_tier, admin_record, parse_duration, principal_usage
+from .admin import (
+    _check_budget_label,
+    _check_id,
+    _check_text,
+    _check_tier,
+    admin_record,
+    parse_duration,
+    principal_usage,
+)
 from .config import default_config_path, load_config
 from .context import Gateway
 from .directory import Directory
-from .errors import NotFound
+from .errors import BadRequest, NotFound
 from .metrics import Metrics
 
 
@@ -46,7 +56,10 @@ async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
             # Nobody serves that folder (no gateway running): serve it for the duration of this command.
             await server.start()
             embedded = server
-    redis = await connect(url, timeout=cfg.store.timeout_seconds)
+    try:
+        redis = await connect(url, timeout=cfg.store.timeout_seconds)
+    except ValueError as exc:  # not a store URL: bad input, one line
+        raise BadRequest(str(exc), param="store") from None
     gw = Gateway(config=cfg, metrics=Metrics(process_metrics=False), replica=f"cli-{socket.gethostname()}")
     gw.redis = redis
     gw.directory = Directory(cfg, redis, key_prefix=cfg.store.key_prefix)
@@ -80,11 +93,20 @@ async def _answers(url: str, timeout: float) -> bool:
 
 
 def _run(args: argparse.Namespace, op: Callable[[Gateway], Awaitable[Any]]) -> int:
+    from redis.exceptions import RedisError
+
     async def main() -> Any:
         async with open_gateway(args) as gw:
             return await op(gw)
 
-    result = asyncio.run(main())
+    try:
+        result = asyncio.run(main())
+    except (TimeoutError, RedisError, OSError) as exc:
+        # An unreachable store is no bad input (exit 1, not 2), but still one line, never a traceback.
+        what = "the store" if isinstance(exc, RedisError) else type(exc).__name__
+        print(f"kgate: {what} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
+        return 1
     if result is not None:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
@@ -156,9 +178,11 @@ def grants_add(args: argparse.Namespace) -> int:
         assert gw.directory is not None
         pid = _check_id(args.principal, "principal")
         tier = _check_tier(gw.config, args.tier)
+        duration = parse_duration(args.duration)
+        approver, reason = _check_text(args.approver, "approver", 256), _check_text(args.reason, "reason", 1024)
         if await gw.directory.by_id(pid) is None:
             raise NotFound(f"unknown principal {pid!r}")
-        g = await gw.directory.add_grant(pid, tier, parse_duration(args.duration), args.approver, args.reason)
+        g = await gw.directory.add_grant(pid, tier, duration, approver, reason)
         await admin_record(gw, "grant.add", ACTOR, **g.as_dict())
         return g.as_dict()
 
@@ -168,7 +192,9 @@ def grants_add(args: argparse.Namespace) -> int:
 def grants_list(args: argparse.Namespace) -> int:
     async def op(gw: Gateway) -> Any:
         assert gw.directory is not None
-        return [g.as_dict() for g in await gw.directory.list_grants(args.principal)]
+        principal = args.principal and _check_id(args.principal, "principal")
+        now = time.time()
+        return [{**g.as_dict(), "active": g.active(now)} for g in await gw.directory.list_grants(principal)]
 
     return _run(args, op)
 
@@ -188,5 +214,34 @@ def grants_revoke(args: argparse.Namespace) -> int:
 def usage(args: argparse.Namespace) -> int:
     async def op(gw: Gateway) -> Any:
         return await principal_usage(gw, _check_id(args.principal, "principal"))
+
+    return _run(args, op)
+
+
+def overrides_set(args: argparse.Namespace) -> int:
+    """A per-principal limit for one of its tier's principal-scope budgets (by label)."""
+
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        pid = _check_id(args.principal, "principal")
+        label = _check_budget_label(gw.config, args.budget)
+        if not 0 <= args.limit < math.inf:  # argparse's float() also takes "nan" and "inf"
+            raise BadRequest("'limit' must be a non-negative number", param="limit")
+        await gw.directory.set_override(pid, label, float(args.limit))
+        await admin_record(gw, "override.set", ACTOR, principal=pid, budget=label, limit=float(args.limit))
+        return {"principal": pid, "budget": label, "limit": float(args.limit)}
+
+    return _run(args, op)
+
+
+def overrides_delete(args: argparse.Namespace) -> int:
+    """Back to the tier's limit for one budget."""
+
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        pid = _check_id(args.principal, "principal")
+        await gw.directory.set_override(pid, args.budget, None)
+        await admin_record(gw, "override.delete", ACTOR, principal=pid, budget=args.budget)
+        return {"principal": pid, "budget": args.budget, "limit": None}
 
     return _run(args, op)

@@ -185,9 +185,10 @@ async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(WATCH_INTERVAL)
             now = stamp()
             if now != last:
+                # Stamped before the files are read, never after: an edit made while this reload runs
+                # changes the stamp again and is picked up on the next look instead of being lost.
                 last = now
                 await reload_policy(app, list(gw.config.source_files))
-                last = stamp()
 
     task = asyncio.create_task(watch(), name="kgate-policy-watch") if gw.config.source_files else None
     yield

@@ -174,6 +174,18 @@ def _admin_commands(sub: Any) -> None:
     s.add_argument("grant_id")
     s.set_defaults(func=_lazy("gateway.admin_cli", "grants_revoke"))
 
+    ov = sub.add_parser("overrides", help="per-principal budget limits").add_subparsers(
+        dest="overrides_cmd", required=True, parser_class=_Parser)
+    s = ov.add_parser("set", parents=[common], help="a principal's own limit for one budget (by label)")
+    s.add_argument("principal")
+    s.add_argument("budget", help="the budget's label, e.g. principal:requests:1d")
+    s.add_argument("limit", type=float)
+    s.set_defaults(func=_lazy("gateway.admin_cli", "overrides_set"))
+    s = ov.add_parser("delete", parents=[common], help="back to the tier's limit for one budget")
+    s.add_argument("principal")
+    s.add_argument("budget")
+    s.set_defaults(func=_lazy("gateway.admin_cli", "overrides_delete"))
+
     s = sub.add_parser("usage", parents=[common], help="a principal's usage and remaining budget")
     s.add_argument("principal")
     s.set_defaults(func=_lazy("gateway.admin_cli", "usage"))

@@ -269,9 +269,9 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 _MERGEABLE = ("upstreams", "models", "tiers")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, raw: bytes | None = None) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (path.read_bytes() if raw is None else raw).decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
@@ -313,8 +313,12 @@ def load_config(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
     merged: dict[str, Any] = {}
     digest = hashlib.sha256()
     for f in files:
-        data = _read_yaml(f)
-        digest.update(f.read_bytes())
+        try:
+            raw = f.read_bytes()  # read once: the sha256 must be that of the bytes that were validated
+        except OSError as exc:
+            raise ConfigError([f"{f}: cannot read: {exc.strerror or exc}"]) from None
+        data = _read_yaml(f, raw)
+        digest.update(raw)
         for key, value in data.items():
             if key in _MERGEABLE and isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = {**merged[key], **value}

@@ -200,16 +200,17 @@ async def test_created_key_is_shown_once_works_and_is_never_stored_in_clear(
     # Redis holds a keyed hash of the key, never the key
     import redis.asyncio as aioredis
 
-    r = aioredis.from_url(flushed)
+    store = aioredis.from_url(flushed)
     try:
-        for k in await r.keys("*"):
+        readers = {b"hash": store.hgetall, b"string": store.get, b"set": store.smembers,
+                   b"zset": lambda k: store.zrange(k, 0, -1)}
+        for k in await store.keys("*"):
             assert key.encode() not in k
-            kind = (await r.type(k)).decode()
-            values = [str(await r.hgetall(k))] if kind == "hash" else [str(await r.get(k))] if kind == "string" \
-                else [str(await r.smembers(k))] if kind == "set" else []
-            assert all(key not in v for v in values), k
+            kind = await store.type(k)
+            assert kind in readers, (k, kind)
+            assert key not in str(await readers[kind](k)), k
     finally:
-        await r.aclose()
+        await store.aclose()
 
     # an audit record without the key
     await asyncio.sleep(0.1)
@@ -347,6 +348,7 @@ async def test_policy_endpoint_shows_the_version_in_force(two: tuple[Replica, Re
     ("PUT", "/admin/overrides/alice/principal:requests:1m", {"limit": "10"}, 400, "'limit'"),
     ("PUT", "/admin/overrides/alice/principal:requests:1m", {"limit": -1}, 400, "'limit'"),
     ("PUT", "/admin/overrides/alice/principal:requests:1m", {"limit": True}, 400, "'limit'"),
+    ("PUT", "/admin/overrides/alice/principal:requests:1m", b'{"limit": 1e400}', 400, "not valid JSON"),
     ("PUT", "/admin/overrides/alice/principal:requests:1x", {"limit": 5}, 400, "unknown budget"),
     ("POST", "/admin/grants", {"principal": "alice", "tier": "vetted", "duration": "soon",
                                "approver": "bob", "reason": "eval"}, 400, "duration"),
@@ -504,3 +506,20 @@ async def test_every_admin_change_is_an_audit_record_in_a_verifiable_chain(
     from gateway.audit_tools import verify_main
 
     assert verify_main([str(audit_dir)]) == 0
+
+
+async def test_overrides_apply_to_principal_scope_budgets_only(flushed: str, tmp_path: Path, token: str) -> None:
+    """An org or global budget is shared: a per-principal override of its limit is refused."""
+    budgets = [{"metric": "requests", "window": "1h", "limit": 100},
+               {"metric": "requests", "window": "1h", "limit": 1000, "scope": "org"}]
+    async with replica(make_config(tmp_path, flushed, tight={"budgets": budgets}), "r1") as a:
+        status, doc = await a.admin("PUT", "/admin/overrides/tina/org:requests:1h", {"limit": 5})
+        assert status == 400 and "scope org" in doc["error"]["message"]
+        status, doc = await a.admin("PUT", "/admin/overrides/tina/principal:requests:1h", {"limit": 1})
+        assert status == 200
+        assert (await a.chat(KEYS["tina"]))[0] == 200
+        status, body = await a.chat(KEYS["tina"])
+        assert status == 429 and "principal:requests:1h" in body["error"]["message"]
+        _, use = await a.admin("GET", "/admin/usage/tina")
+        assert [(b["scope"], b["scope_id"], b["limit"], b["used"]) for b in use["budgets"]] == [
+            ("principal", "tina", 1, 1), ("org", "acme", 1000, 1)]
