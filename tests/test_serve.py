@@ -45,7 +45,7 @@ async def test_kgate_serve_with_embedded_defaults_works_for_the_demo_key(tmp_pat
     shutil.copytree(ROOT / "policies", work / "policies")
     port, admin = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KGATE_")}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",  # noqa: ASYNC220
                              "--admin-listen", f"127.0.0.1:{admin}"], cwd=work, env=env,
                             stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
