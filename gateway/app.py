@@ -53,7 +53,7 @@ def create_app(config: Config, *, store_url: str | None = None, replica: str | N
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_route("*", "/{tail:.*}", fallback)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", fallback)  # [\s\S], not '.': a path may hold a newline
     return app
 
 

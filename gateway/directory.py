@@ -29,6 +29,11 @@ log = logging.getLogger("kgate.directory")
 
 KEY_PREFIX = "kgate_"  # issued API keys look like kgate_<43 url-safe chars>
 CACHE_TTL = 1.0  # seconds; the upper bound on staleness when an invalidation message is lost
+# The cache is swept of expired entries whenever it doubles (from at least CACHE_SWEEP_MIN entries), so
+# a flood of distinct unknown keys costs memory for about one TTL's worth of them, never more than
+# CACHE_MAX entries.
+CACHE_SWEEP_MIN = 1024
+CACHE_MAX = 100_000
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Directory:
         self._clock = clock
         self._pepper: bytes | None = None
         self._cache: dict[str, tuple[float, Any]] = {}
+        self._sweep_at = CACHE_SWEEP_MIN
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._listener: asyncio.Task[None] | None = None
         self.reload(config)
@@ -308,10 +314,16 @@ class Directory:
         finally:
             self._inflight.pop(key, None)
         fut.set_result(value)
-        if len(self._cache) > 100_000:  # bounded: unknown keys must not grow memory without limit
-            self._cache.clear()
+        if len(self._cache) >= self._sweep_at:
+            self._sweep(now)
         self._cache[key] = (now + CACHE_TTL, value)
         return value
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired entries (all of them if even the live ones are too many); amortised O(1)."""
+        live = {k: v for k, v in self._cache.items() if v[0] > now}
+        self._cache = live if len(live) < CACHE_MAX else {}
+        self._sweep_at = max(CACHE_SWEEP_MIN, 2 * len(self._cache))
 
     async def _publish(self, what: str) -> None:
         self._cache.pop(what, None)

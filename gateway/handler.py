@@ -480,10 +480,19 @@ async def _upstream_failure(gw: Gateway, reservation: Reservation | None, out: O
     await _charge_nothing(gw, reservation)
     out.measured = None
     gw.metrics.upstream_error(out.upstream or "", f"http_{status}")
+    if status in (401, 403, 407):
+        # The upstream refused the gateway's own credentials: not the caller's doing, and a provider's message
+        # may quote the key it was sent (OpenAI quotes part of it), so that body never reaches the client.
+        raise UpstreamError(f"upstream {out.upstream!r} refused the gateway's credentials ({status})",
+                            code="upstream_auth")
     if status < 500:
-        # The provider's own answer about the request (its API's shape already): pass it on as it is.
+        # The provider's own answer about the request (its API's shape already): pass it on, minus our key.
         out.decision, out.status, out.reason = "failed", status, f"upstream answered {status}"
-        return web.Response(status=status, body=data[:1 << 20],
+        body = data[:1 << 20]
+        secret = gw.upstreams.get(out.upstream).auth_value if gw.upstreams and out.upstream else None
+        if secret:
+            body = body.replace(secret.encode(), b"[redacted]")
+        return web.Response(status=status, body=body,
                             headers={**up.response_headers(headers), "x-kgate-request-id": out.request_id})
     raise UpstreamError(f"upstream {out.upstream!r} answered {status}", code=f"upstream_{status}")
 

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -188,8 +189,9 @@ class Adapter(ABC):
         """Map the model name and make a stream carry usage; return whether the client asked for it."""
 
     def upstream_url_path(self, upstream_model: str, path_params: Mapping[str, str], query: str) -> str:
-        """The path (and query) to call on the upstream."""
-        return self.upstream_path + (f"?{query}" if query else "")
+        """The path (and query, credentials removed) to call on the upstream."""
+        kept = upstream_query(query)
+        return self.upstream_path + (f"?{kept}" if kept else "")
 
     @abstractmethod
     def usage_from_json(self, body: Any, req: ComputeRequest) -> Usage:
@@ -197,6 +199,17 @@ class Adapter(ABC):
 
     @abstractmethod
     def stream_meter(self, req: ComputeRequest, client_wants_usage: bool) -> StreamMeter: ...
+
+
+# Query parameters that carry credentials (Google's ``key``, OAuth's ``access_token``, ...): the caller's
+# never travel upstream, whatever their spelling's case; the gateway authenticates with its own.
+CREDENTIAL_PARAMS = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "x-goog-api-key"})
+
+
+def upstream_query(query: str) -> str:
+    """An encoded query string without its credential parameters."""
+    return "&".join(p for p in query.split("&")
+                    if p and unquote_plus(p.partition("=")[0]).lower() not in CREDENTIAL_PARAMS)
 
 
 # ---------------------------------------------------------------------------------- validation helpers

@@ -24,7 +24,7 @@ import orjson
 from ..compute import ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest, Forbidden
 from .anthropic_messages import estimate_tokens, request_object
-from .base import Adapter, SSEEvent, StreamMeter, json_size, nonneg, req_int, req_obj, req_str
+from .base import Adapter, SSEEvent, StreamMeter, json_size, nonneg, req_int, req_obj, req_str, upstream_query
 
 LEVELS: tuple[str, ...] = ("minimal", "low", "medium", "high")  # thinkingLevel, lower-cased
 METHODS: tuple[str, ...] = ("generateContent", "streamGenerateContent")
@@ -127,9 +127,9 @@ class GeminiGenerateContent(Adapter):
             raise BadRequest(f"unknown method {method[:64]!r}", param="method")
         model = upstream_model.removeprefix("models/")
         # The caller's key never goes upstream: the gateway authenticates with its own.
-        kept = [p for p in query.split("&") if p and p.partition("=")[0] != "key"]
+        kept = upstream_query(query)
         path = f"/v1beta/models/{quote(model, safe='-._~/')}:{method}"
-        return path + ("?" + "&".join(kept) if kept else "")
+        return path + ("?" + kept if kept else "")
 
     def usage_from_json(self, body: Any, req: ComputeRequest) -> Usage:
         chunks = body if isinstance(body, list) else [body]
