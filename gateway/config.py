@@ -41,6 +41,7 @@ class ServerConfig(Strict):
     admin_listen: str = "127.0.0.1:8081"
     admin_token_env: str = "KGATE_ADMIN_TOKEN"
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    body_timeout_seconds: PositiveFloat = 30.0  # a client that trickles its body longer gets a 408
     trusted_identity_header: str | None = None
     replica_id: str | None = None
     drain_seconds: Annotated[float, Field(ge=0)] = 30.0

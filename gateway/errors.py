@@ -73,6 +73,16 @@ class MethodNotAllowed(GatewayError):
     gemini_status = "INVALID_ARGUMENT"
 
 
+class RequestTimeout(GatewayError):
+    """The client did not send its request body in time (a slow or stalled client)."""
+
+    status = 408
+    kind = "request_timeout"
+    openai_type = "invalid_request_error"
+    anthropic_type = "timeout_error"
+    gemini_status = "DEADLINE_EXCEEDED"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     kind = "payload_too_large"

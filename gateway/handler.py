@@ -44,6 +44,7 @@ from .errors import (
     InternalError,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     ShuttingDown,
     StoreUnavailable,
     Unauthenticated,
@@ -144,7 +145,7 @@ async def _serve(request: web.Request, gw: Gateway, cfg: Config, adapter: Adapte
                  out: Outcome) -> web.StreamResponse:
     principal = await identify(request, gw, cfg)
     out.principal = principal
-    raw = await read_body(request, cfg.server.max_body_bytes)
+    raw = await read_body(request, cfg.server.max_body_bytes, cfg.server.body_timeout_seconds)
     body = decode_body(raw)
     out.stream = adapter.is_stream(body, params)
     parsed = parse_request(cfg, adapter, params, raw, body)
@@ -200,17 +201,27 @@ async def identify(request: web.Request, gw: Gateway, cfg: Config) -> Principal:
     return principal
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes without reading it whole."""
+async def read_body(request: web.Request, limit: int, timeout: float = 30.0) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading it whole, and a client that
+    takes longer than ``timeout`` seconds to send it (a trickling client must not hold a slot for ever)."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+    if request.content.is_eof():  # the whole body is already here: the common case, no timer needed
+        data = request.content.read_nowait()
+        if len(data) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        return data
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
     return b"".join(chunks)
 
 

@@ -335,3 +335,16 @@ async def test_trusted_identity_header_behind_an_authenticating_proxy(redis_srv,
             assert r.status == 200
         last = (await (await s.get(g.sim_url + "/_sim/stats")).json())["last_request"]
         assert "x-authenticated-user" not in last["headers"], "identity headers are not forwarded"
+
+
+async def test_a_client_trickling_its_body_gets_408(redis_srv, tmp_path: Path):
+    cfg = make_config(tmp_path, redis_srv.url, server={"body_timeout_seconds": 0.5})
+    async with running_gateway(cfg) as g:
+        host, port = g.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEYS["alice"].encode() + b"\r\nContent-Length: 100\r\n\r\n{\"mo")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        writer.close()
