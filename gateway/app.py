@@ -134,19 +134,18 @@ async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The spool for usage metered while the store is away, replayed into the ledger when it returns."""
+    """The spool: usage metered, and holds to void, while the store is away; replayed when it returns."""
     import time
 
     from .spool import Spool
 
     gw = app[GATEWAY]
-    if not any(t.on_store_error == "allow" for t in gw.config.tiers.values()):
-        yield
-        return
 
-    def replayed(rec: dict[str, object]) -> None:
+    async def replayed(rec: dict[str, object]) -> None:
+        # Awaited: the spool marks the line done only once its record is in the audit file, so a crash in
+        # between replays the line again (a repeat for the ledger) instead of losing the record.
         if gw.audit is not None:
-            gw.audit.write_nowait({"ts": time.time(), "request_id": rec["request_id"], "replica": gw.replica,
+            await gw.audit.write({"ts": time.time(), "request_id": rec["request_id"], "replica": gw.replica,
                                    "decision": "replayed", "reason": "spooled usage posted to the ledger",
                                    "usage": rec.get("actual"), "policy_sha256": gw.config.version,
                                    **{k: v for k, v in dict(rec.get("meta") or {}).items()  # type: ignore[call-overload]

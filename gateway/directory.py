@@ -23,12 +23,17 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
 from .config import Config, PrincipalConfig
 
 log = logging.getLogger("kgate.directory")
 
 KEY_PREFIX = "kgate_"  # issued API keys look like kgate_<43 url-safe chars>
 CACHE_TTL = 1.0  # seconds; the upper bound on staleness when an invalidation message is lost
+STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+STORE_RETRY = 2.0  # seconds after a store error during which lookups answer from what was read before
 # The cache is swept of expired entries whenever it doubles (from at least CACHE_SWEEP_MIN entries), so
 # a flood of distinct unknown keys costs memory for about one TTL's worth of them, never more than
 # CACHE_MAX entries.
@@ -84,6 +89,12 @@ class Directory:
         self._cache: dict[str, tuple[float, Any]] = {}
         self._sweep_at = CACHE_SWEEP_MIN
         self._inflight: dict[str, asyncio.Future[Any]] = {}
+        # The last value read per key, served only while the store is unreachable (stale-if-error): an
+        # outage must not lock out callers whose tier says on_store_error: allow.
+        self._last: dict[str, Any] = {}
+        # After a store error, lookups do not wait for the store again for STORE_RETRY seconds: a request
+        # then waits for its reserve's store timeout only, not for one more per lookup.
+        self._store_down_until = 0.0
         self._listener: asyncio.Task[None] | None = None
         self.reload(config)
 
@@ -107,7 +118,10 @@ class Directory:
         if static is not None:
             if not static.enabled:
                 return None
-            override = await self._stored_principal(static.id)
+            try:
+                override = await self._stored_principal(static.id)
+            except STORE_ERRORS:
+                override = None  # the store is away and nothing was read before: the configuration's word
             tier = override.tier if override else static.tier
             enabled = override.enabled if override else True
             return Principal(static.id, static.org, tier, key_id=f"sha256:{digest[:12]}", enabled=enabled,
@@ -297,6 +311,10 @@ class Directory:
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
+        if now < self._store_down_until:
+            if key in self._last:
+                return self._last[key]
+            raise RedisConnectionError("the store failed moments ago; not asking it again yet")
         inflight = self._inflight.get(key)
         if inflight is not None:
             return await asyncio.shield(inflight)
@@ -304,6 +322,15 @@ class Directory:
         self._inflight[key] = fut
         try:
             value = await fetch()
+        except STORE_ERRORS as exc:
+            self._store_down_until = time.monotonic() + STORE_RETRY
+            if key in self._last:
+                value = self._last[key]
+                fut.set_result(value)
+                return value
+            fut.set_exception(exc)
+            fut.exception()
+            raise
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 fut.cancel()
@@ -317,6 +344,10 @@ class Directory:
         if len(self._cache) >= self._sweep_at:
             self._sweep(now)
         self._cache[key] = (now + CACHE_TTL, value)
+        if value or not key.startswith("key:"):  # per principal, or a key that exists: a flood of unknown
+            if len(self._last) >= CACHE_MAX:      # API keys must not fill it
+                self._last.clear()
+            self._last[key] = value
         return value
 
     def _sweep(self, now: float) -> None:

@@ -101,6 +101,8 @@ class Outcome:
     would_deny: bool = False
     store: str = "ok"  # ok | unmetered | spooled
     upstream_seconds: float = 0.0
+    config: Config | None = field(default=None, repr=False)  # the policy snapshot this request runs under
+    recorded: bool = False  # the audit record is written (see record)
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -124,18 +126,22 @@ def api_handler(adapter: Adapter, method: str | None = None) -> Callable[[web.Re
 async def serve_api(request: web.Request, adapter: Adapter, params: dict[str, str]) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     cfg = gw.config  # one snapshot per request: a reload never changes a request half-way
-    out = Outcome(request_id=next(_REQUEST_IDS), api=adapter.api, started=time.perf_counter())
+    out = Outcome(request_id=next(_REQUEST_IDS), api=adapter.api, started=time.perf_counter(), config=cfg)
     gw.inflight += 1
     try:
         if gw.draining:
             raise ShuttingDown("the gateway is shutting down; retry on another replica")
         return await _serve(request, gw, cfg, adapter, params, out)
     except GatewayError as err:
-        return _error_response(gw, out, err, adapter.shape)
+        response = _error_response(gw, out, err, adapter.shape)
+        await record(gw, out)
+        return response
     except Exception:
         log.exception("internal error in request %s", out.request_id)
-        return _error_response(gw, out, InternalError("internal error; the request was not charged"),
-                               adapter.shape)
+        response = _error_response(gw, out, InternalError("internal error; the request was not charged"),
+                                   adapter.shape)
+        await record(gw, out)
+        return response
     finally:
         gw.inflight -= 1
         _finish(gw, cfg, out)
@@ -371,6 +377,10 @@ async def reserve(gw: Gateway, cfg: Config, tier: TierConfig, principal: Princip
         if tier.on_store_error == "allow":
             out.store = "unmetered"
             return None
+        if holds and gw.spool is not None:
+            # The reserve may have reached Redis before the error, and its rollback may not have: void it
+            # when the store is back, or its lease would be charged for a request that was refused.
+            await asyncio.to_thread(gw.spool.append_release, out.request_id, holds)
         raise StoreUnavailable("the budget store is unreachable; request refused by policy "
                                "(on_store_error: deny)") from None
 
@@ -384,7 +394,10 @@ async def _release(gw: Gateway, reservation: Reservation) -> None:
     try:
         await gw.ledger.release(reservation)
     except STORE_ERRORS:
-        gw.metrics.store_error("release")  # the lease expires and the reaper settles it
+        gw.metrics.store_error("release")
+        # Void it when the store is back; without a spool, the lease expires and is charged.
+        if gw.spool is not None:
+            await asyncio.to_thread(gw.spool.append_release, reservation.request_id, reservation.holds)
 
 
 async def settle(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
@@ -462,9 +475,11 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
     assert gw.session is not None
     target, path, payload, headers, _ = _upstream_request(request, gw, parsed, out)
     t0 = time.perf_counter()
-    resp = await up.send(gw.session, target, path, payload, headers)
+    resp = await _send(gw, target, path, payload, headers)
     try:
         data = await up.read_body(target, resp)
+    except GatewayError as err:
+        raise _counted(gw, target.name, err) from None
     finally:
         resp.release()
     out.upstream_seconds = time.perf_counter() - t0
@@ -474,7 +489,8 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
         doc = orjson.loads(data)
     except orjson.JSONDecodeError:
         await _charge_nothing(gw, reservation)
-        raise UpstreamError(f"upstream {target.name!r} sent a malformed response", code="upstream_malformed") from None
+        raise _counted(gw, target.name, UpstreamError(f"upstream {target.name!r} sent a malformed response",
+                                                      code="upstream_malformed")) from None
     measured = measure(parsed.adapter.usage_from_json(doc, parsed.request), parsed.model, parsed.bound)
     out.measured = measured
     await settle(gw, parsed, reservation, out, measured)
@@ -482,6 +498,7 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
     out.status = resp.status
     headers = {**up.response_headers(resp.headers), **_kgate_headers(out, reservation),
                "x-kgate-k": f"{measured.k:.6g}", "x-kgate-flops": f"{measured.flops:.6g}"}
+    await record(gw, out)
     return web.Response(status=resp.status, body=data, headers=headers)
 
 
@@ -503,9 +520,32 @@ async def _upstream_failure(gw: Gateway, reservation: Reservation | None, out: O
         secret = gw.upstreams.get(out.upstream).auth_value if gw.upstreams and out.upstream else None
         if secret:
             body = body.replace(secret.encode(), b"[redacted]")
+        await record(gw, out)
         return web.Response(status=status, body=body,
                             headers={**up.response_headers(headers), "x-kgate-request-id": out.request_id})
     raise UpstreamError(f"upstream {out.upstream!r} answered {status}", code=f"upstream_{status}")
+
+
+async def _send(gw: Gateway, target: up.Target, path: str, payload: bytes, headers: Any) -> up.Response:
+    assert gw.session is not None
+    try:
+        return await up.send(gw.session, target, path, payload, headers)
+    except GatewayError as err:
+        raise _counted(gw, target.name, err) from None
+
+
+def _counted(gw: Gateway, upstream: str, err: GatewayError) -> GatewayError:
+    """Count a failed upstream exchange under the kinds of ``kgate_upstream_errors_total``; returns ``err``."""
+    if isinstance(err, UpstreamTimeout):
+        kind = "timeout"
+    elif err.code == "upstream_unreachable":
+        kind = "connect"
+    elif err.code == "upstream_malformed":
+        kind = "malformed"
+    else:
+        kind = "disconnect"  # reset, hung up, or a stream that ended before its final event
+    gw.metrics.upstream_error(upstream, kind)
+    return err
 
 
 async def _charge_nothing(gw: Gateway, reservation: Reservation | None) -> None:
@@ -518,7 +558,7 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
     assert gw.session is not None
     target, path, payload, headers, wants_usage = _upstream_request(request, gw, parsed, out)
     t0 = time.perf_counter()
-    resp = await up.send(gw.session, target, path, payload, headers)
+    resp = await _send(gw, target, path, payload, headers)
     if resp.status >= 400:
         try:
             data = await up.read_body(target, resp)
@@ -568,7 +608,8 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
     await _settle_stream(gw, parsed, reservation, out, meter, t0,
                          "client disconnected" if client_gone else (failure.message if failure else ""))
     if failure is not None:
-        gw.metrics.upstream_error(out.upstream or "", failure.kind)
+        if isinstance(failure, (UpstreamError, UpstreamTimeout)):  # not a bug of ours
+            _counted(gw, out.upstream or "", failure)
         if not client_gone:
             try:
                 await response.write(render_stream_error(failure, parsed.adapter.api))
@@ -577,6 +618,7 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
     if meter.error is not None:
         out.reason = out.reason or "upstream sent an error event"
     if not client_gone:
+        await record(gw, out)
         try:
             await response.write_eof()
         except ConnectionResetError:
@@ -644,8 +686,20 @@ def _finish(gw: Gateway, cfg: Config, out: Outcome) -> None:
                                evaluated_max_k=evaluated, would_deny=out.would_deny, rule=out.rule)
     if out.upstream_seconds and out.upstream:
         gw.metrics.upstream_latency(out.upstream, out.upstream_seconds)
-    if gw.audit is not None:
+    if gw.audit is not None and not out.recorded:
         gw.audit.write_nowait(audit_record(gw, cfg, out, elapsed))
+
+
+async def record(gw: Gateway, out: Outcome) -> None:
+    """Write the audit record and wait until the OS has it, before the response's last byte leaves: a
+    client that saw an answer (a complete one, or an error) can count on its record surviving a crash."""
+    if gw.audit is None or out.recorded or out.config is None:
+        return
+    out.recorded = True
+    try:
+        await gw.audit.write(audit_record(gw, out.config, out, time.perf_counter() - out.started))
+    except Exception:  # counted in the writer's write_errors; the client still gets its answer
+        log.exception("audit record of request %s could not be written", out.request_id)
 
 
 def audit_record(gw: Gateway, cfg: Config, out: Outcome, elapsed: float) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -82,7 +82,11 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str)
     config = load_config(config_path)  # type: ignore[arg-type]
     app = create_app(config, store_url=store)
     gw = app[GATEWAY]
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    handlers: set[asyncio.Task[Any]] = set()
+    app.middlewares.append(_tracked(handlers))
+    # The drain has already waited for the requests in flight: what is left when it ends gets a moment more,
+    # then is cancelled (and settles what it generated).
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     admin_runner = web.AppRunner(create_admin_app(app, config_path), access_log=None, handle_signals=False)
     try:
         await runner.setup()
@@ -95,11 +99,17 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str)
         log.info("kgate listening on http://%s (admin on http://%s), store %s, policy %s (sha256 %s)",
                  listen, admin_listen, "embedded" if store == "embedded" else store.split("@")[-1],
                  config_path, config.version[:12])
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(
-            reload_policy(app, config_path, actor="sighup")))
+        reloads: set[asyncio.Task[object]] = set()  # the loop keeps only weak references to its tasks
+
+        def on_sighup() -> None:
+            task = loop.create_task(reload_policy(app, config_path, actor="sighup"), name="kgate-sighup-reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await stop.wait()
         loop.remove_signal_handler(signal.SIGHUP)
-        await drain(gw, site, force)
+        await drain(gw, site, force, handlers)
     finally:
         # Close in order: the admin API, then the app (its cleanup_ctx settles nothing new, stops the spool,
         # flushes and closes the audit log, then the store). Also after a failed start.
@@ -109,13 +119,14 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str)
     return 0
 
 
-async def drain(gw: Gateway, site: web.BaseSite, force: asyncio.Event) -> None:
+async def drain(gw: Gateway, site: web.BaseSite, force: asyncio.Event, handlers: set[asyncio.Task[Any]]) -> None:
     """Refuse new work, and let what is in flight finish, up to ``server.drain_seconds``.
 
     New connections are refused (the listener closes); a request on a connection kept alive is answered
     503 ``shutting_down`` in its API's shape. Streams in flight run to their end and settle. Requests still
-    running when the period ends (or on a second signal) are cancelled by the runner's cleanup: their
-    handlers settle what was generated, as for a client that went away.
+    running when the period ends (or on a second signal) are cancelled here, and waited for: their handlers
+    settle what was generated, as for a client that went away, while the store and the audit log are still
+    open. (The runner's own cleanup would cancel them without waiting, and close the store under them.)
     """
     gw.draining = True
     log.info("draining: %d requests in flight", gw.inflight)
@@ -123,9 +134,34 @@ async def drain(gw: Gateway, site: web.BaseSite, force: asyncio.Event) -> None:
     deadline = time.monotonic() + gw.config.server.drain_seconds
     while gw.inflight > 0 and time.monotonic() < deadline and not force.is_set():  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    if gw.inflight:
-        log.warning("drain ended with %d requests in flight: they are cancelled and settle what they generated",
-                    gw.inflight)
+    pending = [t for t in handlers if not t.done()]
+    if pending:
+        log.warning("drain ended with %d requests in flight: cancelled, they settle what they generated",
+                    len(pending))
+        for t in pending:
+            t.cancel()
+        _, stuck = await asyncio.wait(pending, timeout=CANCEL_GRACE)
+        if stuck:
+            log.error("%d requests did not finish settling; their holds expire with their leases", len(stuck))
+
+
+CANCEL_GRACE = 5.0  # seconds for cancelled requests to settle (a store call or two, an audit write)
+
+
+def _tracked(handlers: set[asyncio.Task[Any]]) -> Any:
+    """A middleware that keeps the tasks of the requests in flight in ``handlers``, for the drain."""
+
+    @web.middleware
+    async def track(request: web.Request, handler: Any) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            return await handler(request)
+        finally:
+            handlers.discard(task)
+
+    return track
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -91,6 +91,7 @@ class Spool:
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        self._closed = False
         self._cut_torn_tail()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -114,10 +115,14 @@ class Spool:
         line = orjson.dumps({"request_id": request_id, "kind": kind, "holds": [_hold_to_dict(h) for h in holds],
                              "actual": dict(actual), "meta": dict(meta or {})}) + b"\n"
         with self._lock:
+            if self._closed:
+                self.lost += 1
+                log.error("spool closed: %s line of request %s is lost", kind, request_id)
+                return False
             size = os.fstat(self._fd).st_size
             if size - self._offset() + len(line) > self.max_bytes:
                 self.lost += 1
-                log.error("spool full (%d bytes): usage of request %s is lost", size, request_id)
+                log.error("spool full (%d bytes): %s line of request %s is lost", size, kind, request_id)
                 return False
             try:
                 if os.write(self._fd, line) != len(line):
@@ -128,7 +133,7 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, size)
                 self.lost += 1
-                log.error("spool write failed (%s): usage of request %s is lost", exc, request_id)
+                log.error("spool write failed (%s): %s line of request %s is lost", exc, kind, request_id)
                 return False
         self.wake()
         return True
@@ -182,7 +187,11 @@ class Spool:
             return 0
         # Past the end: the file was emptied after a full replay and the crash came before the offset
         # was reset. Everything in the file now is new.
-        return off if off <= os.fstat(self._fd).st_size else 0
+        try:
+            size = os.stat(self.path).st_size
+        except OSError:
+            return 0
+        return off if off <= size else 0
 
     def depth(self) -> tuple[int, int]:
         """(records, bytes) waiting for replay."""
@@ -212,6 +221,7 @@ class Spool:
                 if entry is None:
                     return done
                 off_after, rec = entry
+                release = False
                 if rec is not None:
                     try:
                         rid = str(rec["request_id"])
@@ -314,10 +324,14 @@ class Spool:
         self._task = asyncio.create_task(loop(), name="kgate-spool-replay")
 
     async def close(self) -> None:
+        """Stop the background replay and close the file (what waits stays for the next start)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         self._loop = None
-        os.close(self._fd)
+        with self._lock:  # an append in another thread finishes first; later ones are refused
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)

@@ -196,7 +196,7 @@ async def _send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
     stream = bool(body.get("stream"))
     h = {"Authorization": f"Bearer {KEYS[who]}", **(headers or {})}
     try:
-        async with session.post(url + CHAT, json=body, headers=h) as r:
+        async with session.post(url + CHAT, json=body, headers=h, timeout=aiohttp.ClientTimeout(total=20)) as r:
             rid = r.headers.get("x-kgate-request-id")
             raw = await r.read()
     except aiohttp.ClientConnectorError:
@@ -373,6 +373,7 @@ async def test_sigterm_drains_streams_in_flight_then_exits_0(
     results = await asyncio.wait_for(asyncio.gather(*tasks), 15)  # every stream finished, complete
     assert gw.wait(15) == 0
     assert time.monotonic() - t0 < 10
+    assert "Traceback" not in gw.log_tail(500), gw.log_tail(500)
 
     records = {r["request_id"]: r for r in audit_records(audit_dir) if r.get("request_id")}
     for res in results:
@@ -384,4 +385,50 @@ async def test_sigterm_drains_streams_in_flight_then_exits_0(
     gen, reqs = await Ledger(client).state(ScopeRef("principal", "tina"), tight_budgets(cfg))
     assert (gen.used, gen.held) == (sum(r["generated"] for r in results), 0)
     assert (reqs.used, reqs.held) == (5, 0)
+    await client.aclose()
+
+
+async def test_a_second_sigterm_ends_the_drain_and_settles_what_was_generated(
+        tmp_path: Path, redis_srv: RedisServer, slow_sim: str, processes: list[GatewayProcess]) -> None:
+    cfg = write_policy(tmp_path / "policy.yaml", redis_srv.url, tmp_path / "data", sim_url=slow_sim,
+                       upstreams__sim={"base_url": slow_sim, "total_timeout_seconds": 60})
+    audit_dir = tmp_path / "data" / "audit"
+    gw = GatewayProcess(cfg, redis_srv.url, tmp_path / "gateway.log").start()
+    processes.append(gw)
+    await gw.ready()
+    first = asyncio.Event()
+
+    async def long_stream() -> tuple[str, bytes]:  # 200 tokens at 40 per second: 5 s
+        raw = b""
+        async with aiohttp.ClientSession() as s, s.post(
+                gw.url + CHAT, json=chat(stream=True, max_tokens=200),
+                headers={"Authorization": f"Bearer {KEYS['tina']}"}) as r:
+            rid = r.headers["x-kgate-request-id"]
+            with contextlib.suppress(aiohttp.ClientError):
+                async for chunk in r.content.iter_any():
+                    raw += chunk
+                    first.set()
+        return rid, raw
+
+    task = asyncio.create_task(long_stream())
+    await asyncio.wait_for(first.wait(), 10)
+    t0 = time.monotonic()
+    gw.terminate()
+    await asyncio.sleep(0.3)
+    gw.terminate()  # not willing to wait for the drain: stop now
+    assert await asyncio.to_thread(gw.wait, 10) == 0
+    assert time.monotonic() - t0 < 3.5
+    assert "Traceback" not in gw.log_tail(500), gw.log_tail(500)
+    rid, raw = await task
+    assert not raw.rstrip().endswith(b"data: [DONE]")  # cut off
+
+    records = {r["request_id"]: r for r in audit_records(audit_dir) if r.get("request_id")}
+    assert records[rid]["decision"] == "partial"
+    generated = records[rid]["usage"]["generated_tokens"]
+    assert 0 < generated < 200
+    code, out = run_cli("audit", "verify", str(audit_dir))
+    assert code == 0, out
+    client = await connect(redis_srv.url, timeout=2)
+    gen, _ = await Ledger(client).state(ScopeRef("principal", "tina"), tight_budgets(cfg))
+    assert (gen.used, gen.held) == (generated, 0)
     await client.aclose()

@@ -32,6 +32,11 @@ GEMINI = "/v1beta/models/dense:generateContent"
 GEMINI_STREAM = "/v1beta/models/dense:streamGenerateContent?alt=sse"
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 READ_TIMEOUT = 0.4  # seconds: the simulator upstream's read timeout in the test policy
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)  # a gateway that never ends an answer fails the test, fast
+
+# kgate_upstream_errors_total counts answered errors (http_<status>) today; the other kinds (connect,
+# timeout, disconnect, malformed) need the handler.py patch proposed with these tests. Remove the marker
+# when it is applied.
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,8 @@ async def call(g: RunningGateway, path: str, body: dict[str, Any], fault: str | 
     headers = {"Authorization": f"Bearer {KEYS[who]}"}
     if fault:
         headers["x-sim-fault"] = fault
-    async with aiohttp.ClientSession() as s, s.post(g.url + path, json=body, headers=headers) as r:
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as s, s.post(g.url + path, json=body,
+                                                                         headers=headers) as r:
         return r.status, await r.read()
 
 
@@ -212,7 +218,6 @@ async def test_refused_connection_is_502_and_charges_nothing(gw: RunningGateway,
     assert status == 502
     assert openai_error(raw)["code"] == "upstream_unreachable"
     assert await charged(gw) == (0, 0, 0)
-    assert await upstream_errors(gw, "dead", "connect") == 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -221,7 +226,6 @@ async def test_reset_before_the_answer_is_502_and_charges_nothing(gw: RunningGat
     assert status == 502
     anthropic_error(raw, "api_error")
     assert await charged(gw) == (0, 0, 0)
-    assert await upstream_errors(gw, "sim", "disconnect") == 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -236,7 +240,6 @@ async def test_no_answer_within_the_read_timeout_is_504(gw: RunningGateway, stre
     assert status == 504
     gemini_error(raw, 504, "DEADLINE_EXCEEDED")
     assert await charged(gw) == (0, 0, 0)
-    assert await upstream_errors(gw, "sim", "timeout") == 2
 
 
 # ------------------------------------------------------------------------- something was generated
@@ -244,7 +247,6 @@ async def test_json_answer_cut_in_half_is_502(gw: RunningGateway) -> None:
     status, raw = await call(gw, CHAT, chat(), "midstream")
     assert status == 502
     openai_error(raw)
-    assert await upstream_errors(gw, "sim", "disconnect") == 1
     _, held, _ = await charged(gw)
     assert held == 0
 
@@ -253,7 +255,6 @@ async def test_malformed_json_answer_is_502(gw: RunningGateway) -> None:
     status, raw = await call(gw, CHAT, chat(), "malformed")
     assert status == 502
     assert openai_error(raw)["code"] == "upstream_malformed"
-    assert await upstream_errors(gw, "sim", "malformed") == 1
     _, held, _ = await charged(gw)
     assert held == 0
 
@@ -275,7 +276,6 @@ async def test_stream_cut_midway_ends_with_an_error_event_and_charges_what_was_s
         assert last["error"]["status"] == "UNAVAILABLE"
     used, held, requests = await charged(gw)
     assert 0 < used < 100 and held == 0 and requests == 1
-    assert await upstream_errors(gw, "sim", "disconnect") == 1
 
 
 async def test_stream_cut_before_any_token_charges_no_tokens(gw: RunningGateway) -> None:
@@ -295,7 +295,6 @@ async def test_tcp_reset_mid_stream_ends_with_an_error_event_and_charges_what_wa
     assert events[-1][1]["error"]["type"] == "server_error"
     used, held, requests = await charged(gw)
     assert 0 < used <= 10 and held == 0 and requests == 1
-    assert await upstream_errors(gw, "rude", "disconnect") == 1
 
 
 async def test_stream_stalling_past_the_read_timeout_ends_with_a_timeout_event(gw: RunningGateway) -> None:
@@ -307,7 +306,6 @@ async def test_stream_stalling_past_the_read_timeout_ends_with_a_timeout_event(g
     assert name == "error" and last["error"]["type"] == "timeout_error"
     _, held, requests = await charged(gw)
     assert held == 0 and requests == 1
-    assert await upstream_errors(gw, "sim", "timeout") == 1
 
 
 async def test_malformed_sse_line_mid_stream(gw: RunningGateway) -> None:
@@ -318,3 +316,21 @@ async def test_malformed_sse_line_mid_stream(gw: RunningGateway) -> None:
     usage = next(e["usage"] for _, e in events if isinstance(e, dict) and e.get("usage"))
     used, held, _ = await charged(gw)
     assert held == 0 and used == usage["completion_tokens"]
+
+
+async def test_every_failure_is_counted_by_kind(gw: RunningGateway) -> None:
+    await call(gw, CHAT, chat(model="dead"))
+    await call(gw, CHAT, chat(True), "reset")
+    await call(gw, CHAT, chat(), "timeout")
+    await call(gw, CHAT, chat(), "malformed")
+    await call(gw, CHAT, chat(), "midstream")
+    await call(gw, CHAT, chat(True), "midstream,after=6")
+    await call(gw, CHAT, chat(True, model="rude"))
+    async with aiohttp.ClientSession() as s:
+        await s.post(gw.sim_url + "/_sim/config", json={"tokens_per_second": 1.5})
+    await call(gw, MESSAGES, {**anthropic(True), "max_tokens": 50})
+    assert await upstream_errors(gw, "dead", "connect") == 1
+    assert await upstream_errors(gw, "sim", "disconnect") == 3  # reset, JSON cut in half, stream cut
+    assert await upstream_errors(gw, "sim", "timeout") == 2  # no answer, stream stalled
+    assert await upstream_errors(gw, "sim", "malformed") == 1
+    assert await upstream_errors(gw, "rude", "disconnect") == 1
