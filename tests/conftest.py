@@ -147,3 +147,16 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(1_767_268_800.0)  # 2026-01-01T12:00:00Z, a Thursday
+
+
+@pytest.fixture(scope="module")
+def redis_srv() -> Iterator[RedisServer]:
+    """A Redis for gateway tests, shared by a test module (tests flush it or use their own principals).
+
+    Modules that kill, freeze or need a durable Redis define their own ``redis_srv``.
+    """
+    server = RedisServer(port=0, appendonly=False)
+    server.start_sync()
+    yield server
+    server.stop_sync()
+    server.cleanup()

@@ -98,15 +98,6 @@ async def until(predicate: Any, timeout: float = 3.0, step: float = 0.02) -> flo
         await asyncio.sleep(step)
 
 
-@pytest.fixture(scope="module")
-def redis_srv() -> Any:
-    server = RedisServer(port=0, appendonly=False)
-    server.start_sync()
-    yield server
-    server.stop_sync()
-    server.cleanup()
-
-
 @pytest.fixture
 async def flushed(redis_srv: RedisServer) -> str:
     import redis.asyncio as aioredis

@@ -30,15 +30,6 @@ from gateway.redis_server import RedisServer, free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def redis_srv() -> Any:
-    server = RedisServer(port=0, appendonly=False)
-    server.start_sync()
-    yield server
-    server.stop_sync()
-    server.cleanup()
-
-
 @pytest.fixture
 async def env(redis_srv: RedisServer, tmp_path: Path) -> AsyncIterator[tuple[RunningGateway, list[str], Path]]:
     """A running gateway, the CLI's common options for its policy and store, and the audit folder."""

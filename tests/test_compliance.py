@@ -14,18 +14,8 @@ from gatewayutil import KEYS, running_gateway, write_policy
 
 from gateway.cli import main
 from gateway.config import load_config
-from gateway.redis_server import RedisServer
 
 MSG = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture
-def redis_srv():
-    server = RedisServer(port=0, appendonly=False)
-    server.start_sync()
-    yield server
-    server.stop_sync()
-    server.cleanup()
 
 
 async def test_verify_report_reconcile_after_mixed_load(redis_srv, tmp_path: Path, capsys):

@@ -13,16 +13,6 @@ import pytest
 from gatewayutil import KEYS, make_config, running_gateway
 
 from gateway.ledger import ScopeRef
-from gateway.redis_server import RedisServer
-
-
-@pytest.fixture(scope="module")
-def redis_srv():
-    server = RedisServer(port=0, appendonly=False)
-    server.start_sync()
-    yield server
-    server.stop_sync()
-    server.cleanup()
 
 
 @pytest.fixture

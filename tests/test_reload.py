@@ -31,15 +31,6 @@ from gateway.simulator import SimulatorOptions
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def redis_srv() -> Any:
-    server = RedisServer(port=0, appendonly=False)
-    server.start_sync()
-    yield server
-    server.stop_sync()
-    server.cleanup()
-
-
 @pytest.fixture
 async def redis_url(redis_srv: RedisServer) -> str:
     import redis.asyncio as aioredis

@@ -53,15 +53,6 @@ MSG = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "dense", "messages": MSG, "max_tokens": 8}
 
 
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    server = RedisServer(port=0, appendonly=False)
-    server.start_sync()
-    yield server
-    server.stop_sync()
-    server.cleanup()
-
-
 @pytest.fixture
 async def redis_url(redis_srv: RedisServer) -> str:
     r = aioredis.from_url(redis_srv.url)

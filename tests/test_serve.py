@@ -13,12 +13,11 @@ from pathlib import Path
 
 import aiohttp
 import openai
-import pytest
 from aiohttp import web
 from gatewayutil import KEYS, make_config
 
 from gateway.app import create_app
-from gateway.redis_server import RedisServer, free_port
+from gateway.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,15 +72,6 @@ async def test_kgate_serve_with_embedded_defaults_works_for_the_demo_key(tmp_pat
     from gateway.audit_tools import verify_main
 
     assert verify_main([str(work / ".kgate" / "audit")]) == 0
-
-
-@pytest.fixture
-def redis_srv():
-    server = RedisServer(port=0, appendonly=False)
-    server.start_sync()
-    yield server
-    server.stop_sync()
-    server.cleanup()
 
 
 async def test_app_mounts_as_a_sub_application(redis_srv, tmp_path: Path):

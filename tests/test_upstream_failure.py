@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,6 @@ CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)  # a gateway that never ends an
 # kgate_upstream_errors_total counts answered errors (http_<status>) today; the other kinds (connect,
 # timeout, disconnect, malformed) need the handler.py patch proposed with these tests. Remove the marker
 # when it is applied.
-
-
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    server = RedisServer(port=0, appendonly=False)
-    server.start_sync()
-    yield server
-    server.cleanup()
 
 
 # ----------------------------------------------------------------------------------- a rude upstream

@@ -13,9 +13,10 @@ from typing import Any
 
 from ..compute import ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest
-from .base import Adapter, StreamMeter, req_bool, req_int, req_obj, req_str
+from .base import StreamMeter, req_bool, req_int, req_obj, req_str
 from .openai_common import (
     ChoiceStreamMeter,
+    OpenAIAdapter,
     body_object,
     cap_field,
     effort_field,
@@ -34,16 +35,9 @@ from .openai_common import (
 _CAP_FIELDS = ("max_completion_tokens", "max_tokens")
 
 
-class ChatCompletions(Adapter):
+class ChatCompletions(OpenAIAdapter):
     api = "openai.chat"
-    shape = "openai"
     upstream_path = "/v1/chat/completions"
-
-    def model_name(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> str:
-        return model_field(body)
-
-    def is_stream(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> bool:
-        return stream_field(body)
 
     def parse(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> ComputeRequest:
         b = body_object(body)

@@ -20,7 +20,7 @@ import orjson
 from ..compute import ComputeRequest, Usage, UsageSource
 from ..config import EFFORT_ORDER
 from ..errors import BadRequest
-from .base import SSEEvent, StreamMeter, nonneg, req_bool, req_int, req_obj, req_str
+from .base import Adapter, SSEEvent, StreamMeter, nonneg, req_bool, req_int, req_obj, req_str
 
 MAX_N = 128  # the OpenAI limit on ``n``
 
@@ -49,6 +49,18 @@ def stream_field(body: Any) -> bool:
     if options is not None:
         req_bool(options, "include_usage", param="stream_options.include_usage")
     return stream
+
+
+class OpenAIAdapter(Adapter):
+    """What the three OpenAI APIs share: the model and the stream flag are body fields; errors in OpenAI shape."""
+
+    shape = "openai"
+
+    def model_name(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> str:
+        return model_field(body)
+
+    def is_stream(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> bool:
+        return stream_field(body)
 
 
 def effort_field(body: Mapping[str, Any], key: str, param: str | None = None) -> str | None:

@@ -13,9 +13,10 @@ from typing import Any
 
 from ..compute import ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest
-from .base import Adapter, StreamMeter, req_int
+from .base import StreamMeter, req_int
 from .openai_common import (
     ChoiceStreamMeter,
+    OpenAIAdapter,
     body_object,
     cap_field,
     effort_field,
@@ -33,16 +34,9 @@ from .openai_common import (
 DEFAULT_MAX_TOKENS = 16
 
 
-class Completions(Adapter):
+class Completions(OpenAIAdapter):
     api = "openai.completions"
-    shape = "openai"
     upstream_path = "/v1/completions"
-
-    def model_name(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> str:
-        return model_field(body)
-
-    def is_stream(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> bool:
-        return stream_field(body)
 
     def parse(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> ComputeRequest:
         b = body_object(body)

@@ -16,8 +16,9 @@ import orjson
 
 from ..compute import ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest
-from .base import Adapter, SSEEvent, StreamMeter, nonneg, req_obj
+from .base import SSEEvent, StreamMeter, nonneg, req_obj
 from .openai_common import (
+    OpenAIAdapter,
     body_object,
     cap_field,
     effort_field,
@@ -37,16 +38,9 @@ _VISIBLE_DELTAS = frozenset({"response.output_text.delta", "response.refusal.del
 _REASONING_DELTAS = frozenset({"response.reasoning_text.delta", "response.reasoning_summary_text.delta"})
 
 
-class Responses(Adapter):
+class Responses(OpenAIAdapter):
     api = "openai.responses"
-    shape = "openai"
     upstream_path = "/v1/responses"
-
-    def model_name(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> str:
-        return model_field(body)
-
-    def is_stream(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> bool:
-        return stream_field(body)
 
     def parse(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> ComputeRequest:
         b = body_object(body)
