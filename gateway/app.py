@@ -147,7 +147,7 @@ async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
         if gw.audit is not None:
             await gw.audit.write({"ts": time.time(), "request_id": rec["request_id"], "replica": gw.replica,
                                    "decision": "replayed", "reason": "spooled usage posted to the ledger",
-                                   "usage": rec.get("actual"), "policy_sha256": gw.config.version,
+                                   "usage": _usage_of(rec.get("actual")), "policy_sha256": gw.config.version,
                                    **{k: v for k, v in dict(rec.get("meta") or {}).items()  # type: ignore[call-overload]
                                       if k in ("principal", "org", "tier", "model")}})
 
@@ -195,6 +195,15 @@ async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _usage_of(actual: object) -> dict[str, object] | None:
+    """A spooled ledger actual in the shape of an audit record's ``usage`` (``k_units`` is ``k`` there)."""
+    if not isinstance(actual, dict):
+        return None
+    usage = {k: v for k, v in actual.items() if k not in ("requests", "k_units")}
+    usage["k"] = actual.get("k_units", 0.0)
+    return usage
 
 
 WATCH_INTERVAL = 1.0  # seconds between looks at the policy files' mtime and size
