@@ -103,6 +103,7 @@ class Outcome:
     upstream_seconds: float = 0.0
     config: Config | None = field(default=None, repr=False)  # the policy snapshot this request runs under
     recorded: bool = False  # the audit record is written (see record)
+    released: bool = False  # the hold was voided (nothing generated)
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -168,7 +169,7 @@ async def _serve(request: web.Request, gw: Gateway, cfg: Config, adapter: Adapte
             return await proxy_stream(request, gw, parsed, reservation, out)
         return await proxy_json(request, gw, parsed, reservation, out)
     except BaseException:
-        if reservation is not None and out.measured is None:
+        if reservation is not None and out.measured is None and not out.released:
             await _release(gw, reservation)
         raise
 
@@ -488,12 +489,13 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError:
-        await _charge_nothing(gw, reservation)
+        await _charge_nothing(gw, reservation, out)
         raise _counted(gw, target.name, UpstreamError(f"upstream {target.name!r} sent a malformed response",
                                                       code="upstream_malformed")) from None
     measured = measure(parsed.adapter.usage_from_json(doc, parsed.request), parsed.model, parsed.bound)
     out.measured = measured
-    await settle(gw, parsed, reservation, out, measured)
+    # Shielded: a cancellation (shutdown) must not leave the hold neither settled nor released.
+    await asyncio.shield(settle(gw, parsed, reservation, out, measured))
     out.decision = _decision(out)
     out.status = resp.status
     headers = {**up.response_headers(resp.headers), **_kgate_headers(out, reservation),
@@ -505,7 +507,7 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
 async def _upstream_failure(gw: Gateway, reservation: Reservation | None, out: Outcome, status: int, data: bytes,
                             headers: Mapping[str, str], parsed: ParsedRequest) -> web.Response:
     """An upstream error answer: nothing was generated, so nothing is charged."""
-    await _charge_nothing(gw, reservation)
+    await _charge_nothing(gw, reservation, out)
     out.measured = None
     gw.metrics.upstream_error(out.upstream or "", f"http_{status}")
     if status in (401, 403, 407):
@@ -548,8 +550,9 @@ def _counted(gw: Gateway, upstream: str, err: GatewayError) -> GatewayError:
     return err
 
 
-async def _charge_nothing(gw: Gateway, reservation: Reservation | None) -> None:
-    if reservation is not None:
+async def _charge_nothing(gw: Gateway, reservation: Reservation | None, out: Outcome) -> None:
+    if reservation is not None and not out.released:
+        out.released = True
         await _release(gw, reservation)
 
 
@@ -646,7 +649,7 @@ async def _settle_stream(gw: Gateway, parsed: ParsedRequest, reservation: Reserv
     usage: Usage = meter.usage()
     measured = measure(usage, parsed.model, parsed.bound)
     out.measured = measured
-    await settle(gw, parsed, reservation, out, measured)
+    await asyncio.shield(settle(gw, parsed, reservation, out, measured))
     out.status = 200
     if problem or meter.error is not None or not meter.finished:
         out.decision = "partial"

@@ -98,6 +98,8 @@ class Response:
     async def iter_any(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (chunked encoding already decoded)."""
         while True:
+            if time.monotonic() > self._deadline:  # a fast upstream never makes us wait: check here too
+                raise HttpTimeout("the upstream exchange exceeded its total timeout")
             if self.chunks:
                 data = b"".join(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
                 self.chunks.clear()
@@ -151,6 +153,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._close_delimited = False
         self._keep_alive = False
+        self._interim = False
         self._timeouts: Timeouts | None = None
         self._deadline = 0.0
 
@@ -199,9 +202,15 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self._timeouts is not None
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self._interim = True
+            self._headers = {}
+            return
+        self._interim = False
         h = self._headers
-        self._close_delimited = "content-length" not in h and "chunked" not in h.get("transfer-encoding", "")
-        resp = Response(self, self.parser.get_status_code(), h, self._timeouts.read, self._deadline)
+        self._close_delimited = "content-length" not in h and "chunked" not in h.get("transfer-encoding", "").lower()
+        resp = Response(self, status, h, self._timeouts.read, self._deadline)
         self._response = resp
         if self._head is not None and not self._head.done():
             self._head.set_result(resp)
@@ -211,6 +220,9 @@ class _Connection(asyncio.Protocol):
             self._response._feed(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._complete = True
         self._keep_alive = self.parser.should_keep_alive()  # only valid inside the callback
         if self._response is not None:
@@ -281,8 +293,8 @@ class _Pool:
         except ValueError:
             pass
 
-    async def get(self, timeouts: Timeouts) -> _Connection:
-        while self.idle:
+    async def get(self, timeouts: Timeouts, *, fresh: bool = False) -> _Connection:
+        while self.idle and not fresh:
             conn = self.idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
@@ -333,7 +345,7 @@ class HttpClient:
         data = "".join(head).encode("utf-8", "surrogateescape") + body
         deadline = time.monotonic() + timeouts.total
         for attempt in (1, 2):
-            conn = await pool.get(timeouts)
+            conn = await pool.get(timeouts, fresh=attempt == 2)
             try:
                 return await conn.request(data, timeouts, deadline)
             except HttpBroken:

@@ -60,7 +60,9 @@ class _Protocol(asyncio.Protocol):
                     fut.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"), lost=True)
+        # Only the current connection (or one still in its handshake) may fail the waiting commands.
+        if self.client._proto is self or self.client._proto is None:
+            self.client._fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"), lost=True)
 
 
 _NEED_MORE = object()
@@ -119,13 +121,28 @@ class RespClient:
                 _, proto = await asyncio.wait_for(coro, self.timeout)
             except (TimeoutError, OSError) as exc:
                 raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from None
+            # AUTH and SELECT go first and are answered before the connection is published: until then no
+            # other command can be written to it (it would run unauthenticated or in the wrong database).
+            try:
+                if self.password:
+                    auth = [b"AUTH", *([self.username.encode()] if self.username else []), self.password.encode()]
+                    await self._handshake(proto, auth)
+                if self.db:
+                    await self._handshake(proto, [b"SELECT", str(self.db).encode()])
+            except BaseException:
+                if proto.transport is not None:
+                    proto.transport.abort()
+                raise
             self._proto = proto
-            if self.password:
-                auth = [b"AUTH", *([self.username.encode()] if self.username else []), self.password.encode()]
-                await self._send(proto, auth)
-            if self.db:
-                await self._send(proto, [b"SELECT", str(self.db).encode()])
             return proto
+
+    async def _handshake(self, proto: _Protocol, args: Sequence[bytes]) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((fut, time.monotonic()))
+        assert proto.transport is not None
+        proto.transport.write(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
+        self._arm(self.timeout)
+        return await fut
 
     def _fail(self, exc: Exception, *, lost: bool = False) -> None:
         proto, self._proto = self._proto, None

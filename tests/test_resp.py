@@ -1,0 +1,55 @@
+"""The pipelined Redis client: handshake ordering, FIFO replies, timeouts and reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import hiredis
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.resp import RespClient
+
+
+async def test_auth_and_select_precede_every_command_on_a_new_connection():
+    seen: list[bytes] = []
+
+    async def server(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        reader = hiredis.Reader()
+        while data := await r.read(4096):
+            reader.feed(data)
+            while (cmd := reader.gets()) is not False:
+                seen.append(cmd[0])
+                if cmd[0] == b"AUTH":
+                    await asyncio.sleep(0.05)  # a slow AUTH: nothing may overtake it
+                w.write(b"+OK\r\n")
+                await w.drain()
+
+    srv = await asyncio.start_server(server, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    client = RespClient(host="127.0.0.1", port=port, password="pw", db=3, timeout=2)
+    first = asyncio.create_task(client.execute_command("PING"))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(client.execute_command("SET", "k", "v"))
+    await asyncio.gather(first, second)
+    assert seen[:2] == [b"AUTH", b"SELECT"] and sorted(seen[2:]) == [b"PING", b"SET"]
+    await client.aclose()
+    srv.close()
+
+
+async def test_replies_match_commands_and_a_stall_times_out_then_reconnects(redis_srv):
+    client = RespClient.from_url(redis_srv.url, timeout=0.3)
+    results = await asyncio.gather(*(client.execute_command("ECHO", str(i)) for i in range(200)))
+    assert [r.decode() for r in results] == [str(i) for i in range(200)]
+    with pytest.raises(RedisTimeoutError):
+        await client.execute_command("BLPOP", "kgate-test-nothing", "1")  # blocks this connection 1 s
+    await asyncio.sleep(0.8)  # the client dropped that connection; it reconnects on the next command
+    assert await client.execute_command("ECHO", "after") == b"after"
+    await client.aclose()
+
+
+async def test_unreachable_redis_is_a_connection_error():
+    client = RespClient(host="127.0.0.1", port=1, timeout=0.5)
+    with pytest.raises(RedisConnectionError):
+        await client.execute_command("PING")
