@@ -159,12 +159,7 @@ def _actor(request: web.Request) -> str:
 async def list_principals(request: web.Request) -> web.Response:
     gw = _gw(request)
     assert gw.directory is not None
-    out = []
-    for pid in sorted(await gw.directory.list_principal_ids()):
-        p = await gw.directory.by_id(pid)
-        if p is not None:
-            out.append({"id": p.id, "org": p.org, "tier": p.tier, "enabled": p.enabled, "source": p.source})
-    return _json({"principals": out})
+    return _json({"principals": await gw.directory.list_principals()})
 
 
 async def put_principal(request: web.Request) -> web.Response:

@@ -163,12 +163,7 @@ def principals_set_tier(args: argparse.Namespace) -> int:
 def principals_list(args: argparse.Namespace) -> int:
     async def op(gw: Gateway) -> Any:
         assert gw.directory is not None
-        out = []
-        for pid in sorted(await gw.directory.list_principal_ids()):
-            p = await gw.directory.by_id(pid)
-            if p is not None:
-                out.append({"id": p.id, "org": p.org, "tier": p.tier, "enabled": p.enabled, "source": p.source})
-        return out
+        return await gw.directory.list_principals()
 
     return _run(args, op)
 

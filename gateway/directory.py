@@ -237,6 +237,15 @@ class Directory:
                             "revoked": r.get("revoked") == "1"})
         return out
 
+    async def list_principals(self) -> list[dict[str, Any]]:
+        """Every principal (configuration and store), as the admin API and CLI show them."""
+        out = []
+        for pid in sorted(await self.list_principal_ids()):
+            p = await self.by_id(pid)
+            if p is not None:
+                out.append({"id": p.id, "org": p.org, "tier": p.tier, "enabled": p.enabled, "source": p.source})
+        return out
+
     async def list_principal_ids(self) -> set[str]:
         ids = set(self._static_by_id)
         if self._redis is not None:

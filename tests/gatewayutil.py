@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from aiohttp import web
 
@@ -112,3 +116,19 @@ async def running_gateway(config: Config, **kw: Any) -> AsyncIterator[RunningGat
         yield RunningGateway(app, runner, f"http://127.0.0.1:{port}")
     finally:
         await runner.cleanup()
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers 200 (failing early if ``proc`` exits)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            assert proc is None or proc.poll() is None, f"the process serving {url} exited early"
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never became ready")

@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from gatewayutil import wait_ready
 from test_crash import ROOT, GatewayProcess, Seen, audit_records, chat, run_cli, send, write_policy
 
 from gateway.config import load_config
@@ -97,7 +98,7 @@ async def test_faults_ledger_audit_and_clients_agree(tmp_path: Path, redis_srv: 
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     for p in replicas:
         p.start()
-    await asyncio.gather(*(p.ready() for p in replicas), _sim_ready(simulator))
+    await asyncio.gather(*(p.ready() for p in replicas), wait_ready(simulator + "/_sim/health"))
     rng = random.Random(6)
     seen: list[tuple[str, int, dict[str, Any], Seen]] = []  # (principal, max_tokens, body, what was seen)
     stop = asyncio.Event()
@@ -212,19 +213,6 @@ async def test_faults_ledger_audit_and_clients_agree(tmp_path: Path, redis_srv: 
     assert outcomes["ok"] and outcomes["broken"] and outcomes["http_503"], outcomes
     assert outcomes["stream_error"] or outcomes["http_502"], outcomes
     await client.aclose()
-
-
-async def _sim_ready(url: str) -> None:
-    async with aiohttp.ClientSession() as s:
-        for _ in range(300):
-            try:
-                async with s.get(url + "/_sim/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("the simulator never came up")
 
 
 def _clients_against_audit(seen: list[tuple[str, int, dict[str, Any], Seen]],

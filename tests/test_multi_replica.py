@@ -6,32 +6,17 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
-from gatewayutil import KEYS, policy_dict
+from gatewayutil import KEYS, policy_dict, wait_ready
 
 from gateway.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def _wait(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} never became ready")
 
 
 @pytest.fixture
@@ -74,7 +59,7 @@ def cluster_of_two(tmp_path: Path):
 async def test_two_gateways_never_overspend(cluster_of_two):
     urls, _redis, audit_dir = cluster_of_two
     for u in urls:
-        await _wait(u + "/readyz")
+        await wait_ready(u + "/readyz")
     body = {"model": "dense", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30}
     headers = {"Authorization": f"Bearer {KEYS['tina']}"}
     statuses: Counter[int] = Counter()

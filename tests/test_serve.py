@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import openai
 from aiohttp import web
-from gatewayutil import KEYS, make_config
+from gatewayutil import KEYS, make_config, wait_ready
 
 from gateway.app import create_app
 from gateway.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "kgate serve exited early"
-            try:
-                async with s.get(url + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("kgate serve never became ready")
 
 
 async def test_kgate_serve_with_embedded_defaults_works_for_the_demo_key(tmp_path: Path):
@@ -49,7 +32,7 @@ async def test_kgate_serve_with_embedded_defaults_works_for_the_demo_key(tmp_pat
                             stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        await _wait_ready(url, proc)
+        await wait_ready(url + "/readyz", proc)
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="kgate-demo-key", max_retries=0)
         raw = await client.chat.completions.with_raw_response.create(
             model="reasoner-32b", messages=[{"role": "user", "content": "hi"}], n=4, reasoning_effort="high")
