@@ -131,6 +131,17 @@ class UpstreamTimeout(GatewayError):
     gemini_status = "DEADLINE_EXCEEDED"
 
 
+class ClientClosed(GatewayError):
+    """The client hung up before its request arrived whole: nothing was forwarded or charged, and nobody
+    reads the answer (499, nginx's "client closed request", for the audit record and the metrics)."""
+
+    status = 499
+    kind = "client_closed"
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+    gemini_status = "CANCELLED"
+
+
 class InternalError(GatewayError):
     status = 500
     kind = "internal_error"

@@ -39,6 +39,7 @@ from .directory import Principal
 from .errors import (
     BadRequest,
     BudgetExceeded,
+    ClientClosed,
     Forbidden,
     GatewayError,
     InternalError,
@@ -213,14 +214,14 @@ async def read_body(request: web.Request, limit: int, timeout: float = 30.0) -> 
     takes longer than ``timeout`` seconds to send it (a trickling client must not hold a slot for ever)."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-    if request.content.is_eof():  # the whole body is already here: the common case, no timer needed
-        data = request.content.read_nowait()
-        if len(data) > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        return data
-    chunks: list[bytes] = []
-    size = 0
     try:
+        if request.content.is_eof():  # the whole body is already here: the common case, no timer needed
+            data = request.content.read_nowait()
+            if len(data) > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            return data
+        chunks: list[bytes] = []
+        size = 0
         async with asyncio.timeout(timeout):
             async for chunk in request.content.iter_chunked(65536):
                 size += len(chunk)
@@ -229,6 +230,8 @@ async def read_body(request: web.Request, limit: int, timeout: float = 30.0) -> 
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
+    except ConnectionError:
+        raise ClientClosed("the client closed the connection before its request body arrived") from None
     return b"".join(chunks)
 
 

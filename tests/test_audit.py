@@ -106,8 +106,9 @@ async def test_caller_chain_fields_are_replaced_and_ts_kept(tmp_path: Path) -> N
     assert epoch["ts"] == "2025-03-01T10:00:00.012Z"
 
 
-async def test_concurrent_writers_keep_one_valid_chain(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path, "r1")
+@pytest.mark.parametrize("fsync", [False, True], ids=["loop-writer", "fsync-thread"])
+async def test_concurrent_writers_keep_one_valid_chain(tmp_path: Path, fsync: bool) -> None:
+    log = AuditLog(tmp_path, "r1", fsync=fsync)
     await log.start()
 
     async def worker(w: int) -> list[int]:
@@ -251,8 +252,9 @@ async def test_one_writer_per_replica(tmp_path: Path) -> None:
     await first.close()
 
 
-async def test_write_errors_are_counted_and_the_chain_survives(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path, "r1", clock=Clock())
+@pytest.mark.parametrize("fsync", [False, True], ids=["loop-writer", "fsync-thread"])
+async def test_write_errors_are_counted_and_the_chain_survives(tmp_path: Path, fsync: bool) -> None:
+    log = AuditLog(tmp_path, "r1", clock=Clock(), fsync=fsync)
     await log.start()
     await log.write(decision(0))
     (path,) = (tmp_path / "r1").glob("audit-*.jsonl")
@@ -277,6 +279,28 @@ async def test_write_errors_are_counted_and_the_chain_survives(tmp_path: Path) -
     assert log.write_errors == 4 and log.records_written == 2 and rec["seq"] == 2
     assert [r["seq"] for r in records(path)] == [1, 2]
     assert verify([tmp_path]).ok
+
+
+async def test_a_batch_that_does_not_fit_is_refused_whole(tmp_path: Path) -> None:
+    """The records of one loop turn go out in one write: if it fails part-way, none of them is in the file,
+    each waiting writer hears so, and the chain continues from the last record that was written."""
+    log = AuditLog(tmp_path, "r1", clock=Clock())
+    await log.start()
+    first = await log.write(decision(0))
+    (path,) = (tmp_path / "r1").glob("audit-*.jsonl")
+    size = path.stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + int(2.5 * size), hard))  # room for 2.5 more lines
+    try:
+        results = await asyncio.gather(*(log.write(decision(i)) for i in range(1, 6)), return_exceptions=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert all(isinstance(r, AuditError) for r in results), results
+    assert path.stat().st_size == size and log.write_errors == 5
+    after = await log.write(decision(6))
+    await log.close()
+    assert (after["seq"], after["prev"]) == (2, first["hash"])
+    assert [r["request_id"] for r in records(path)] == ["req-0", "req-6"] and verify([tmp_path]).ok
 
 
 async def test_write_requires_start_and_refuses_after_close(tmp_path: Path) -> None:

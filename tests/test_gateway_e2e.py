@@ -338,3 +338,27 @@ async def test_a_client_trickling_its_body_gets_408(redis_srv, tmp_path: Path):
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 408"), head
         writer.close()
+
+
+async def test_a_client_hanging_up_mid_body_is_recorded_not_an_internal_error(
+        redis_srv, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
+        before = (await sim_last(g))["requests_total"]
+        host, port = g.url.removeprefix("http://").split(":")
+        _reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEYS["alice"].encode() + b"\r\nContent-Length: 100\r\n\r\n{\"mo")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the handler is waiting for the rest of the body
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):
+            if g.gw.audit is not None and g.gw.audit.records_written:
+                break
+            await asyncio.sleep(0.02)
+        assert (await sim_last(g))["requests_total"] == before, "nothing was forwarded"
+    records = [orjson.loads(line) for f in sorted((tmp_path / "data" / "audit").rglob("*.jsonl"))
+               for line in f.read_bytes().splitlines()]
+    assert [(r["status"], r["decision"], r["principal"]) for r in records] == [(499, "failed", "alice")]
+    assert "closed the connection" in records[0]["reason"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "a hang-up is not an internal error"
