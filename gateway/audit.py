@@ -340,7 +340,7 @@ class AuditLog:
         self._enqueue(record, None)
 
     def _require_started(self) -> asyncio.AbstractEventLoop:
-        if not self._started:
+        if not self._started or self._loop is None:
             raise AuditError("audit log not started")
         if self._closing:
             raise AuditError("audit log is closed")
