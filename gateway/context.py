@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ class Gateway:
     model_means: dict[str, float] = field(default_factory=dict)
     draining: bool = False
     inflight: int = 0
+    # The tasks of the API requests in flight: a drain that runs out of time cancels what is left.
+    handlers: set[asyncio.Task[Any]] = field(default_factory=set)
     store_ok: bool = True
 
 

@@ -130,6 +130,9 @@ async def serve_api(request: web.Request, adapter: Adapter, params: dict[str, st
     cfg = gw.config  # one snapshot per request: a reload never changes a request half-way
     out = Outcome(request_id=next(_REQUEST_IDS), api=adapter.api, started=time.perf_counter(), config=cfg)
     gw.inflight += 1
+    task = asyncio.current_task()
+    if task is not None:
+        gw.handlers.add(task)
     try:
         if gw.draining:
             raise ShuttingDown("the gateway is shutting down; retry on another replica")
@@ -146,6 +149,8 @@ async def serve_api(request: web.Request, adapter: Adapter, params: dict[str, st
         return response
     finally:
         gw.inflight -= 1
+        if task is not None:
+            gw.handlers.discard(task)
         _finish(gw, cfg, out)
 
 
@@ -428,7 +433,7 @@ async def settle(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | 
     assert gw.ledger is not None
     t0 = time.perf_counter()
     try:
-        await gw.ledger.settle(reservation, actual)
+        await gw.ledger.settle(reservation, actual, report=False)
         gw.metrics.store_latency("settle", time.perf_counter() - t0)
     except STORE_ERRORS:
         gw.metrics.store_error("settle")

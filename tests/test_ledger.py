@@ -108,6 +108,15 @@ async def test_settle_is_idempotent(ledger: Ledger) -> None:
     assert (s["out-1d"].used, s["req-1h"].used) == (250, 1)
 
 
+async def test_settle_without_report_posts_the_same_and_reads_nothing_back(ledger: Ledger) -> None:
+    res = await ledger.reserve("r1", [hold(output_tokens=300)], 60)
+    result = await ledger.settle(res, {"output_tokens": 250}, report=False)
+    assert result.applied and result.states == () and result.outcomes == ((ALICE, "applied"),)
+    assert (await ledger.settle(res, {"output_tokens": 250}, report=False)).repeat
+    state = by_label(await ledger.state(ALICE, [REQ, TOK]))
+    assert (state["out-1d"].used, state["out-1d"].held, state["req-1h"].used) == (250, 0, 1)
+
+
 async def test_retried_reserve_does_not_hold_twice(ledger: Ledger) -> None:
     await ledger.reserve("r1", [hold(output_tokens=300)], 60)
     again = await ledger.reserve("r1", [hold(output_tokens=300)], 60)
