@@ -9,9 +9,10 @@ Cardinality: no label ever carries a principal, an org or anything a client chos
 :meth:`Metrics.set_policy` has run, any other name is folded into ``"unknown"`` here too), ``upstream``
 and ``rule`` from the policy, ``api``, ``op`` and error ``kind`` from the code.
 
-Labelled children are cached in dicts keyed by their label tuple, because ``.labels()`` takes a lock and
-builds a key on every call; the hot path (:meth:`Metrics.observe_request`) does one dict lookup per
-(model, tier) and per (model, tier, api, decision).
+Counters and histograms are :mod:`gateway.loopmetrics` families (no lock per increment: every update runs
+on the event loop); gauges are prometheus_client's. Labelled children are cached in dicts keyed by their
+label tuple, so the hot path (:meth:`Metrics.observe_request`) does one dict lookup per (model, tier) and
+per (model, tier, api, decision).
 """
 
 from __future__ import annotations
@@ -27,15 +28,14 @@ from typing import TYPE_CHECKING, Literal
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
     Gauge,
-    Histogram,
     ProcessCollector,
     generate_latest,
 )
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from . import __version__
+from .loopmetrics import CounterChild, HistogramChild, LoopCounter, LoopHistogram
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,14 @@ class MetricSpec:
 class _ModelTier:
     """The children that one measured request touches, cached per (model, tier)."""
 
-    prompt: Counter
-    reasoning: Counter
-    output: Counter
-    flops: Counter
-    k: Histogram
-    samples: Histogram
-    k_above_evaluated: Counter
-    overruns: Counter
+    prompt: CounterChild
+    reasoning: CounterChild
+    output: CounterChild
+    flops: CounterChild
+    k: HistogramChild
+    samples: HistogramChild
+    k_above_evaluated: CounterChild
+    overruns: CounterChild
 
 
 class _StoreTimer:
@@ -198,31 +198,31 @@ class Metrics:
             ProcessCollector(registry=r)
 
         # label tuple → child; filled on first use
-        self._request_children: dict[tuple[str, str, str, str], Counter] = {}
+        self._request_children: dict[tuple[str, str, str, str], CounterChild] = {}
         self._model_tier_children: dict[tuple[str, str], _ModelTier] = {}
-        self._source_children: dict[str, Counter] = {}
-        self._denial_children: dict[tuple[str, str], Counter] = {}
-        self._clamp_children: dict[tuple[str, str], Counter] = {}
-        self._overhead_children: dict[str, Histogram] = {}
-        self._upstream_children: dict[str, tuple[Histogram, Histogram]] = {}
-        self._upstream_error_children: dict[tuple[str, str], Counter] = {}
-        self._store_children: dict[str, tuple[Histogram, Counter]] = {}
-        self._error_children: dict[str, Counter] = {}
+        self._source_children: dict[str, CounterChild] = {}
+        self._denial_children: dict[tuple[str, str], CounterChild] = {}
+        self._clamp_children: dict[tuple[str, str], CounterChild] = {}
+        self._overhead_children: dict[str, HistogramChild] = {}
+        self._upstream_children: dict[str, tuple[HistogramChild, HistogramChild]] = {}
+        self._upstream_error_children: dict[tuple[str, str], CounterChild] = {}
+        self._store_children: dict[str, tuple[HistogramChild, CounterChild]] = {}
+        self._error_children: dict[str, CounterChild] = {}
 
     # ------------------------------------------------------------------------------------ definitions
-    def _counter(self, name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+    def _counter(self, name: str, doc: str, labels: tuple[str, ...]) -> LoopCounter:
         self.specs[name] = MetricSpec(name, "counter", labels, doc)
-        # prometheus_client appends _total itself
-        return Counter(name.removesuffix("_total"), doc, labels, registry=self.registry)
+        # the exposition appends _total itself
+        return LoopCounter(name.removesuffix("_total"), doc, labels, registry=self.registry)
 
     def _gauge(self, name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
         self.specs[name] = MetricSpec(name, "gauge", labels, doc)
         return Gauge(name, doc, labels, registry=self.registry)
 
     def _histogram(self, name: str, doc: str, labels: tuple[str, ...],
-                   buckets: tuple[float, ...]) -> Histogram:
+                   buckets: tuple[float, ...]) -> LoopHistogram:
         self.specs[name] = MetricSpec(name, "histogram", labels, doc)
-        return Histogram(name, doc, labels, registry=self.registry, buckets=buckets)
+        return LoopHistogram(name, doc, labels, registry=self.registry, buckets=buckets)
 
     # -------------------------------------------------------------------------------------- label guard
     def set_policy(self, config: Config) -> None:
@@ -316,20 +316,21 @@ class Metrics:
             src = self._source_children[u.source] = self._usage_source.labels(u.source)
         src.inc()
 
-    def _overhead_child(self, api: str) -> Histogram:
+    def _overhead_child(self, api: str) -> HistogramChild:
         child = self._overhead_children.get(api)
         if child is None:
             child = self._overhead_children[api] = self._overhead.labels(api)
         return child
 
-    def _denial(self, tier: str, rule: str) -> Counter:
+    def _denial(self, tier: str, rule: str) -> CounterChild:
         return self._rule_child(self._denials, self._denial_children, tier, rule)
 
-    def _clamp(self, tier: str, rule: str) -> Counter:
+    def _clamp(self, tier: str, rule: str) -> CounterChild:
         return self._rule_child(self._clamps, self._clamp_children, tier, rule)
 
     @staticmethod
-    def _rule_child(family: Counter, cache: dict[tuple[str, str], Counter], tier: str, rule: str) -> Counter:
+    def _rule_child(family: LoopCounter, cache: dict[tuple[str, str], CounterChild], tier: str,
+                    rule: str) -> CounterChild:
         child = cache.get((tier, rule))
         if child is None:
             # Rules come from the policy and the code, so they are few; the fuse keeps a bug that puts
@@ -386,7 +387,7 @@ class Metrics:
         if error:
             children[1].inc()
 
-    def _store_child(self, op: str) -> tuple[Histogram, Counter]:
+    def _store_child(self, op: str) -> tuple[HistogramChild, CounterChild]:
         children = self._store_children.get(op)
         if children is None:
             children = self._store_children[op] = (self._store_latency.labels(op),

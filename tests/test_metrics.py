@@ -362,3 +362,38 @@ async def test_running_gateway_exports_what_it_did(tmp_path: Path) -> None:
     assert _total(fams, "kgate_policy_info", sha256=config.version) == 1
     assert _total(fams, "kgate_build_info", version=__version__) == 1
     assert "client-invented-model" not in text
+
+
+def test_loop_families_count_like_prometheus_client() -> None:
+    """The lock-free families: a value on a bound lands in that bucket (le), buckets are cumulative in the
+    exposition, counters refuse to go down and keep a _created series, label counts are checked."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from gateway.loopmetrics import LoopCounter, LoopHistogram
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    h = LoopHistogram("lat_seconds", "latency", ("op",), ours, buckets=(0.1, 1.0))
+    ph = Histogram("lat_seconds", "latency", ("op",), registry=theirs, buckets=(0.1, 1.0))
+    c = LoopCounter("hits", "hits", ("kind",), ours)
+    pc = Counter("hits", "hits", ("kind",), registry=theirs)
+    for v in (0.0, 0.1, 0.10001, 1.0, 5.0, 1e9):
+        h.labels("get").observe(v)
+        ph.labels("get").observe(v)
+    c.labels("a").inc()
+    c.labels("a").inc(2.5)
+    pc.labels("a").inc()
+    pc.labels("a").inc(2.5)
+
+    def lines(reg: CollectorRegistry) -> list[str]:
+        return sorted(line for line in generate_latest(reg).decode().splitlines()
+                      if not line.startswith("#") and "_created" not in line)
+
+    assert lines(ours) == lines(theirs)
+    assert 'lat_seconds_bucket{le="0.1",op="get"} 2.0' in lines(ours)
+    assert any(line.startswith('hits_created{kind="a"}') for line in generate_latest(ours).decode().splitlines())
+    with pytest.raises(ValueError):
+        c.labels("a").inc(-1)
+    with pytest.raises(ValueError):
+        c.labels("a", "b")
+    with pytest.raises(ValueError):  # the registry refuses a second family of the same name
+        LoopCounter("hits", "again", (), ours)
