@@ -275,7 +275,8 @@ class AuditLog:
         self._torn: _Torn | None = None
         self._lock_fd: int | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._outbox: list[_Item] = []  # records of this loop turn, not yet handed to the thread
+        self._outbox: list[_Item] = []  # fsync thread: records of this loop turn, not yet handed over
+        self._pending: list[tuple[_Item, dict[str, Any], bytes]] = []  # loop writer: chained, not written
         self._thread: threading.Thread | None = None  # only with fsync: the group-commit writer
         self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -305,6 +306,7 @@ class AuditLog:
             return
         self._closing = True
         self._handoff()
+        self._write_pending()
         if self._thread is not None:
             self._queue.put(_STOP)
             assert self._stopped is not None
@@ -386,6 +388,9 @@ class AuditLog:
         elif isinstance(ts, (int, float)) and not isinstance(ts, bool):
             rec["ts"] = rfc3339(float(ts))  # epoch seconds from the caller: stored as RFC 3339 like the rest
         rec.setdefault("replica", self.replica)
+        if self._thread is None:
+            self._chain_now(rec, now, fut)
+            return
         try:
             # Serialize now, on the caller's side: the caller may reuse its dicts, and an unserializable
             # value is the caller's bug, reported to the caller.
@@ -393,7 +398,7 @@ class AuditLog:
         except TypeError:
             self.write_errors += 1
             raise
-        # Write once per turn of the event loop, not record by record: one write(2) for the batch.
+        # Hand over once per turn of the event loop, not record by record: one wake-up of the thread.
         self._outbox.append(_Item(payload, now, fut))
         if len(self._outbox) == 1:
             assert self._loop is not None
@@ -402,10 +407,40 @@ class AuditLog:
     def _handoff(self) -> None:
         if self._outbox:
             batch, self._outbox = self._outbox, []
-            if self._thread is not None:
-                self._queue.put(batch)
-            else:
-                self._settle_batch(self._write_batch(batch))
+            self._queue.put(batch)
+
+    def _chain_now(self, rec: dict[str, Any], now: float, fut: asyncio.Future[dict[str, Any]] | None) -> None:
+        """The loop writer: chain the record at once (the loop is the only writer, so the order of calls is
+        the order of the chain) and queue its line; the lines of one loop turn go out in one write(2)."""
+        item = _Item(b"", now, fut)
+        day = _utc_day(now)
+        if not self._file_ready(day):
+            self._write_pending()  # the lines chained so far belong to the file before this one
+            try:
+                self._ensure_file(day)
+            except Exception as exc:
+                self._settle(item, self._failed(exc, 1))
+                return
+        seq, prev = (self._pending[-1][1]["seq"], self._pending[-1][1]["hash"]) if self._pending \
+            else (self._seq, self._prev)
+        try:
+            line = self._chain(rec, seq, prev)
+        except TypeError:  # an unserializable value is the caller's bug, reported to the caller
+            self.write_errors += 1
+            raise
+        self._pending.append((item, rec, line))
+        if len(self._pending) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._write_pending)
+
+    def _write_pending(self) -> None:
+        """Write the chained lines; if that fails, none of them is in the file and the next record chains
+        from the last one that is."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            done: list[tuple[_Item, dict[str, Any] | BaseException]] = []
+            self._flush(pending, done)
+            self._settle_batch(done)
 
     # ------------------------------------------------------------------------------ writer thread
     def _run(self) -> None:
@@ -466,8 +501,8 @@ class AuditLog:
                 self.stream_errors += 1
 
     def _write_batch(self, items: list[_Item]) -> list[tuple[_Item, dict[str, Any] | BaseException]]:
-        """Chain and write ``items`` in order: one write(2) per file they go to. Returns each item's record
-        as written, or the error that kept it out of the file."""
+        """The fsync thread: chain and write ``items`` in order, one write(2) per file they go to. Returns
+        each item's record as written, or the error that kept it out of the file."""
         done: list[tuple[_Item, dict[str, Any] | BaseException]] = []
         pending: list[tuple[_Item, dict[str, Any], bytes]] = []  # chained, not yet written
         for item in items:
@@ -556,7 +591,7 @@ class AuditLog:
             rec["mac"] = MAC_NAME
         else:
             rec.pop("mac", None)
-        body = orjson.dumps(rec, option=orjson.OPT_SORT_KEYS)  # canonical(rec): rec has no hash yet
+        body = orjson.dumps(rec, default=_json_default, option=orjson.OPT_SORT_KEYS)  # canonical: no hash yet
         rec["hash"] = digest = chain_hash(prev, body, self._key)
         # One serialization per record: the line is the canonical body with the hash appended (verify
         # parses the line, so key order in the file does not matter).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,15 @@ class Gateway:
     inflight: int = 0
     # The tasks of the API requests in flight: a drain that runs out of time cancels what is left.
     handlers: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Work that outlives the request that started it (a settle finished after its handler was cancelled).
+    detached: set[asyncio.Task[Any]] = field(default_factory=set)
     store_ok: bool = True
+
+    def detach(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` to its end in a task of its own (kept referenced until it is done)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.detached.add(task)
+        task.add_done_callback(self.detached.discard)
 
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("kgate_gateway", Gateway)

@@ -409,6 +409,19 @@ async def _release(gw: Gateway, reservation: Reservation) -> None:
             await asyncio.to_thread(gw.spool.append_release, reservation.request_id, reservation.holds)
 
 
+async def settle_to_the_end(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
+                            measured: Measured) -> None:
+    """:func:`settle`, which a cancellation (a shutdown's) cannot cut short: cancelled part-way, the settle
+    runs again to its end in a task of its own while the cancellation goes on. Settles are idempotent per
+    request id, so one that had already reached Redis counts once. Unlike ``asyncio.shield``, the common
+    case creates no task (a task per request measured as 3% of a request's instructions)."""
+    try:
+        await settle(gw, parsed, reservation, out, measured)
+    except asyncio.CancelledError:
+        gw.detach(settle(gw, parsed, reservation, out, measured))
+        raise
+
+
 async def settle(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
                  measured: Measured) -> None:
     """Post the actual usage (idempotent per request id); spool it when the store is away."""
@@ -502,8 +515,8 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
                                                       code="upstream_malformed")) from None
     measured = measure(parsed.adapter.usage_from_json(doc, parsed.request), parsed.model, parsed.bound)
     out.measured = measured
-    # Shielded: a cancellation (shutdown) must not leave the hold neither settled nor released.
-    await asyncio.shield(settle(gw, parsed, reservation, out, measured))
+    # A cancellation (shutdown) must not leave the hold neither settled nor released.
+    await settle_to_the_end(gw, parsed, reservation, out, measured)
     out.decision = _decision(out)
     out.status = resp.status
     headers = {**up.response_headers(resp.headers), **_kgate_headers(out, reservation),
@@ -657,7 +670,7 @@ async def _settle_stream(gw: Gateway, parsed: ParsedRequest, reservation: Reserv
     usage: Usage = meter.usage()
     measured = measure(usage, parsed.model, parsed.bound)
     out.measured = measured
-    await asyncio.shield(settle(gw, parsed, reservation, out, measured))
+    await settle_to_the_end(gw, parsed, reservation, out, measured)
     out.status = 200
     if problem or meter.error is not None or not meter.finished:
         out.decision = "partial"

@@ -156,6 +156,10 @@ async def drain(gw: Gateway, site: web.BaseSite, force: asyncio.Event) -> None:
         _, stuck = await asyncio.wait(pending, timeout=CANCEL_GRACE)
         if stuck:
             log.error("%d requests did not finish settling; their holds expire with their leases", len(stuck))
+    if gw.detached:  # settles that a cancellation interrupted, finishing in tasks of their own
+        _, stuck = await asyncio.wait(list(gw.detached), timeout=CANCEL_GRACE)
+        if stuck:
+            log.error("%d settles did not finish; their holds expire with their leases", len(stuck))
 
 
 CANCEL_GRACE = 5.0  # seconds for cancelled requests to settle (a store call or two, an audit write)
