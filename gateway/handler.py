@@ -308,8 +308,22 @@ def budget_holds(tier: TierConfig, principal: Principal, overrides: Mapping[str,
                  amounts: Mapping[str, float]) -> list[HoldRequest]:
     """One hold request per scope, in the order principal → org → global."""
     ids = {"principal": principal.id, "org": principal.org, "global": "*"}
-    return [HoldRequest(ScopeRef(scope, ids[scope]), specs, amounts)
-            for scope, specs in _scoped_specs(tier, tuple(sorted(overrides.items())))]
+    return [HoldRequest(_scope_ref(scope, ids[scope]), specs, amounts)
+            for scope, specs in _scoped_specs(tier, tuple(sorted(overrides.items())) if overrides else ())]
+
+
+_SCOPE_REFS: dict[tuple[str, str], ScopeRef] = {}
+
+
+def _scope_ref(scope: str, ident: str) -> ScopeRef:
+    """One ScopeRef object per scope: the ledger keys its caches by them, and a lookup by the very same
+    object skips the dataclass's field-by-field comparison."""
+    ref = _SCOPE_REFS.get((scope, ident))
+    if ref is None:
+        if len(_SCOPE_REFS) > 65536:
+            _SCOPE_REFS.clear()
+        ref = _SCOPE_REFS[(scope, ident)] = ScopeRef(scope, ident)
+    return ref
 
 
 _SPEC_CACHE: dict[tuple[int, tuple[tuple[str, float], ...]],

@@ -293,11 +293,16 @@ class _Pool:
         except ValueError:
             pass
 
-    async def get(self, timeouts: Timeouts, *, fresh: bool = False) -> _Connection:
-        while self.idle and not fresh:
+    def take_idle(self) -> _Connection | None:
+        """The most recently used idle connection that is still open, if any."""
+        while self.idle:
             conn = self.idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
+        return None
+
+    async def connect(self, timeouts: Timeouts) -> _Connection:
+        """A new connection."""
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
@@ -345,7 +350,7 @@ class HttpClient:
         data = "".join(head).encode("utf-8", "surrogateescape") + body
         deadline = time.monotonic() + timeouts.total
         for attempt in (1, 2):
-            conn = await pool.get(timeouts, fresh=attempt == 2)
+            conn = (pool.take_idle() if attempt == 1 else None) or await pool.connect(timeouts)
             try:
                 return await conn.request(data, timeouts, deadline)
             except HttpBroken:
