@@ -41,6 +41,12 @@ class ComputeRequest:
     stream: bool = False
     prompts: int = 1
 
+    def named(self, model: str, prompt_tokens: int) -> ComputeRequest:
+        """This request for ``model`` with ``prompt_tokens`` (``dataclasses.replace`` spelled out: it
+        is on every request's path, and replace() looks up every field by name)."""
+        return ComputeRequest(self.api, model, self.samples, prompt_tokens, self.output_cap, self.thinking_budget,
+                              self.thinking_disabled, self.effort, self.stream, self.prompts)
+
 
 @dataclass(frozen=True)
 class Bound:
@@ -105,7 +111,7 @@ class Measured:
 # ------------------------------------------------------------------------------------------------ FLOPs
 def flops(model: ModelConfig, prompt_tokens: int, generated_tokens: float, samples: int) -> float:
     """Forward-pass FLOPs for a request: 2·N per token, plus attention when the model gives its shape."""
-    s = max(samples, 1)
+    s = samples if samples > 1 else 1
     p_eff = prompt_tokens if model.shared_prefill else s * prompt_tokens
     total = 2.0 * model.active_params * (p_eff + generated_tokens)
     if model.n_layers and model.d_attn:
@@ -119,9 +125,9 @@ def flops(model: ModelConfig, prompt_tokens: int, generated_tokens: float, sampl
 
 def k_multiple(model: ModelConfig, samples: int, generated_tokens: int, visible_tokens: int) -> float:
     """K = G / max(V/S, V_ref): standard single answers' worth of generation."""
-    s = max(samples, 1)
-    denom = max(visible_tokens / s, float(model.reference_output_tokens))
-    return generated_tokens / denom
+    s = samples if samples > 1 else 1
+    per_answer, ref = visible_tokens / s, float(model.reference_output_tokens)
+    return generated_tokens / (per_answer if per_answer > ref else ref)
 
 
 # -------------------------------------------------------------------------------------------- admission

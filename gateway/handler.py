@@ -278,8 +278,8 @@ def enforce_caps(parsed: ParsedRequest, tier: TierConfig, out: Outcome) -> Parse
         if target is not None:
             body = orjson.loads(orjson.dumps(parsed.body))  # the client's body stays intact for the record
             changes = parsed.adapter.rewrite(body, parsed.request, target)
-            req = replace(parsed.adapter.parse(body, parsed.path_params), model=parsed.model_name,
-                          prompt_tokens=parsed.request.prompt_tokens)
+            req = parsed.adapter.parse(body, parsed.path_params).named(parsed.model_name,
+                                                                      parsed.request.prompt_tokens)
             bound = admission_bound(req, parsed.model)
             if changes and not check_caps(req, bound, tier, parsed.model):
                 out.clamped = changes
@@ -502,7 +502,7 @@ def _kgate_headers(out: Outcome, reservation: Reservation | None) -> dict[str, s
             reset = max(0, int(tight.reset_at - time.time() + 0.999))
             label = tight.budget.label
             h["RateLimit-Policy"] = f'"{label}";q={_q(tight.limit)}'
-            h["RateLimit"] = f'"{label}";r={_q(max(tight.remaining, 0))};t={reset}'
+            h["RateLimit"] = f'"{label}";r={_q(tight.remaining)};t={reset}'
     return h
 
 
@@ -720,7 +720,7 @@ def _finish(gw: Gateway, cfg: Config, out: Outcome) -> None:
     tier = out.tier or "none"
     evaluated = cfg.models[model].evaluated_max_k if model in cfg.models else None
     gw.metrics.observe_request(model=model, tier=tier, api=out.api, decision=out.decision, usage=out.measured,
-                               overhead_s=max(elapsed - out.upstream_seconds, 0.0),
+                               overhead_s=elapsed - out.upstream_seconds,
                                evaluated_max_k=evaluated, would_deny=out.would_deny, rule=out.rule)
     if out.upstream_seconds and out.upstream:
         gw.metrics.upstream_latency(out.upstream, out.upstream_seconds)

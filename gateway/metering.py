@@ -8,7 +8,7 @@ exactly these functions, so a compliance team can reproduce the gateway's number
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -82,7 +82,7 @@ def parse_request(config: Config, adapter: Adapter, path_params: Mapping[str, st
     name = adapter.model_name(body, path_params)
     model = lookup_model(config, name)
     req = adapter.parse(body, path_params)
-    req = replace(req, model=name, prompt_tokens=estimate_prompt_tokens(len(raw)))
+    req = req.named(name, estimate_prompt_tokens(len(raw)))
     return ParsedRequest(adapter=adapter, path_params=dict(path_params), body=body, model_name=name,
                          model=model, request=req, bound=admission_bound(req, model))
 

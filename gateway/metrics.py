@@ -277,7 +277,7 @@ class Metrics:
         if usage is not None:
             self._observe_usage(model, tier, usage, evaluated_max_k)
         if overhead_s is not None:
-            self._overhead_child(api).observe(max(overhead_s, 0.0))
+            self._overhead_child(api).observe(overhead_s if overhead_s > 0.0 else 0.0)
         rules = [*denied_rules, *(r for r in (rule or "").split(",") if r)]
         if decision in ("denied", "would_deny") or would_deny:
             for r in rules or (OTHER,):
@@ -301,10 +301,10 @@ class Metrics:
                 overruns=self._overruns.labels(model, tier),
             )
         u = measured.usage
-        mt.prompt.inc(max(u.prompt_tokens, 0))
-        mt.reasoning.inc(max(u.reasoning_tokens, 0))
-        mt.output.inc(max(u.output_tokens, 0))
-        mt.flops.inc(max(measured.flops, 0.0))
+        mt.prompt.inc(u.prompt_tokens if u.prompt_tokens > 0 else 0)
+        mt.reasoning.inc(u.reasoning_tokens if u.reasoning_tokens > 0 else 0)
+        mt.output.inc(u.output_tokens if u.output_tokens > 0 else 0)
+        mt.flops.inc(measured.flops if measured.flops > 0.0 else 0.0)
         mt.k.observe(measured.k)
         mt.samples.observe(u.samples)
         if evaluated_max_k is not None and measured.k > evaluated_max_k:
@@ -359,7 +359,7 @@ class Metrics:
         if children is None:
             children = self._upstream_children[upstream] = (
                 self._upstream_latency.labels(upstream), self._upstream_first_byte.labels(upstream))
-        children[0].observe(max(latency_s, 0.0))
+        children[0].observe(latency_s if latency_s > 0.0 else 0.0)
         if first_byte_s is not None:
             children[1].observe(max(first_byte_s, 0.0))
         if error_kind is not None:
@@ -383,7 +383,7 @@ class Metrics:
     def observe_store(self, op: str, latency_s: float, error: bool = False) -> None:
         """One store operation (reserve, settle, release, lookup, replay, ping, ...)."""
         children = self._store_child(op)
-        children[0].observe(max(latency_s, 0.0))
+        children[0].observe(latency_s if latency_s > 0.0 else 0.0)
         if error:
             children[1].inc()
 

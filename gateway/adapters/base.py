@@ -291,10 +291,12 @@ def nonneg(x: Any) -> int:
     if isinstance(x, bool) or x is None:
         return 0
     if isinstance(x, (int, float)):
-        return max(int(x), 0)
-    if isinstance(x, str):
+        v = int(x)
+    elif isinstance(x, str):
         try:
-            return max(int(float(x)), 0)
+            v = int(float(x))
         except ValueError:
             return 0
-    return 0
+    else:
+        return 0
+    return v if v > 0 else 0
