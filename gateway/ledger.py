@@ -319,10 +319,14 @@ class Ledger:
         rid = reservation.request_id
         calls = []
         flag = "1" if report else "0"
+        amounts: dict[str, float] = {}  # per metric, checked once
         for hold in reservation.holds:
             argv: list[str | bytes] = [self._now(), rid, self.lease_expiry, self._ttl, flag]
             for b in hold.budgets:
-                argv += (b._arg, _num(_actual_amount(actual, b.metric)))
+                amount = amounts.get(b.metric)
+                if amount is None:
+                    amount = amounts[b.metric] = _actual_amount(actual, b.metric)
+                argv += (b._arg, _num(amount))
             calls.append(self._settle(keys=[self._base(hold.scope)], args=argv))
         if len(calls) == 1:  # the common case: no task to create for a single scope
             replies: list[Any] = [await calls[0]]
@@ -340,9 +344,11 @@ class Ledger:
             outcomes.append((hold.scope, outcome))
             if report:
                 states += _states(hold.scope, hold.budgets, reply)
+            if outcome != "applied":
+                continue
             for b in hold.budgets:
-                excess = _actual_amount(actual, b.metric) - _hold_amount(hold, b, strict=False)
-                if excess > 0 and outcome == "applied":
+                excess = amounts[b.metric] - _hold_amount(hold, b, strict=False)
+                if excess > 0:
                     beyond.append((hold.scope, b.label, excess))
         return SettleResult(rid, tuple(outcomes), tuple(states), tuple(beyond))
 
