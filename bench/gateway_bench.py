@@ -7,8 +7,11 @@ enforced for the caller) as separate processes on loopback, then drives both wit
 packages; a Python load generator where wrk is missing): non-streaming and streaming chat completions at 1
 and 32 connections. Prints requests per second and p50/p99 latency per case, the gateway/simulator
 throughput ratio, the added p50 latency at one connection, and time to first byte of a stream (median of
-sequential requests, direct and through the gateway). Every figure is a median over ``--runs`` runs made
-side by side in this one invocation.
+sequential requests, direct and through the gateway), and the CPU time each server process spent per
+request (from /proc: a figure that moves less than wall-clock throughput on a busy VM). Every figure is a
+median over ``--runs`` runs. Runs alternate, simulator then gateway, so each gateway run has a simulator run
+beside it in time; a ratio is the median of those pairs' ratios (a machine whose speed drifts during the
+benchmark moves both halves of a pair alike).
 """
 
 from __future__ import annotations
@@ -75,6 +78,15 @@ async def wait_ready(url: str, timeout: float = 20.0) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError(f"{url} not ready")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------------------------ wrk
@@ -176,21 +188,31 @@ def main() -> int:
         asyncio.run(wait_ready(sim_url + "/_sim/health"))
         asyncio.run(wait_ready(gw_url + "/readyz"))
         results: dict[str, dict] = {}
+        ratios: dict[str, float] = {}
+        pids = {"simulator": procs[0].pid, "gateway": procs[1].pid}
         for mode, body in (("json", BODY), ("stream", STREAM_BODY)):
             for conns in conns_list:
-                for target, base in (("simulator", sim_url), ("gateway", gw_url)):
-                    runs = []
-                    for _ in range(args.runs):
+                runs: dict[str, list[dict]] = {"simulator": [], "gateway": []}
+                for _ in range(args.runs):
+                    for target, base in (("simulator", sim_url), ("gateway", gw_url)):
                         url = base + "/v1/chat/completions"
+                        cpu0 = cpu_seconds(pids[target])
                         r = run_wrk(url, body, conns, args.duration, tmp) if use_wrk else asyncio.run(
                             run_python_load(url, body, conns, args.duration))
-                        runs.append(r)
-                    med = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms")}
-                    med["non2xx"] = sum(r["non2xx"] for r in runs)
+                        served = r["rps"] * args.duration
+                        r["cpu_us"] = (cpu_seconds(pids[target]) - cpu0) * 1e6 / served if served else 0.0
+                        runs[target].append(r)
+                for target, rs in runs.items():
+                    med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms", "cpu_us")}
+                    med["non2xx"] = sum(r["non2xx"] for r in rs)
                     results[f"{target}/{mode}/c{conns}"] = med
-        ttfb_direct = statistics.median(asyncio.run(ttfb(sim_url + "/v1/chat/completions"))
-                                        for _ in range(args.runs))
-        ttfb_gw = statistics.median(asyncio.run(ttfb(gw_url + "/v1/chat/completions")) for _ in range(args.runs))
+                ratios[f"{mode}/c{conns}"] = statistics.median(
+                    g["rps"] / s["rps"] for g, s in zip(runs["gateway"], runs["simulator"], strict=True))
+        direct, through = [], []
+        for _ in range(args.runs):
+            direct.append(asyncio.run(ttfb(sim_url + "/v1/chat/completions")))
+            through.append(asyncio.run(ttfb(gw_url + "/v1/chat/completions")))
+        ttfb_direct, ttfb_gw = statistics.median(direct), statistics.median(through)
     finally:
         for p in procs:
             p.terminate()
@@ -204,21 +226,23 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"load generator: {'wrk' if use_wrk else 'python (aiohttp)'}; {args.runs} runs of "
-          f"{args.duration:g} s per case; medians")
-    print(f"{'case':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
+          f"{args.duration:g} s per case, simulator and gateway alternating; medians")
+    print(f"{'case':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}{'non-2xx':>9}")
     for name, r in results.items():
-        print(f"{name:<28}{r['rps']:>10.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['non2xx']:>9}")
+        print(f"{name:<28}{r['rps']:>10.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['cpu_us']:>12.0f}"
+              f"{r['non2xx']:>9}")
     print()
     for mode in ("json", "stream"):
         for conns in conns_list:
             g, s = results[f"gateway/{mode}/c{conns}"], results[f"simulator/{mode}/c{conns}"]
-            print(f"{mode:>6} c{conns:<3} throughput gateway/simulator = {g['rps'] / s['rps']:.1%}; "
-                  f"added p50 = {g['p50_ms'] - s['p50_ms']:.3f} ms")
+            print(f"{mode:>6} c{conns:<3} throughput gateway/simulator = {ratios[f'{mode}/c{conns}']:.1%} "
+                  f"(median of pairs); added p50 = {g['p50_ms'] - s['p50_ms']:.3f} ms")
     print(f"stream time to first byte: direct {ttfb_direct:.3f} ms, through kgate {ttfb_gw:.3f} ms "
           f"(+{ttfb_gw - ttfb_direct:.3f} ms)")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"results": results, "ttfb_direct_ms": ttfb_direct,
-                                                   "ttfb_gateway_ms": ttfb_gw}, indent=2))
+        Path(args.json_out).write_text(json.dumps({"results": results, "ratios": ratios,
+                                                   "ttfb_direct_ms": ttfb_direct, "ttfb_gateway_ms": ttfb_gw},
+                                                  indent=2))
     return 0
 
 
