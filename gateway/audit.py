@@ -16,11 +16,11 @@ new segment ``audit-YYYY-MM-DD.N.jsonl`` whose first record notes the torn tail 
 tampering.
 
 ``await log.write(rec)`` returns once the line has been handed to the OS (and fsynced when ``fsync=True``),
-so a process crash loses nothing acknowledged. Records are collected for one turn of the event loop and
-written together, one write(2) per turn. Without fsync that write happens on the event loop itself (a
-page-cache write of a few kilobytes; a writer thread cost more in wake-ups and GIL hand-offs than it
-saved); with ``fsync=True`` a dedicated thread writes and fsyncs each batch (group commit), so the disk's
-flush never stalls the loop. The records never
+so a process crash loses nothing acknowledged. Without fsync each record is chained and written at once,
+on the event loop (a page-cache write of one line, a microsecond or two; a writer thread cost more in
+wake-ups and GIL hand-offs than it saved). With ``fsync=True`` a dedicated thread takes each turn of the
+loop's records, writes them in one write(2) and fsyncs (group commit), so the disk's flush never stalls
+the loop. The records never
 carry prompt or completion text; top-level keys that would (``messages``, ``prompt``, ...) are dropped and
 named in ``redacted``.
 """
@@ -235,8 +235,8 @@ class AuditLog:
     backlog (``stream_queue_max``) and an XADD slower than ``stream_timeout`` are counted in
     ``stream_errors`` and never delay or fail the file log; ``close`` gives the backlog ``stream_timeout``.
     ``fsync``: fsync after each batch of lines before acknowledging them (group commit, on a writer thread);
-    by default each loop turn's lines are handed to the OS in one write(2) from the event loop, which
-    survives a process crash but not a power loss.
+    by default each line is handed to the OS from the event loop as it is written, which survives a process
+    crash but not a power loss.
     ``clock``: seconds since the epoch; it stamps ``ts`` (when the caller gave none) and picks the day file.
     A ``ts`` given as epoch seconds is written as RFC 3339 UTC with milliseconds.
 
@@ -276,7 +276,6 @@ class AuditLog:
         self._lock_fd: int | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._outbox: list[_Item] = []  # fsync thread: records of this loop turn, not yet handed over
-        self._pending: list[tuple[_Item, dict[str, Any], bytes]] = []  # loop writer: chained, not written
         self._thread: threading.Thread | None = None  # only with fsync: the group-commit writer
         self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -306,7 +305,6 @@ class AuditLog:
             return
         self._closing = True
         self._handoff()
-        self._write_pending()
         if self._thread is not None:
             self._queue.put(_STOP)
             assert self._stopped is not None
@@ -354,14 +352,20 @@ class AuditLog:
         Raises :class:`AuditError` when the line could not be written (also counted in ``write_errors``).
         """
         loop = self._require_started()
+        if self._thread is None:
+            return self._write_now(self._prepare(record))
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._enqueue(record, fut)
+        self._enqueue(self._prepare(record), fut)
         return await fut
 
     def write_nowait(self, record: Mapping[str, Any]) -> None:
-        """Queue ``record`` without waiting for it; a failed write is counted in ``write_errors``."""
+        """Write ``record`` without waiting for it; a failed write is counted in ``write_errors``."""
         self._require_started()
-        self._enqueue(record, None)
+        if self._thread is None:
+            with contextlib.suppress(AuditError):  # counted, and logged, by _write_now
+                self._write_now(self._prepare(record))
+            return
+        self._enqueue(self._prepare(record), None)
 
     def _require_started(self) -> asyncio.AbstractEventLoop:
         if not self._started or self._loop is None:
@@ -370,7 +374,9 @@ class AuditLog:
             raise AuditError("audit log is closed")
         return self._loop
 
-    def _enqueue(self, record: Mapping[str, Any], fut: asyncio.Future[dict[str, Any]] | None) -> None:
+    def _prepare(self, record: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
+        """The record as the log keeps it (no chain fields of the caller's, no text, ``ts`` in RFC 3339),
+        and the clock reading that picks its day file."""
         now = self._clock()
         rec = dict(record)
         for k in CHAIN_FIELDS:
@@ -388,9 +394,11 @@ class AuditLog:
         elif isinstance(ts, (int, float)) and not isinstance(ts, bool):
             rec["ts"] = rfc3339(float(ts))  # epoch seconds from the caller: stored as RFC 3339 like the rest
         rec.setdefault("replica", self.replica)
-        if self._thread is None:
-            self._chain_now(rec, now, fut)
-            return
+        return rec, now
+
+    def _enqueue(self, prepared: tuple[dict[str, Any], float], fut: asyncio.Future[dict[str, Any]] | None) -> None:
+        """The fsync thread's way in."""
+        rec, now = prepared
         try:
             # Serialize now, on the caller's side: the caller may reuse its dicts, and an unserializable
             # value is the caller's bug, reported to the caller.
@@ -409,38 +417,27 @@ class AuditLog:
             batch, self._outbox = self._outbox, []
             self._queue.put(batch)
 
-    def _chain_now(self, rec: dict[str, Any], now: float, fut: asyncio.Future[dict[str, Any]] | None) -> None:
-        """The loop writer: chain the record at once (the loop is the only writer, so the order of calls is
-        the order of the chain) and queue its line; the lines of one loop turn go out in one write(2)."""
-        item = _Item(b"", now, fut)
-        day = _utc_day(now)
-        if not self._file_ready(day):
-            self._write_pending()  # the lines chained so far belong to the file before this one
-            try:
-                self._ensure_file(day)
-            except Exception as exc:
-                self._settle(item, self._failed(exc, 1))
-                return
-        seq, prev = (self._pending[-1][1]["seq"], self._pending[-1][1]["hash"]) if self._pending \
-            else (self._seq, self._prev)
+    def _write_now(self, prepared: tuple[dict[str, Any], float]) -> dict[str, Any]:
+        """The loop writer: chain and write one record at once, on the event loop. A page-cache write of a
+        line costs a microsecond or two; handing it anywhere else cost more (a thread's wake-ups and GIL
+        hand-offs, or a future and two more turns of the loop for the request that waits for it)."""
+        rec, now = prepared
         try:
-            line = self._chain(rec, seq, prev)
+            self._ensure_file(_utc_day(now))
+            line = self._chain(rec, self._seq, self._prev)
         except TypeError:  # an unserializable value is the caller's bug, reported to the caller
             self.write_errors += 1
             raise
-        self._pending.append((item, rec, line))
-        if len(self._pending) == 1:
-            assert self._loop is not None
-            self._loop.call_soon(self._write_pending)
-
-    def _write_pending(self) -> None:
-        """Write the chained lines; if that fails, none of them is in the file and the next record chains
-        from the last one that is."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            done: list[tuple[_Item, dict[str, Any] | BaseException]] = []
-            self._flush(pending, done)
-            self._settle_batch(done)
+        except Exception as exc:
+            raise self._failed(exc, 1) from None
+        try:
+            self._write_all(line)
+        except Exception as exc:
+            raise self._failed(exc, 1) from None
+        self._seq, self._prev = rec["seq"], rec["hash"]
+        self.records_written += 1
+        self._to_sink(rec)
+        return rec
 
     # ------------------------------------------------------------------------------ writer thread
     def _run(self) -> None:
@@ -491,6 +488,10 @@ class AuditLog:
             return
         if item.future is not None and not item.future.done():
             item.future.set_result(result)
+        self._to_sink(result)
+
+    def _to_sink(self, result: dict[str, Any]) -> None:
+        """Hand a written record to the Redis Stream sink, if there is one (on the event loop)."""
         if self._sink_task is not None:
             fields = {b"replica": self.replica.encode(), b"seq": str(result["seq"]).encode(),
                       b"hash": result["hash"].encode(),
