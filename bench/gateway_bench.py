@@ -166,9 +166,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per case (medians are reported)")
     ap.add_argument("--connections", default="1,32")
     ap.add_argument("--json-out", help="write the results as JSON here too")
+    ap.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
+                    help="load generator: wrk, the Python one, or wrk when it is installed (default)")
     args = ap.parse_args()
     conns_list = [int(c) for c in args.connections.split(",")]
-    use_wrk = shutil.which("wrk") is not None
+    if args.load == "wrk" and shutil.which("wrk") is None:
+        ap.error("wrk is not installed (apt-get install wrk), or use --load python")
+    use_wrk = args.load != "python" and shutil.which("wrk") is not None
     tmp = Path(tempfile.mkdtemp(prefix="kgate-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     redis = RedisServer(port=0, appendonly=False)

@@ -1,0 +1,33 @@
+"""The gateway benchmark script runs end to end (briefly, with its Python load generator) and reports every
+case, so the README's command keeps working. Its figures are not checked here: timing belongs to the
+benchmark, not to the test suite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_gateway_bench_runs_every_case(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gateway_bench.py"), "--duration", "0.5", "--runs", "1",
+         "--connections", "1,4", "--load", "python", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    cases = {f"{t}/{m}/c{c}" for t in ("simulator", "gateway") for m in ("json", "stream") for c in (1, 4)}
+    assert set(doc["results"]) == cases
+    for name, r in doc["results"].items():
+        assert r["rps"] > 0 and r["non2xx"] == 0, (name, r)
+        assert r["cpu_us"] > 0, (name, r)
+    assert set(doc["ratios"]) == {"json/c1", "json/c4", "stream/c1", "stream/c4"}
+    assert doc["ttfb_gateway_ms"] > 0 and doc["ttfb_direct_ms"] > 0
+    assert "throughput gateway/simulator" in proc.stdout
