@@ -170,16 +170,38 @@ class Refusal:
 @dataclass(frozen=True)
 class Reservation:
     """The holds of one request. ``states`` is each budget's state right after its hold (for RateLimit
-    headers). A reservation rebuilt without states (e.g. to replay spooled usage) settles all the same."""
+    headers). A reservation rebuilt without states (e.g. to replay spooled usage) settles all the same.
+
+    ``replies`` are Redis' answers to the reserve, one per hold: the states are read from them when first
+    asked for (the request path only wants the tightest budget, and building every state was 4% of it).
+    """
 
     request_id: str
     holds: tuple[HoldRequest, ...]
-    states: tuple[BudgetState, ...] = ()
+    replies: tuple[Sequence[Any], ...] = ()
     expires_at: float = 0.0
+
+    @cached_property
+    def states(self) -> tuple[BudgetState, ...]:
+        return tuple(state for hold, reply in zip(self.holds, self.replies, strict=False)  # none: rebuilt
+                     for state in _states(hold.scope, hold.budgets, reply))
 
     def tightest(self) -> BudgetState | None:
         """The budget with the smallest remaining fraction of its limit (for ``RateLimit`` headers)."""
-        return min(self.states, key=lambda s: s.remaining / s.limit if s.limit > 0 else 0.0, default=None)
+        best: tuple[float, HoldRequest, int, Sequence[Any]] | None = None
+        for hold, reply in zip(self.holds, self.replies, strict=False):
+            for i, b in enumerate(hold.budgets):
+                if b.limit > 0:
+                    free = b.limit - float(reply[2 + 3 * i]) - float(reply[3 + 3 * i])
+                    fraction = (free if free > 0.0 else 0.0) / b.limit
+                else:
+                    fraction = 0.0
+                if best is None or fraction < best[0]:
+                    best = (fraction, hold, i, reply)
+        if best is None:
+            return None
+        _, hold, i, reply = best
+        return _states(hold.scope, hold.budgets[i: i + 1], (reply[0], reply[1], *reply[2 + 3 * i: 5 + 3 * i]))[0]
 
 
 @dataclass(frozen=True)
@@ -282,7 +304,7 @@ class Ledger:
             raise ValueError("lease_seconds must be positive")
         holds = tuple(h for h in holds if h.budgets)
         lease = _num(lease_seconds)
-        states: list[BudgetState] = []
+        replies: list[Sequence[Any]] = []
         expires_at = 0.0
         for i, hold in enumerate(holds):
             amounts = [_hold_amount(hold, b) for b in hold.budgets]
@@ -304,9 +326,9 @@ class Ledger:
                 await asyncio.shield(self._rollback(request_id, holds[:i]))
                 raise DuplicateRequest(f"request id {request_id!r} already finished on "
                                        f"{hold.scope.scope} {hold.scope.id!r}")
-            states += _states(hold.scope, hold.budgets, reply)
+            replies.append(reply)
             expires_at = now + lease_seconds
-        return Reservation(request_id, holds, tuple(states), expires_at)
+        return Reservation(request_id, holds, tuple(replies), expires_at)
 
     async def settle(self, reservation: Reservation, actual: Mapping[str, float], *,
                      report: bool = True) -> SettleResult:

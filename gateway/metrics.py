@@ -110,6 +110,11 @@ class _StoreTimer:
         self._metrics.observe_store(self._op, time.perf_counter() - self._start, error=failed)
 
 
+def _rules(denied_rules: Iterable[str], rule: str | None) -> list[str]:
+    """The rules behind a denial or a clamp: the named ones, and ``rule`` split at commas; else ``other``."""
+    return [*denied_rules, *(r for r in (rule or "").split(",") if r)] or [OTHER]
+
+
 class Metrics:
     """Every metric kgate exports, in a registry of its own, with one method per event."""
 
@@ -278,12 +283,11 @@ class Metrics:
             self._observe_usage(model, tier, usage, evaluated_max_k)
         if overhead_s is not None:
             self._overhead_child(api).observe(overhead_s if overhead_s > 0.0 else 0.0)
-        rules = [*denied_rules, *(r for r in (rule or "").split(",") if r)]
         if decision in ("denied", "would_deny") or would_deny:
-            for r in rules or (OTHER,):
+            for r in _rules(denied_rules, rule):
                 self._denial(tier, r).inc()
         elif decision == "clamped":
-            for r in rules or (OTHER,):
+            for r in _rules(denied_rules, rule):
                 self._clamp(tier, r).inc()
 
     def _observe_usage(self, model: str, tier: str, measured: Measured,

@@ -247,6 +247,10 @@ async def test_multi_scope_refusal_rolls_back_earlier_holds(ledger: Ledger) -> N
 
     ok = await ledger.reserve("r2", [*holds[:2], hold(EVERYONE, global_tok, output_tokens=200)], 60)
     assert [s.scope for s in ok.states] == [ALICE, ALICE, ACME, EVERYONE]
+    # read straight from the replies, the tightest budget is the one the states say it is
+    assert ok.tightest() == min(ok.states, key=lambda s: s.remaining / s.limit)
+    assert ok.tightest() is not None and ok.tightest().scope == EVERYONE  # type: ignore[union-attr]
+    assert Reservation("r9", tuple(holds)).tightest() is None and Reservation("r9", tuple(holds)).states == ()
     assert await ledger.holds_outstanding() == 3
     out = await ledger.settle(ok, {"output_tokens": 50})
     assert [o for _, o in out.outcomes] == ["applied"] * 3
