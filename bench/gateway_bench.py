@@ -1,6 +1,6 @@
 """Throughput and latency: the simulator alone versus through kgate with budgets enforced.
 
-    python bench/gateway_bench.py [--duration 8] [--runs 3]
+    python bench/gateway_bench.py [--duration 8] [--runs 3] [--compare ../kgate-old]
 
 Starts a Redis, `kgate simulate` and `kgate serve` (one gateway process; three budgets on three windows
 enforced for the caller) as separate processes on loopback, then drives both with wrk (from the system
@@ -168,6 +168,9 @@ def main() -> int:
     ap.add_argument("--json-out", help="write the results as JSON here too")
     ap.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
                     help="load generator: wrk, the Python one, or wrk when it is installed (default)")
+    ap.add_argument("--compare", metavar="DIR",
+                    help="also run the gateway of another kgate checkout (e.g. a git worktree of an older "
+                         "commit), in the same alternation: 'baseline' rows")
     args = ap.parse_args()
     conns_list = [int(c) for c in args.connections.split(",")]
     if args.load == "wrk" and shutil.which("wrk") is None:
@@ -189,16 +192,28 @@ def main() -> int:
                                        "--listen", f"127.0.0.1:{gw_port}",
                                        "--admin-listen", f"127.0.0.1:{admin_port}", "--store", redis.url],
                                       cwd=ROOT, env=env))
+        targets = {"simulator": sim_url, "gateway": gw_url}
+        if args.compare:
+            base_port, base_admin = free_port(), free_port()
+            base_pol = tmp / "baseline.yaml"
+            base_pol.write_text(yaml.safe_dump(policy(sim_url, redis.url, tmp / "data-baseline")))
+            procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(base_pol),
+                                           "--listen", f"127.0.0.1:{base_port}", "--admin-listen",
+                                           f"127.0.0.1:{base_admin}", "--store", redis.url],
+                                          cwd=Path(args.compare).resolve(), env=env))
+            targets["baseline"] = f"http://127.0.0.1:{base_port}"
         asyncio.run(wait_ready(sim_url + "/_sim/health"))
-        asyncio.run(wait_ready(gw_url + "/readyz"))
+        for name, url in targets.items():
+            if name != "simulator":
+                asyncio.run(wait_ready(url + "/readyz"))
         results: dict[str, dict] = {}
         ratios: dict[str, float] = {}
-        pids = {"simulator": procs[0].pid, "gateway": procs[1].pid}
+        pids = {name: proc.pid for name, proc in zip(targets, procs, strict=True)}
         for mode, body in (("json", BODY), ("stream", STREAM_BODY)):
             for conns in conns_list:
-                runs: dict[str, list[dict]] = {"simulator": [], "gateway": []}
+                runs: dict[str, list[dict]] = {name: [] for name in targets}
                 for _ in range(args.runs):
-                    for target, base in (("simulator", sim_url), ("gateway", gw_url)):
+                    for target, base in targets.items():
                         url = base + "/v1/chat/completions"
                         cpu0 = cpu_seconds(pids[target])
                         r = run_wrk(url, body, conns, args.duration, tmp) if use_wrk else asyncio.run(
@@ -210,8 +225,11 @@ def main() -> int:
                     med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms", "cpu_us")}
                     med["non2xx"] = sum(r["non2xx"] for r in rs)
                     results[f"{target}/{mode}/c{conns}"] = med
-                ratios[f"{mode}/c{conns}"] = statistics.median(
-                    g["rps"] / s["rps"] for g, s in zip(runs["gateway"], runs["simulator"], strict=True))
+                for name in targets:
+                    if name != "simulator":
+                        key = f"{mode}/c{conns}" if name == "gateway" else f"{name}/{mode}/c{conns}"
+                        ratios[key] = statistics.median(
+                            g["rps"] / s["rps"] for g, s in zip(runs[name], runs["simulator"], strict=True))
         direct, through = [], []
         for _ in range(args.runs):
             direct.append(asyncio.run(ttfb(sim_url + "/v1/chat/completions")))
@@ -241,6 +259,9 @@ def main() -> int:
             g, s = results[f"gateway/{mode}/c{conns}"], results[f"simulator/{mode}/c{conns}"]
             print(f"{mode:>6} c{conns:<3} throughput gateway/simulator = {ratios[f'{mode}/c{conns}']:.1%} "
                   f"(median of pairs); added p50 = {g['p50_ms'] - s['p50_ms']:.3f} ms")
+            if args.compare:
+                print(f"{mode:>6} c{conns:<3} baseline ({args.compare}): "
+                      f"{ratios[f'baseline/{mode}/c{conns}']:.1%} of the simulator")
     print(f"stream time to first byte: direct {ttfb_direct:.3f} ms, through kgate {ttfb_gw:.3f} ms "
           f"(+{ttfb_gw - ttfb_direct:.3f} ms)")
     if args.json_out:
