@@ -8,6 +8,7 @@ the directory, the upstream HTTP session, the audit log and the spool. The app c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -45,7 +46,7 @@ def create_app(config: Config, *, store_url: str | None = None, replica: str | N
     app[_AUDIT_DIR] = audit_dir or config.audit.dir
     app[_SIM_OPTS] = simulator_options
     app.cleanup_ctx.extend([_simulator_ctx, _store_ctx, _session_ctx, _audit_ctx, _spool_ctx, _watch_ctx,
-                             _gauges_ctx])
+                             _gauges_ctx, _detached_ctx])
     for path, adapter in ROUTES.items():
         method = path.rsplit(":", 1)[1] if adapter.api == "gemini" else None
         app.router.add_post(path, api_handler(adapter, method))
@@ -62,6 +63,20 @@ _SIM_OPTS: web.AppKey[object] = web.AppKey("kgate_sim_opts", object)
 
 
 # --------------------------------------------------------------------------------------------- lifetimes
+async def _detached_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleaned up first: settles rerun after a cancellation finish while the store and spool are open."""
+    yield
+    gw = app[GATEWAY]
+    if gw.detached:
+        _, stuck = await asyncio.wait(list(gw.detached), timeout=DETACHED_GRACE)
+        if stuck:
+            log.error("%d settles did not finish before shutdown; their holds expire with their leases",
+                      len(stuck))
+
+
+DETACHED_GRACE = 5.0  # seconds
+
+
 async def _simulator_ctx(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     runner = None
@@ -127,7 +142,7 @@ async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
     hmac_key = os.environ.get(key_env, "").encode() if key_env else b""
     gw.audit = AuditLog(app[_AUDIT_DIR], gw.replica, hmac_key=hmac_key or None,
                         redis=gw.redis if gw.config.audit.redis_stream else None,
-                        stream=gw.config.audit.redis_stream)
+                        stream=gw.config.audit.redis_stream, fsync=gw.config.audit.fsync)
     await gw.audit.start()
     yield
     await gw.audit.close()

@@ -18,7 +18,9 @@ tampering.
 ``await log.write(rec)`` returns once the line has been handed to the OS (and fsynced when ``fsync=True``),
 so a process crash loses nothing acknowledged. Without fsync each record is chained and written at once,
 on the event loop (a page-cache write of one line, a microsecond or two; a writer thread cost more in
-wake-ups and GIL hand-offs than it saved). With ``fsync=True`` a dedicated thread takes each turn of the
+wake-ups and GIL hand-offs than it saved). The price: a disk that stalls a write (a network file system,
+a full dirty-page cache) stalls the loop with it; put the audit directory on a local disk, or set
+``audit.fsync``. With ``fsync=True`` a dedicated thread takes each turn of the
 loop's records, writes them in one write(2) and fsyncs (group commit), so the disk's flush never stalls
 the loop. The records never
 carry prompt or completion text; top-level keys that would (``messages``, ``prompt``, ...) are dropped and
@@ -348,6 +350,8 @@ class AuditLog:
     # ------------------------------------------------------------------------------------ writing
     async def write(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Append ``record``; return it as written (with ``seq``, ``prev``, ``hash``) once it is in the file.
+        (Values JSON has no type for — a set, a Path — are written as lists and strings; the returned dict
+        may hold them as given.)
 
         Raises :class:`AuditError` when the line could not be written (also counted in ``write_errors``).
         """
@@ -491,14 +495,15 @@ class AuditLog:
         self._to_sink(result)
 
     def _to_sink(self, result: dict[str, Any]) -> None:
-        """Hand a written record to the Redis Stream sink, if there is one (on the event loop)."""
+        """Hand a written record to the Redis Stream sink, if there is one (on the event loop). Never
+        raises: the record is in the file already, and the stream's failures are counted apart."""
         if self._sink_task is not None:
-            fields = {b"replica": self.replica.encode(), b"seq": str(result["seq"]).encode(),
-                      b"hash": result["hash"].encode(),
-                      b"record": orjson.dumps(result, option=orjson.OPT_SORT_KEYS)}
             try:
+                fields = {b"replica": self.replica.encode(), b"seq": str(result["seq"]).encode(),
+                          b"hash": result["hash"].encode(),
+                          b"record": orjson.dumps(result, default=_json_default, option=orjson.OPT_SORT_KEYS)}
                 self._sink_queue.put_nowait(fields)
-            except asyncio.QueueFull:  # Redis is slower than the gateway: drop, count, never wait
+            except (asyncio.QueueFull, TypeError):  # Redis is slower than the gateway: drop, count, never wait
                 self.stream_errors += 1
 
     def _write_batch(self, items: list[_Item]) -> list[tuple[_Item, dict[str, Any] | BaseException]]:
@@ -552,6 +557,8 @@ class AuditLog:
             path = self._file  # resume appending to the newest file of today
         else:
             path = self._next_path(max(day, self._day))
+        if self._fsync and self._fd is not None:
+            os.fsync(self._fd)  # lines of this batch in the file being left are acknowledged too
         self._close_file()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         self._fd, self._file, self._size = fd, path, os.fstat(fd).st_size

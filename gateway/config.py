@@ -88,6 +88,9 @@ class AuditConfig(Strict):
     dir: str = ".kgate/audit"
     hmac_key_env: str | None = None
     redis_stream: str | None = None
+    # fsync each batch of records before the responses they belong to leave (survives a power loss, not
+    # only a crash); the writes then run on a thread of their own, so a slow disk never stalls the gateway.
+    fsync: bool = False
 
 
 # ------------------------------------------------------------------------------------------- upstreams

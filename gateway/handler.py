@@ -432,18 +432,19 @@ async def settle_to_the_end(gw: Gateway, parsed: ParsedRequest, reservation: Res
     try:
         await settle(gw, parsed, reservation, out, measured)
     except asyncio.CancelledError:
-        gw.detach(settle(gw, parsed, reservation, out, measured))
+        gw.detach(settle(gw, parsed, reservation, out, measured, again=True))
         raise
 
 
 async def settle(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
-                 measured: Measured) -> None:
-    """Post the actual usage (idempotent per request id); spool it when the store is away."""
+                 measured: Measured, *, again: bool = False) -> None:
+    """Post the actual usage (idempotent per request id); spool it when the store is away. ``again``: a
+    rerun of a settle that was cut short (the model's running mean has this request already)."""
     u = measured.usage
     actual = {"requests": 1, "prompt_tokens": u.prompt_tokens, "output_tokens": u.output_tokens,
               "reasoning_tokens": u.reasoning_tokens, "generated_tokens": u.generated_tokens,
               "flops": measured.flops, "k_units": measured.k}
-    if u.samples > 0 and u.source == "upstream":
+    if u.samples > 0 and u.source == "upstream" and not again:
         per_sample = u.generated_tokens / u.samples
         prev = gw.model_means.get(parsed.model_name)
         gw.model_means[parsed.model_name] = per_sample if prev is None else 0.9 * prev + 0.1 * per_sample
@@ -631,7 +632,8 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
         failure = UpstreamError(f"upstream {target.name!r} broke off the stream")
     except asyncio.CancelledError:
         resp.close()
-        await asyncio.shield(_settle_stream(gw, parsed, reservation, out, meter, t0, "client disconnected"))
+        # Not shielded: a second cancellation here reruns the settle in a task of its own (settle_to_the_end).
+        await _settle_stream(gw, parsed, reservation, out, meter, t0, "client disconnected")
         raise
     except Exception:  # a bug of ours mid-stream: the client still gets an error event and the end
         log.exception("internal error while streaming request %s", out.request_id)

@@ -6,9 +6,10 @@ instructions per request. Everything that updates these families runs on the eve
 child here is a plain number (a counter) or a list of bucket counts and a sum (a histogram), and the
 family is a :class:`prometheus_client.registry.Collector` that turns them into samples when scraped.
 
-The exposition is prometheus_client's: the same names, ``_total``, ``_bucket``/``_sum``/``_count`` and
-``le`` labels, text format or OpenMetrics. Counters keep their ``_created`` series; histograms have none.
-Only call these from the thread that owns them (the loop); the scrape reads them from the same thread.
+The exposition is prometheus_client's: the same names, ``_total``, ``_bucket``/``_sum``/``_count``,
+``_created`` (unless ``PROMETHEUS_DISABLE_CREATED_SERIES`` or ``disable_created_metrics()`` turned those
+off, as for prometheus_client's own metrics) and ``le`` labels, text format or OpenMetrics. Only call these
+from the thread that owns them (the loop); the scrape reads them from the same thread.
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
+from prometheus_client import metrics as _client_metrics
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
+
+
+def _created_series() -> bool:
+    """Whether ``_created`` series are exported: prometheus_client's own switch, read at each scrape."""
+    return bool(getattr(_client_metrics, "_use_created", True))
 
 
 class CounterChild:
@@ -42,12 +50,13 @@ class HistogramChild:
     """One labelled series of a :class:`LoopHistogram`: observations per bucket (not cumulative) and
     their sum."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "created", "sum")
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
         self.counts = [0] * len(bounds)
         self.sum = 0.0
+        self.created = time.time()
 
     def observe(self, amount: float) -> None:
         # The first bucket whose upper bound is >= amount, as prometheus_client counts them (le).
@@ -99,8 +108,9 @@ class LoopCounter(_Family):
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = _created_series()
         for key, child in list(self._children.items()):
-            family.add_metric(key, child.value, created=child.created)
+            family.add_metric(key, child.value, created=child.created if created else None)
         yield family
 
 
@@ -125,6 +135,7 @@ class LoopHistogram(_Family):
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = _created_series()
         for key, child in list(self._children.items()):
             running = 0
             buckets = []
@@ -132,4 +143,7 @@ class LoopHistogram(_Family):
                 running += count
                 buckets.append((floatToGoString(bound), running))
             family.add_metric(key, buckets, child.sum)
+            if created:
+                family.samples.append(Sample(f"{self.name}_created", dict(zip(self.labelnames, key, strict=True)),
+                                             child.created))
         yield family

@@ -68,7 +68,8 @@ def _settle_heap() -> None:
     objects, nearly all freed by reference counting; with the default thresholds a full collection over
     every long-lived object ran every few hundred requests."""
     gc.collect()
-    gc.freeze()
+    gc.freeze()  # (a frozen object in a reference cycle is never freed: the first policy reload may leave
+    # the start-up configuration behind, once)
     gc.set_threshold(*GC_THRESHOLDS)
 
 
@@ -156,10 +157,8 @@ async def drain(gw: Gateway, site: web.BaseSite, force: asyncio.Event) -> None:
         _, stuck = await asyncio.wait(pending, timeout=CANCEL_GRACE)
         if stuck:
             log.error("%d requests did not finish settling; their holds expire with their leases", len(stuck))
-    if gw.detached:  # settles that a cancellation interrupted, finishing in tasks of their own
-        _, stuck = await asyncio.wait(list(gw.detached), timeout=CANCEL_GRACE)
-        if stuck:
-            log.error("%d settles did not finish; their holds expire with their leases", len(stuck))
+    # Settles that a cancellation interrupted finish in tasks of their own: the app's cleanup waits for
+    # them before it closes the store.
 
 
 CANCEL_GRACE = 5.0  # seconds for cancelled requests to settle (a store call or two, an audit write)

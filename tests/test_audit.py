@@ -557,13 +557,16 @@ async def test_stream_sink_mirrors_each_record(tmp_path: Path, redis_sock: str) 
     written = [await log.write(decision(i)) for i in range(10)]
     for i in range(10, 20):
         log.write_nowait(decision(i))
+    tagged = await log.write(decision(20, tags={"b", "a"}))  # a set: JSON has no type for it, the log does
     await log.close()
     entries: Any = await client.xrange("kgate:audit")
     await client.aclose()
-    assert log.stream_written == 20 and log.stream_errors == 0 and len(entries) == 20
+    assert log.stream_written == 21 and log.stream_errors == 0 and len(entries) == 21
     fields = entries[3][1]
     assert fields[b"seq"] == b"4" and fields[b"hash"] == written[3]["hash"].encode()
     assert orjson.loads(fields[b"record"]) == written[3]
+    assert orjson.loads(entries[20][1][b"record"])["tags"] == ["a", "b"] and tagged["seq"] == 21
+    assert verify([tmp_path]).ok
 
 
 async def test_stream_failures_are_counted_and_never_block_the_file(tmp_path: Path) -> None:

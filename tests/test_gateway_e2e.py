@@ -362,3 +362,24 @@ async def test_a_client_hanging_up_mid_body_is_recorded_not_an_internal_error(
     assert [(r["status"], r["decision"], r["principal"]) for r in records] == [(499, "failed", "alice")]
     assert "closed the connection" in records[0]["reason"]
     assert not [r for r in caplog.records if r.levelname == "ERROR"], "a hang-up is not an internal error"
+
+
+async def test_audit_fsync_mode_serves_and_keeps_a_valid_chain(redis_srv, tmp_path: Path):
+    """``audit.fsync: true``: records go through the group-commit thread; requests are served as usual."""
+    import yaml
+    from gatewayutil import policy_dict
+
+    from gateway.audit_tools import verify
+    from gateway.config import load_config
+
+    pol = policy_dict(redis_srv.url, tmp_path / "data")
+    pol["audit"]["fsync"] = True
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(pol))
+    async with running_gateway(load_config(path)) as g:
+        assert g.gw.audit is not None and g.gw.audit._thread is not None
+        results = await asyncio.gather(*(oai(g).chat.completions.create(model="dense", messages=MSG, max_tokens=8)
+                                         for _ in range(5)))
+        assert all(r.choices for r in results)
+    result = verify([tmp_path / "data" / "audit"])
+    assert result.ok and result.records == 5

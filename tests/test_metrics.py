@@ -367,7 +367,14 @@ async def test_running_gateway_exports_what_it_did(tmp_path: Path) -> None:
 def test_loop_families_count_like_prometheus_client() -> None:
     """The lock-free families: a value on a bound lands in that bucket (le), buckets are cumulative in the
     exposition, counters refuse to go down and keep a _created series, label counts are checked."""
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import (
+        CollectorRegistry,
+        Counter,
+        Histogram,
+        disable_created_metrics,
+        enable_created_metrics,
+        generate_latest,
+    )
 
     from gateway.loopmetrics import LoopCounter, LoopHistogram
 
@@ -385,12 +392,18 @@ def test_loop_families_count_like_prometheus_client() -> None:
     pc.labels("a").inc(2.5)
 
     def lines(reg: CollectorRegistry) -> list[str]:
-        return sorted(line for line in generate_latest(reg).decode().splitlines()
-                      if not line.startswith("#") and "_created" not in line)
+        # _created holds a timestamp: compare its series, not its value
+        return sorted(line.rsplit(" ", 1)[0] if "_created" in line else line
+                      for line in generate_latest(reg).decode().splitlines() if not line.startswith("#"))
 
     assert lines(ours) == lines(theirs)
     assert 'lat_seconds_bucket{le="0.1",op="get"} 2.0' in lines(ours)
-    assert any(line.startswith('hits_created{kind="a"}') for line in generate_latest(ours).decode().splitlines())
+    assert 'hits_created{kind="a"}' in lines(ours) and 'lat_seconds_created{op="get"}' in lines(ours)
+    disable_created_metrics()  # what PROMETHEUS_DISABLE_CREATED_SERIES does, for ours as for theirs
+    try:
+        assert lines(ours) == lines(theirs) and not [line for line in lines(ours) if "_created" in line]
+    finally:
+        enable_created_metrics()
     with pytest.raises(ValueError):
         c.labels("a").inc(-1)
     with pytest.raises(ValueError):
