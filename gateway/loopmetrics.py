@@ -79,10 +79,8 @@ class _Family(Collector):
         return tuple(str(v) for v in values)
 
     def describe(self) -> Iterator[Metric]:
-        return self.collect()  # the registry learns the family's names (and refuses duplicates)
-
-    def collect(self) -> Iterator[Metric]:
-        raise NotImplementedError
+        # the registry learns the family's names (and refuses duplicates); collect() is the subclass's
+        return iter(self.collect())
 
 
 class LoopCounter(_Family):
