@@ -428,18 +428,12 @@ class AuditLog:
         rec, now = prepared
         try:
             self._ensure_file(_utc_day(now))
-            line = self._chain(rec, self._seq, self._prev)
+            self._append(rec)
         except TypeError:  # an unserializable value is the caller's bug, reported to the caller
             self.write_errors += 1
             raise
         except Exception as exc:
             raise self._failed(exc, 1) from None
-        try:
-            self._write_all(line)
-        except Exception as exc:
-            raise self._failed(exc, 1) from None
-        self._seq, self._prev = rec["seq"], rec["hash"]
-        self.records_written += 1
         self._to_sink(rec)
         return rec
 
