@@ -171,6 +171,10 @@ def main() -> int:
     ap.add_argument("--compare", metavar="DIR",
                     help="also run the gateway of another kgate checkout (e.g. a git worktree of an older "
                          "commit), in the same alternation: 'baseline' rows")
+    ap.add_argument("--store", choices=("tcp", "embedded"), default="tcp",
+                    help="the gateway's Redis: on 127.0.0.1 TCP without persistence (as a Redis on another host "
+                         "would be reached; default), or as `kgate serve` runs its embedded store: a unix socket "
+                         "with append-only persistence")
     args = ap.parse_args()
     conns_list = [int(c) for c in args.connections.split(",")]
     if args.load == "wrk" and shutil.which("wrk") is None:
@@ -178,7 +182,8 @@ def main() -> int:
     use_wrk = args.load != "python" and shutil.which("wrk") is not None
     tmp = Path(tempfile.mkdtemp(prefix="kgate-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
-    redis = RedisServer(port=0, appendonly=False)
+    redis = (RedisServer(data_dir=tmp / "redis", port=None) if args.store == "embedded"
+             else RedisServer(port=0, appendonly=False))
     redis.start_sync()
     try:
         sim_port, gw_port, admin_port = free_port(), free_port(), free_port()
@@ -247,6 +252,9 @@ def main() -> int:
         redis.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
 
+    store = "unix socket, append-only (as the embedded store)" if args.store == "embedded" else \
+        "TCP 127.0.0.1, no persistence"
+    print(f"redis: {store}")
     print(f"load generator: {'wrk' if use_wrk else 'python (aiohttp)'}; {args.runs} runs of "
           f"{args.duration:g} s per case, simulator and gateway alternating; medians")
     print(f"{'case':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}{'non-2xx':>9}")

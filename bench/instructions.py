@@ -1,6 +1,7 @@
-"""Instructions per request: the simulator alone and kgate, counted by valgrind (callgrind), not timed.
+"""Instructions per request: the simulator alone, kgate, and the Redis behind kgate, counted by valgrind
+(callgrind), not timed.
 
-    python bench/instructions.py [--requests 400] [--concurrency 8] [--tree DIR ...]
+    python bench/instructions.py [--requests 400] [--concurrency 8] [--tree DIR ...] [--keep DIR]
 
 Wall-clock figures on a shared VM move by ±20% from one minute to the next; an instruction count does
 not (the same code and load give the same count to within half a percent). This script starts a Redis and
@@ -8,10 +9,12 @@ not (the same code and load give the same count to within half a percent). This 
 ``--tree`` given (another checkout, to compare two versions side by side) — under
 ``valgrind --tool=callgrind`` with instrumentation off while it starts. It warms the gateway up, switches
 counting on, sends ``--requests`` non-streaming chat completions over ``--concurrency`` keep-alive
-connections, and reads the count. The simulator is measured the same way. Counted: every instruction the
-process executes in user space, all threads. Not counted: the kernel (syscalls, the loopback network), and
-time waiting. So this is the CPU work per request that code changes can move; ``gateway_bench.py`` gives
-the wall-clock figures.
+connections, and reads the count. The simulator is measured the same way, and so is the Redis (also under
+callgrind) while it serves the gateway's counted requests: on a 2-core machine the ledger's scripts
+compete with the gateway for the same CPUs, so their cost matters as much as the gateway's own. Counted:
+every instruction the process executes in user space, all threads. Not counted: the kernel (syscalls, the
+loopback network), and time waiting. So this is the CPU work per request that code changes can move;
+``gateway_bench.py`` gives the wall-clock figures.
 
 Needs valgrind (``apt-get install valgrind``). A run takes about a minute.
 """
@@ -25,9 +28,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -36,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway_bench import BODY, KEY, ROOT, free_port, policy, wait_ready
 
-from gateway.redis_server import RedisServer
+from gateway.redis_server import find_redis_binary
 
 _PAYLOAD = json.dumps(BODY).encode()
 _REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
@@ -76,28 +81,64 @@ def callgrind_count(out_prefix: str) -> int:
     return int(match.group(1))
 
 
-def measure(command: list[str], cwd: Path, ready_url: str, port: int, out_prefix: str, requests: int,
-            concurrency: int, env: dict[str, str]) -> float:
-    """Instructions per request of the server that ``command`` starts, under callgrind."""
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+def callgrind(out_prefix: str, command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``command`` under callgrind, counting nothing until told to."""
+    return subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
                              f"--callgrind-out-file={out_prefix}", *command],
                             cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_redis(port: int, timeout: float = 120.0) -> None:
+    """Until the Redis on ``port`` answers PING (under valgrind it takes a few seconds to start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis on port {port} did not start")
+        time.sleep(0.2)
+
+
+def control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def measure(command: list[str], cwd: Path, ready_url: str, port: int, out_prefix: str, requests: int,
+            concurrency: int, env: dict[str, str], redis: tuple[int, str] | None = None) -> tuple[float, float]:
+    """Instructions per request of the server that ``command`` starts, under callgrind, and of the Redis
+    (pid, callgrind file prefix) behind it while it serves the counted requests (0 without one)."""
+    proc = callgrind(out_prefix, command, cwd, env)
     try:
         asyncio.run(wait_ready(ready_url, timeout=300))
         asyncio.run(send(port, 50, 4))  # imports, caches and connection pools: not part of the count
-        control = ["callgrind_control"]
-        subprocess.run([*control, "--instr=on", str(proc.pid)], check=True, capture_output=True)
+        pids = [str(proc.pid)] + ([str(redis[0])] if redis else [])
+        for pid in pids:
+            control("--instr=on", pid)
         asyncio.run(send(port, 50, 4))  # the same again with instrumentation on, then start from zero
-        subprocess.run([*control, "--zero", str(proc.pid)], check=True, capture_output=True)
+        for pid in pids:
+            control("--zero", pid)
         asyncio.run(send(port, requests, concurrency))
-        subprocess.run([*control, "--dump", str(proc.pid)], check=True, capture_output=True)
-        return callgrind_count(out_prefix) / requests
+        for pid in pids:
+            control("--dump", pid)
+        if redis:
+            control("--instr=off", str(redis[0]))
+        return (callgrind_count(out_prefix) / requests,
+                callgrind_count(redis[1]) / requests if redis else 0.0)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def main() -> int:
@@ -106,45 +147,52 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8, help="keep-alive connections")
     ap.add_argument("--tree", action="append", default=[],
                     help="a kgate checkout whose gateway to measure (repeatable; default: this one)")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="keep the callgrind files here (read them with callgrind_annotate --inclusive=yes)")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             ap.error(f"{tool} is not installed (apt-get install valgrind)")
     trees = [Path(t).resolve() for t in args.tree] or [ROOT]
-    tmp = Path(tempfile.mkdtemp(prefix="kgate-instr-"))
+    tmp = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="kgate-instr-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "KGATE_LOG_LEVEL": "WARNING"}
-    redis = RedisServer(port=0, appendonly=False)
-    redis.start_sync()
+    redis_port = free_port()
+    redis_out = str(tmp / "redis.out")
+    redis = callgrind(redis_out, [str(find_redis_binary()), "--port", str(redis_port), "--bind", "127.0.0.1",
+                                  "--save", "", "--appendonly", "no", "--dir", str(tmp)], tmp, env)
+    redis_url = f"redis://127.0.0.1:{redis_port}"
     sim_proc: subprocess.Popen[bytes] | None = None
     try:
+        wait_redis(redis_port)
         sim_port = free_port()
         sim_url = f"http://127.0.0.1:{sim_port}"
         simulate = [sys.executable, "-m", "gateway", "simulate", "--listen", f"127.0.0.1:{sim_port}",
                     "--output-tokens", "16"]
-        sim_ir = measure(simulate, ROOT, sim_url + "/_sim/health", sim_port, str(tmp / "sim.out"),
-                         args.requests, args.concurrency, env)
+        sim_ir, _ = measure(simulate, ROOT, sim_url + "/_sim/health", sim_port, str(tmp / "sim.out"),
+                            args.requests, args.concurrency, env)
         # The simulator again, uninstrumented, as the gateway's upstream.
         sim_proc = subprocess.Popen(simulate, cwd=ROOT, env=env)
         asyncio.run(wait_ready(sim_url + "/_sim/health"))
-        print(f"{'server':<40}{'instructions/request':>22}{'vs simulator':>14}")
+        print(f"{'server':<40}{'instructions/request':>22}{'vs simulator':>14}{'redis/request':>16}")
         print(f"{'kgate simulate':<40}{sim_ir:>22,.0f}{1:>14.2f}")
         for i, tree in enumerate(trees):
             port, admin = free_port(), free_port()
             pol = tmp / f"policy-{i}.yaml"
-            pol.write_text(yaml.safe_dump(policy(sim_url, redis.url, tmp / f"data-{i}")))
+            pol.write_text(yaml.safe_dump(policy(sim_url, redis_url, tmp / f"data-{i}")))
             serve = [sys.executable, "-m", "gateway", "serve", "--config", str(pol), "--listen", f"127.0.0.1:{port}",
-                     "--admin-listen", f"127.0.0.1:{admin}", "--store", redis.url]
-            gw_ir = measure(serve, tree, f"http://127.0.0.1:{port}/readyz", port, str(tmp / f"gw-{i}.out"),
-                            args.requests, args.concurrency, env)
+                     "--admin-listen", f"127.0.0.1:{admin}", "--store", redis_url]
+            gw_ir, redis_ir = measure(serve, tree, f"http://127.0.0.1:{port}/readyz", port, str(tmp / f"gw-{i}.out"),
+                                      args.requests, args.concurrency, env, (redis.pid, redis_out))
             label = "kgate serve" + ("" if tree == ROOT else f" ({tree})")
-            print(f"{label:<40}{gw_ir:>22,.0f}{gw_ir / sim_ir:>14.2f}")
+            print(f"{label:<40}{gw_ir:>22,.0f}{gw_ir / sim_ir:>14.2f}{redis_ir:>16,.0f}")
     finally:
         if sim_proc is not None:
             sim_proc.terminate()
             sim_proc.wait(timeout=15)
-        redis.stop_sync()
-        redis.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(redis)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

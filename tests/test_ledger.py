@@ -170,6 +170,19 @@ async def test_float_amounts_keep_precision(ledger: Ledger) -> None:
     assert out.states[0].used == 2.5 and out.states[0].held == 0
 
 
+@pytest.mark.parametrize("amount", [999_999_999_999_999.0, 1e15, 2.0**53, 3e20, 1e-9, 0.1, 123_456.5, 7.0])
+async def test_numbers_survive_the_scripts_exactly(ledger: Ledger, amount: float) -> None:
+    """The scripts print whole numbers below 1e15 with '%d' and the rest with '%.17g': either way, what
+    is held and posted reads back as the same float."""
+    spec = BudgetSpec("f", "flops", "1d", False, 1e30)
+    res = await ledger.reserve("r1", [hold(ALICE, spec, flops=amount)], 60)
+    assert res.states[0].held == amount and res.states[0].used == 0
+    out = await ledger.settle(res, {"flops": amount})
+    assert out.states[0].used == amount and out.states[0].held == 0
+    res = await ledger.reserve("r2", [hold(ALICE, spec, flops=amount)], 60)
+    assert res.states[0].used == amount and res.states[0].held == amount
+
+
 async def test_lease_expiry_charges_and_late_settle_corrects(ledger: Ledger, clock) -> None:
     res = await ledger.reserve("r1", [hold(output_tokens=300)], lease_seconds=30)
     clock.advance(31)

@@ -21,7 +21,11 @@ local MONDAY = 345600      -- 1970-01-05T00:00Z: fixed 7d windows start on Monda
 local LENGTH = { ['1m'] = 60, ['1h'] = 3600, ['1d'] = 86400, ['7d'] = 604800, ['30d'] = 2592000,
                  ['day'] = 86400 }
 
+local floor = math.floor
+
 local function fmt(x)
+  -- whole numbers (counts, window boundaries) print exactly with '%d', at a third of the cost of '%.17g'
+  if x == floor(x) and x < 1e15 and x > -1e15 then return string.format('%d', x) end
   return string.format('%.17g', x)
 end
 
@@ -224,11 +228,11 @@ end
 -- An expired hold is released and, in 'charge' mode, charged to the window its expiry falls in.
 -- With `forget`, finished records older than `ttl` seconds are dropped too (the scripts that finish
 -- requests do this; reserve skips it, to stay short).
-local function reap(base, now, charge, ttl, forget)
+local function reap(base, now, now_s, charge, ttl, forget)
   local leases = base .. ':leases'
   local recs = base .. ':rec'
   local fin = base .. ':fin'
-  local due = redis.call('ZRANGEBYSCORE', leases, '-inf', fmt(now), 'LIMIT', 0, REAP_BATCH)
+  local due = redis.call('ZRANGEBYSCORE', leases, '-inf', now_s, 'LIMIT', 0, REAP_BATCH)
   if #due > 0 then
     for _, rid in ipairs(due) do
       local raw = redis.call('HGET', recs, rid)
@@ -267,8 +271,8 @@ local function labels_of(budgets)
 end
 
 -- The reply: {status, now, then used, held, reset_at for each budget}.
-local function report(status, base, budgets, now)
-  local out = { status, fmt(now) }
+local function report(status, base, budgets, now, now_s)
+  local out = { status, now_s }
   local held = read_held(base, labels_of(budgets))
   for i, b in ipairs(budgets) do
     local used, reset_at = usage(base, b, now)
@@ -280,9 +284,9 @@ local function report(status, base, budgets, now)
 end
 
 -- A finished request (settled or released) keeps its marker for `ttl` seconds: repeats are no-ops.
-local function finish(base, rid, marker, now, ttl)
+local function finish(base, rid, marker, now_s, ttl)
   redis.call('HSET', base .. ':rec', rid, marker)
-  redis.call('ZADD', base .. ':fin', fmt(now), rid)
+  redis.call('ZADD', base .. ':fin', now_s, rid)
   local ms = math.ceil(ttl * 1000)
   keep_alive(base .. ':rec', ms)
   keep_alive(base .. ':fin', ms)

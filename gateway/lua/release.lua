@@ -9,14 +9,15 @@
 -- Reply: {outcome, now}; outcome 'released', 'unknown' or 'repeat'.
 local base = KEYS[1]
 local now = clock(ARGV[1])
+local now_s = fmt(now)
 local rid = ARGV[2]
 local ttl = tonumber(ARGV[4])
 local forget = ARGV[5] == '1'
-reap(base, now, ARGV[3] == 'charge', ttl, true)
+reap(base, now, now_s, ARGV[3] == 'charge', ttl, true)
 
 local raw = redis.call('HGET', base .. ':rec', rid)
 if raw == 'S' or raw == 'R' then
-  return { 'repeat', fmt(now) }
+  return { 'repeat', now_s }
 end
 local outcome = 'unknown'
 if raw then
@@ -29,6 +30,6 @@ if forget then
     redis.call('ZREM', base .. ':fin', rid)
   end
 else
-  finish(base, rid, 'R', now, ttl)
+  finish(base, rid, 'R', now_s, ttl)
 end
-return { outcome, fmt(now) }
+return { outcome, now_s }

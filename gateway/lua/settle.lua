@@ -9,16 +9,17 @@
 -- the same, e.g. usage replayed from a spool) or 'repeat' (already settled or released: nothing changed).
 local base = KEYS[1]
 local now = clock(ARGV[1])
+local now_s = fmt(now)
 local rid = ARGV[2]
 local ttl = tonumber(ARGV[4])
 local want_report = ARGV[5] == '1'
 local budgets = read_budgets(6)
-reap(base, now, ARGV[3] == 'charge', ttl, true)
+reap(base, now, now_s, ARGV[3] == 'charge', ttl, true)
 
 local raw = redis.call('HGET', base .. ':rec', rid)
 if raw == 'S' or raw == 'R' then
-  if not want_report then return { 'repeat', fmt(now) } end
-  return report('repeat', base, budgets, now)
+  if not want_report then return { 'repeat', now_s } end
+  return report('repeat', base, budgets, now, now_s)
 end
 local outcome = 'posted'
 if raw then
@@ -28,6 +29,6 @@ end
 for _, b in ipairs(budgets) do
   if b.amount > 0 then add_usage(base, b, now, b.amount, now) end
 end
-finish(base, rid, 'S', now, ttl)
-if not want_report then return { outcome, fmt(now) } end
-return report(outcome, base, budgets, now)
+finish(base, rid, 'S', now_s, ttl)
+if not want_report then return { outcome, now_s } end
+return report(outcome, base, budgets, now, now_s)

@@ -6,5 +6,6 @@
 -- Reply: {'state', now, used, held, reset_at ...}
 local base = KEYS[1]
 local now = clock(ARGV[1])
-reap(base, now, ARGV[2] == 'charge', tonumber(ARGV[3]), true)
-return report('state', base, read_budgets(4), now)
+local now_s = fmt(now)
+reap(base, now, now_s, ARGV[2] == 'charge', tonumber(ARGV[3]), true)
+return report('state', base, read_budgets(4), now, now_s)
