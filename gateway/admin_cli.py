@@ -63,7 +63,8 @@ async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
     gw = Gateway(config=cfg, metrics=Metrics(process_metrics=False), replica=f"cli-{socket.gethostname()}")
     gw.redis = redis
     gw.directory = Directory(cfg, redis, key_prefix=cfg.store.key_prefix)
-    gw.ledger = Ledger(redis, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry)
+    gw.ledger = Ledger(redis, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry,
+                       record_ttl=cfg.store.record_ttl_seconds)
     key_env = cfg.audit.hmac_key_env
     hmac_key = os.environ.get(key_env, "").encode() if key_env else b""
     gw.audit = AuditLog(cfg.audit.dir, gw.replica, hmac_key=hmac_key or None)

@@ -108,7 +108,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     from .resp import hot_path_client
 
     ledger_client = hot_path_client(gw.redis, url, timeout=cfg.store.timeout_seconds)
-    gw.ledger = Ledger(ledger_client, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry)
+    gw.ledger = Ledger(ledger_client, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry,
+                       record_ttl=cfg.store.record_ttl_seconds)
     gw.directory = Directory(cfg, gw.redis, key_prefix=cfg.store.key_prefix)
     await gw.directory.start()
     if any(p.key_sha256 == DEMO_KEY_SHA256 and p.enabled for p in cfg.principals):

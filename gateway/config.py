@@ -73,6 +73,9 @@ class StoreConfig(Strict):
     spool_max_bytes: PositiveInt = 64 * 1024 * 1024
     lease_grace_seconds: Annotated[float, Field(ge=0)] = 30.0
     lease_expiry: Literal["charge", "release"] = "charge"
+    # How long a finished request id is remembered, so that a repeated settle (a retry, a spool replay)
+    # counts once. Redis keeps about 230 bytes per request and scope for this long: see the README.
+    record_ttl_seconds: Annotated[float, Field(ge=60)] = 3600.0
 
     @field_validator("url")
     @classmethod

@@ -383,3 +383,31 @@ async def test_audit_fsync_mode_serves_and_keeps_a_valid_chain(redis_srv, tmp_pa
         assert all(r.choices for r in results)
     result = verify([tmp_path / "data" / "audit"])
     assert result.ok and result.records == 5
+
+
+async def test_record_ttl_from_the_policy_bounds_what_redis_keeps(redis_srv, tmp_path: Path):
+    """``store.record_ttl_seconds`` reaches the ledger: the finished-request records of a scope expire after
+    it (plus the lease, with 10% to spare), not after the default hour."""
+    import redis.asyncio as aioredis
+    import yaml
+    from gatewayutil import write_policy
+
+    from gateway.config import load_config
+
+    r = aioredis.from_url(redis_srv.url)
+    await r.flushall()
+    path = write_policy(tmp_path, redis_srv.url)
+    pol = yaml.safe_load(path.read_text())
+    pol["store"]["record_ttl_seconds"] = 120
+    path.write_text(yaml.safe_dump(pol))
+    try:
+        async with running_gateway(load_config(path)) as g:
+            out = await oai(g).chat.completions.create(model="dense", messages=MSG, max_tokens=8)
+            assert out.usage is not None
+            recs = [k async for k in r.scan_iter(match="*principal:alice*:rec")]
+            assert recs, "the request left no record"
+            ttl_ms = await r.pttl(recs[0])
+            lease = 20 + 5  # the test policy: total_timeout_seconds + lease_grace_seconds
+            assert 0 < ttl_ms <= (lease + 120) * 1.1 * 1000 + 1000
+    finally:
+        await r.aclose()
