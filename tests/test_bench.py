@@ -5,6 +5,7 @@ benchmark, not to the test suite."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,34 @@ def test_gateway_bench_runs_every_case(tmp_path: Path) -> None:
     assert set(doc["ratios"]) == {"json/c1", "json/c4", "stream/c1", "stream/c4"}
     assert doc["ttfb_gateway_ms"] > 0 and doc["ttfb_direct_ms"] > 0
     assert "throughput gateway/simulator" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gateway_bench_with_the_embedded_store_setup(tmp_path: Path) -> None:
+    """``--store embedded``: the Redis on a unix socket with append-only persistence, as kgate serve runs it."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gateway_bench.py"), "--duration", "0.5", "--runs", "1",
+         "--connections", "1", "--load", "python", "--store", "embedded", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "redis: unix socket, append-only" in proc.stdout
+    doc = json.loads(out.read_text())
+    for name, r in doc["results"].items():
+        assert r["rps"] > 0 and r["non2xx"] == 0, (name, r)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instruction_count_reports_the_gateway_and_its_redis() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "instructions.py"), "--requests", "40", "--concurrency", "2"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split("  ")[0].strip(): line.split() for line in proc.stdout.splitlines()
+            if line.startswith(("kgate simulate", "kgate serve"))}
+    assert set(rows) == {"kgate simulate", "kgate serve"}, proc.stdout
+    gateway = rows["kgate serve"]
+    # instructions per request, the ratio to the simulator, and the Redis' instructions per request
+    assert int(gateway[2].replace(",", "")) > 0 and float(gateway[3]) > 1
+    assert int(gateway[4].replace(",", "")) > 0
