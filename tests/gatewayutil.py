@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -115,7 +116,25 @@ async def running_gateway(config: Config, **kw: Any) -> AsyncIterator[RunningGat
     try:
         yield RunningGateway(app, runner, f"http://127.0.0.1:{port}")
     finally:
-        await runner.cleanup()
+        await _cleanup(runner)
+
+
+CLEANUP_LIMIT = 60.0  # seconds: the app's shutdown is bounded well below this (drain, settles, store close)
+
+
+async def _cleanup(runner: web.AppRunner) -> None:
+    """``runner.cleanup()``; if it has not finished within :data:`CLEANUP_LIMIT`, print every task's stack
+    (which await hangs) and fail, instead of leaving only the event loop's frame to pytest-timeout."""
+    task = asyncio.ensure_future(runner.cleanup())
+    done, _ = await asyncio.wait({task}, timeout=CLEANUP_LIMIT)
+    if task in done:
+        task.result()
+        return
+    for t in asyncio.all_tasks():
+        if t is not asyncio.current_task():
+            print(f"--- task {t.get_name()} ---", file=sys.stderr)
+            t.print_stack(limit=20, file=sys.stderr)
+    raise AssertionError(f"the gateway app did not shut down within {CLEANUP_LIMIT:g} s (task stacks above)")
 
 
 async def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
