@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from .adapters import ROUTES, adapter_for_path
+from .background import cancelled, stop
 from .config import Config
 from .context import GATEWAY, Gateway
 from .directory import Directory, sha256_hex
@@ -196,7 +197,7 @@ async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def watch() -> None:
         last = stamp()
-        while True:
+        while not cancelled():
             await asyncio.sleep(WATCH_INTERVAL)
             now = stamp()
             if now != last:
@@ -207,10 +208,7 @@ async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(watch(), name="kgate-policy-watch") if gw.config.source_files else None
     yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await stop(task)
 
 
 def _usage_of(actual: object) -> dict[str, object] | None:
@@ -253,16 +251,14 @@ async def _gauges_ctx(app: web.Application) -> AsyncIterator[None]:
             gw.metrics.set_audit_totals(gw.audit.records_written, gw.audit.write_errors)
 
     async def loop() -> None:
-        while True:
+        while not cancelled():
             with contextlib.suppress(Exception):
                 await refresh()
             await asyncio.sleep(GAUGE_INTERVAL)
 
     task = asyncio.create_task(loop(), name="kgate-gauges")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop(task)
 
 
 # ------------------------------------------------------------------------------------------- endpoints

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -26,6 +25,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from .background import cancelled, stop
 from .config import Config, PrincipalConfig
 
 log = logging.getLogger("kgate.directory")
@@ -386,15 +386,12 @@ class Directory:
         self._listener = asyncio.create_task(self._listen(), name="kgate-directory-listener")
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
-            self._listener = None
+        await stop(self._listener)
+        self._listener = None
 
     async def _listen(self) -> None:
         backoff = 0.1
-        while True:
+        while not cancelled():
             try:
                 assert self._redis is not None
                 pubsub = self._redis.pubsub()

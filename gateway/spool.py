@@ -45,6 +45,7 @@ from typing import Any
 
 import orjson
 
+from .background import cancelled, stop
 from .ledger import BudgetSpec, HoldRequest, Ledger, Reservation, ScopeRef
 
 log = logging.getLogger("kgate.spool")
@@ -297,7 +298,7 @@ class Spool:
         async def loop() -> None:
             backoff = interval
             failing = False
-            while True:
+            while not cancelled():
                 if failing:
                     # The store is away: appends must not turn into a stream of doomed attempts.
                     await asyncio.sleep(backoff)
@@ -325,11 +326,8 @@ class Spool:
 
     async def close(self) -> None:
         """Stop the background replay and close the file (what waits stays for the next start)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await stop(self._task)
+        self._task = None
         self._loop = None
         with self._lock:  # an append in another thread finishes first; later ones are refused
             if not self._closed:
