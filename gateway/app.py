@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from .adapters import ROUTES, adapter_for_path
-from .background import cancelled, stop
+from .background import cancelled, stop_task
 from .config import Config
 from .context import GATEWAY, Gateway
 from .directory import Directory, sha256_hex
@@ -208,7 +208,7 @@ async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(watch(), name="kgate-policy-watch") if gw.config.source_files else None
     yield
-    await stop(task)
+    await stop_task(task)
 
 
 def _usage_of(actual: object) -> dict[str, object] | None:
@@ -258,7 +258,7 @@ async def _gauges_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(loop(), name="kgate-gauges")
     yield
-    await stop(task)
+    await stop_task(task)
 
 
 # ------------------------------------------------------------------------------------------- endpoints

@@ -4,7 +4,7 @@ A loop is stopped by cancelling its task. A library awaited inside the loop can 
 (seen in CI: the gauges loop, cancelled during a Redis call, went back to sleep and the app's shutdown
 waited for it for ever). So every loop also checks :func:`cancelled` before each round — in Python 3.11
 a task remembers that it was asked to stop even when the ``CancelledError`` never reached it — and
-:func:`stop` waits for a bounded time only.
+:func:`stop_task` waits for a bounded time only.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-async def stop(task: asyncio.Task[Any] | None, timeout: float = STOP_TIMEOUT) -> None:
+async def stop_task(task: asyncio.Task[Any] | None, timeout: float = STOP_TIMEOUT) -> None:
     """Cancel ``task`` and wait for it to end, at most ``timeout`` seconds (then leave it, with a warning)."""
     if task is None or task.done():
         return

@@ -25,7 +25,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .background import cancelled, stop
+from .background import cancelled, stop_task
 from .config import Config, PrincipalConfig
 
 log = logging.getLogger("kgate.directory")
@@ -386,7 +386,7 @@ class Directory:
         self._listener = asyncio.create_task(self._listen(), name="kgate-directory-listener")
 
     async def stop(self) -> None:
-        await stop(self._listener)
+        await stop_task(self._listener)
         self._listener = None
 
     async def _listen(self) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 
 import orjson
 
-from .background import cancelled, stop
+from .background import cancelled, stop_task
 from .ledger import BudgetSpec, HoldRequest, Ledger, Reservation, ScopeRef
 
 log = logging.getLogger("kgate.spool")
@@ -326,7 +326,7 @@ class Spool:
 
     async def close(self) -> None:
         """Stop the background replay and close the file (what waits stays for the next start)."""
-        await stop(self._task)
+        await stop_task(self._task)
         self._task = None
         self._loop = None
         with self._lock:  # an append in another thread finishes first; later ones are refused

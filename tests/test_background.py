@@ -39,7 +39,7 @@ async def test_a_loop_that_checks_cancelled_ends_after_a_swallowed_cancellation(
     task = asyncio.create_task(loop())
     await entered.wait()
     t0 = time.monotonic()
-    await background.stop(task, timeout=5)
+    await background.stop_task(task, timeout=5)
     assert task.done() and time.monotonic() - t0 < 1.0
     assert rounds == 1
 
@@ -57,7 +57,7 @@ async def test_stop_gives_up_on_a_task_that_never_ends(caplog: pytest.LogCapture
     task = asyncio.create_task(stubborn(), name="stubborn")
     await asyncio.sleep(0)
     t0 = time.monotonic()
-    await background.stop(task, timeout=0.3)
+    await background.stop_task(task, timeout=0.3)
     assert 0.25 < time.monotonic() - t0 < 2.0
     assert not task.done()
     assert "stubborn did not stop" in caplog.text
