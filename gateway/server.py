@@ -109,9 +109,9 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str)
         await admin_runner.setup()
         ahost, aport = parse_listen(admin_listen)
         await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
-        log.info("kgate listening on http://%s (admin on http://%s), store %s, policy %s (sha256 %s)",
-                 listen, admin_listen, "embedded" if store == "embedded" else store.split("@")[-1],
-                 config_path, config.version[:12])
+        log.info("kgate listening on http://%s (admin on http://%s), store %s, policy %s (sha256 %s), "
+                 "event loop %s", listen, admin_listen, "embedded" if store == "embedded" else store.split("@")[-1],
+                 config_path, config.version[:12], type(loop).__module__.split(".")[0])
         reloads: set[asyncio.Task[object]] = set()  # the loop keeps only weak references to its tasks
 
         def on_sighup() -> None:
