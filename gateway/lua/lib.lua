@@ -29,11 +29,18 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
+-- A number for a reply: whole numbers go as Lua numbers (Redis sends them as exact integers, and skips
+-- a string.format), others as text (Redis would truncate them to integers).
+local function reply_num(x)
+  if x == floor(x) and x < 1e15 and x > -1e15 then return x end
+  return string.format('%.17g', x)
+end
+
 -- The clock: the caller's (tests inject one) or Redis TIME, never the replica's.
 local function clock(arg)
-  if arg ~= '' then return tonumber(arg) end
+  if arg ~= '' then return arg + 0 end
   local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+  return t[1] + t[2] / 1000000
 end
 
 -- Proleptic Gregorian calendar <-> days since the epoch (H. Hinnant's civil algorithms).
@@ -85,7 +92,7 @@ local function read_budgets(first)
   for i = first, #ARGV, 2 do
     local window, rolling, limit, label = string.match(ARGV[i], '^(%S+) ([01]) (%S+) (.*)$')
     budgets[#budgets + 1] = { label = label, window = window, rolling = rolling == '1',
-                              limit = tonumber(limit), amount = tonumber(ARGV[i + 1]), amount_s = ARGV[i + 1] }
+                              limit = limit + 0, amount = ARGV[i + 1] + 0, amount_s = ARGV[i + 1] }
   end
   return budgets
 end
@@ -103,7 +110,8 @@ end
 local function usage(base, b, now)
   if not b.rolling then
     local start, stop = fixed_window(b.window, now)
-    return tonumber(redis.call('GET', fixed_key(base, b, start))) or 0, stop, nil
+    local v = redis.call('GET', fixed_key(base, b, start))
+    return v and v + 0 or 0, stop, nil
   end
   local w = slice_width(b.window)
   local oldest = math.floor(now / w) - SLICES
@@ -150,7 +158,8 @@ local function add_usage(base, b, t, amount, now)
     local start, stop = fixed_window(b.window, t)
     if stop <= now then return nil end
     local key = fixed_key(base, b, start)
-    local used = tonumber(redis.call('GET', key)) or 0
+    local v = redis.call('GET', key)
+    local used = v and v + 0 or 0
     -- relative expiry, so an injected clock and Redis' own clock agree on how long a window lives
     redis.call('SET', key, fmt(used + amount), 'PX', math.ceil((stop - now) * 1000))
     return { key, '' }
@@ -184,7 +193,10 @@ local function read_held(base, labels)
   local out = {}
   if #labels > 0 then
     local raw = redis.call('HMGET', base .. ':held', unpack(labels))
-    for i = 1, #labels do out[i] = tonumber(raw[i]) or 0 end
+    for i = 1, #labels do
+      local v = raw[i]
+      out[i] = v and v + 0 or 0
+    end
   end
   return out
 end
@@ -209,7 +221,7 @@ end
 local function release_hold(base, rec)
   local labels, deltas = {}, {}
   for i, r in ipairs(rec.b) do
-    labels[i], deltas[i] = r[1], -tonumber(r[4])
+    labels[i], deltas[i] = r[1], -r[4]
   end
   change_held(base, labels, deltas)
 end
@@ -276,9 +288,9 @@ local function report(status, base, budgets, now, now_s)
   local held = read_held(base, labels_of(budgets))
   for i, b in ipairs(budgets) do
     local used, reset_at = usage(base, b, now)
-    out[#out + 1] = fmt(used)
-    out[#out + 1] = fmt(held[i])
-    out[#out + 1] = fmt(reset_at)
+    out[#out + 1] = reply_num(used)
+    out[#out + 1] = reply_num(held[i])
+    out[#out + 1] = reply_num(reset_at)
   end
   return out
 end

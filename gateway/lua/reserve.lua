@@ -9,8 +9,8 @@ local base = KEYS[1]
 local now = clock(ARGV[1])
 local now_s = fmt(now)
 local rid = ARGV[2]
-local lease = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[5])
+local lease = ARGV[3] + 0
+local ttl = ARGV[5] + 0
 local budgets = read_budgets(6)
 reap(base, now, now_s, ARGV[4] == 'charge', ttl)
 
@@ -31,9 +31,9 @@ for i, b in ipairs(budgets) do
   if b.amount > 0 and used + h + b.amount > b.limit then
     return { 'refused', now_s, tostring(i), fmt(used), fmt(h), fmt(retry_at(b, now, used, h, reset_at, live)) }
   end
-  out[#out + 1] = fmt(used)
-  out[#out + 1] = fmt(h + b.amount)
-  out[#out + 1] = fmt(reset_at)
+  out[#out + 1] = reply_num(used)
+  out[#out + 1] = fmt(h + b.amount)  -- text: it is also written to the held hash below
+  out[#out + 1] = reply_num(reset_at)
 end
 
 local record, fields = {}, {}
