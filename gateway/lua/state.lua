@@ -7,5 +7,5 @@
 local base = KEYS[1]
 local now = clock(ARGV[1])
 local now_s = fmt(now)
-reap(base, now, now_s, ARGV[2] == 'charge', tonumber(ARGV[3]), true)
+reap(base, now, now_s, ARGV[2] == 'charge', ARGV[3] + 0, true)
 return report('state', base, read_budgets(4), now, now_s)
