@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.redis_server import RedisServer  # noqa: E402
+from gateway.redis_server import RedisServer, redis_version  # noqa: E402
 
 KEY = "bench-key-0123456789"
 BODY = {"model": "dense", "messages": [{"role": "user", "content": "Say something short."}], "max_tokens": 16}
@@ -254,7 +254,7 @@ def main() -> int:
 
     store = "unix socket, append-only (as the embedded store)" if args.store == "embedded" else \
         "TCP 127.0.0.1, no persistence"
-    print(f"redis: {store}")
+    print(f"redis: {store}; {redis.binary} (version {redis_version(redis.binary)})")
     print(f"load generator: {'wrk' if use_wrk else 'python (aiohttp)'}; {args.runs} runs of "
           f"{args.duration:g} s per case, simulator and gateway alternating; medians")
     print(f"{'case':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}{'non-2xx':>9}")
