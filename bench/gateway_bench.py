@@ -159,6 +159,21 @@ async def ttfb(url: str, n: int = 200) -> float:
     return statistics.median(out)
 
 
+def target_verdicts(results: dict[str, dict], ratios: dict[str, float], ttfb_added_ms: float) -> list[tuple[str, bool]]:
+    """The benchmark's targets, each with whether this run met it (those whose cases were run)."""
+    out: list[tuple[str, bool]] = []
+    if "json/c32" in ratios:
+        sim = results["simulator/json/c32"]["rps"]
+        out.append((f"simulator alone >= 10,000 req/s, JSON, 32 connections: {sim:,.0f}", sim >= 10_000))
+        out.append((f"kgate >= 25% of the simulator's throughput there: {ratios['json/c32']:.1%}",
+                    ratios["json/c32"] >= 0.25))
+    if "gateway/json/c1" in results:
+        added = results["gateway/json/c1"]["p50_ms"] - results["simulator/json/c1"]["p50_ms"]
+        out.append((f"added p50 latency at 1 connection < 1 ms: {added:.3f} ms", added < 1.0))
+    out.append((f"first streamed byte within 1 ms of direct: +{ttfb_added_ms:.3f} ms", ttfb_added_ms <= 1.0))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,9 +287,15 @@ def main() -> int:
                       f"{ratios[f'baseline/{mode}/c{conns}']:.1%} of the simulator")
     print(f"stream time to first byte: direct {ttfb_direct:.3f} ms, through kgate {ttfb_gw:.3f} ms "
           f"(+{ttfb_gw - ttfb_direct:.3f} ms)")
+    targets = target_verdicts(results, ratios, ttfb_gw - ttfb_direct)
+    if targets:
+        print("\ntargets (2-core machine, one gateway process):")
+        for text, met in targets:
+            print(f"  {'met    ' if met else 'NOT met'}  {text}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"results": results, "ratios": ratios,
-                                                   "ttfb_direct_ms": ttfb_direct, "ttfb_gateway_ms": ttfb_gw},
+                                                   "ttfb_direct_ms": ttfb_direct, "ttfb_gateway_ms": ttfb_gw,
+                                                   "targets": [{"target": t, "met": m} for t, m in targets]},
                                                   indent=2))
     return 0
 
