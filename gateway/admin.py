@@ -262,7 +262,34 @@ async def put_override(request: web.Request) -> web.Response:
         raise BadRequest("'limit' must be a non-negative number", param="limit")
     await gw.directory.set_override(pid, label, float(limit))
     await admin_record(gw, "override.set", _actor(request), principal=pid, budget=label, limit=float(limit))
-    return _json({"principal": pid, "budget": label, "limit": float(limit)})
+    return _json(await override_set_result(gw, pid, label, float(limit)))
+
+
+async def override_set_result(gw: Gateway, principal_id: str, label: str, limit: float) -> dict[str, Any]:
+    """What setting an override did, and whether it applies now: an override is kept per principal and
+    label, and applies while the principal's tier (or active grant's) has that budget. Setting one for a
+    budget of another tier is allowed (ahead of a tier change, say), but it changes nothing yet: say so."""
+    out: dict[str, Any] = {"principal": principal_id, "budget": label, "limit": limit}
+    assert gw.directory is not None
+    p = await gw.directory.by_id(principal_id)
+    if p is None:
+        out["applies_now"] = False
+        out["note"] = f"no principal {principal_id!r} is known yet: the override applies once it exists"
+        return out
+    tier_name, _ = await current_tier(gw, p)
+    tier = gw.config.tiers.get(tier_name)
+    out["applies_now"] = tier is not None and any(b.label == label for b in tier.budgets)
+    if not out["applies_now"]:
+        out["note"] = (f"{principal_id!r} is in tier {tier_name!r}, which has no budget {label!r}: the override "
+                       f"applies while {principal_id!r} is in a tier that has it")
+    return out
+
+
+async def current_tier(gw: Gateway, p: Any) -> tuple[str, Any]:
+    """The tier a principal's requests use now, and the active grant that gives it (or None)."""
+    assert gw.directory is not None
+    grant = await gw.directory.active_grant(p.id)
+    return (grant.tier if grant is not None and grant.tier in gw.config.tiers else p.tier), grant
 
 
 async def delete_override(request: web.Request) -> web.Response:
@@ -283,8 +310,7 @@ async def principal_usage(gw: Gateway, principal_id: str) -> dict[str, Any]:
     p = await gw.directory.by_id(principal_id)
     if p is None:
         raise NotFound(f"unknown principal {principal_id!r}")
-    grant = await gw.directory.active_grant(p.id)
-    tier_name = grant.tier if grant is not None and grant.tier in gw.config.tiers else p.tier
+    tier_name, grant = await current_tier(gw, p)
     tier = gw.config.tiers.get(tier_name)
     budgets = []
     if tier is not None:

@@ -27,6 +27,7 @@ from .admin import (
     _check_text,
     _check_tier,
     admin_record,
+    override_set_result,
     parse_duration,
     principal_usage,
 )
@@ -225,7 +226,10 @@ def overrides_set(args: argparse.Namespace) -> int:
             raise BadRequest("'limit' must be a non-negative number", param="limit")
         await gw.directory.set_override(pid, label, float(args.limit))
         await admin_record(gw, "override.set", ACTOR, principal=pid, budget=label, limit=float(args.limit))
-        return {"principal": pid, "budget": label, "limit": float(args.limit)}
+        result = await override_set_result(gw, pid, label, float(args.limit))
+        if not result["applies_now"]:
+            print(f"kgate: warning: {result['note']}", file=sys.stderr)
+        return result
 
     return _run(args, op)
 

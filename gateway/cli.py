@@ -94,14 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", help="'embedded' (default) or a Redis URL (env KGATE_STORE_URL)")
     s.set_defaults(func=_lazy("gateway.server", "cmd_serve"))
 
-    s = sub.add_parser("simulate", help="run the upstream model-server simulator")
-    s.add_argument("--listen", default="127.0.0.1:9000")
-    s.add_argument("--latency-ms", type=float, default=0.0)
-    s.add_argument("--tokens-per-second", type=float, default=0.0)
-    s.add_argument("--output-tokens", type=int, default=64)
-    s.add_argument("--fault", action="append", default=[], metavar="SPEC")
-    s.add_argument("--flavor", default="openai", choices=["openai", "vllm", "sglang", "deepseek"])
-    s.add_argument("--workers", type=int, default=1)
+    s = sub.add_parser(
+        "simulate", help="run the upstream model-server simulator",
+        description="A fake model server speaking the OpenAI (chat, completions, responses), Anthropic and "
+                    "Gemini APIs, with each provider's usage quirks. Control endpoints: GET /_sim/stats, "
+                    "POST /_sim/reset, POST /_sim/config, GET /_sim/health. Per request, x-sim-* headers "
+                    "override the options (x-sim-fault, x-sim-flavor, x-sim-output-tokens, "
+                    "x-sim-reasoning-tokens).",
+        epilog="Fault SPEC: a kind and comma-separated key=value options. Kinds: status=N (answer N; "
+               "with 429 also retry_after=S), timeout (accept, never answer; ms=N hangs up after N ms), reset "
+               "(TCP reset before any response), midstream,after=N (drop the connection after N stream "
+               "events; a JSON body is cut in half), malformed,after=N (a broken SSE line after N events; a "
+               "JSON body that does not parse). Every kind takes rate=P (default 1) and path=PREFIX. "
+               "Example: --fault status=500,rate=0.1 --fault midstream,after=3,path=/v1/messages")
+    s.add_argument("--listen", default="127.0.0.1:9000", help="HOST:PORT (default %(default)s)")
+    s.add_argument("--latency-ms", type=float, default=0.0, help="wait before the first byte of every answer")
+    s.add_argument("--tokens-per-second", type=float, default=0.0,
+                   help="generation speed per sample, streamed or not (default 0: no waiting)")
+    s.add_argument("--output-tokens", type=int, default=64,
+                   help="visible tokens per sample, capped by the request's own limit (default %(default)s)")
+    s.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a fault (repeatable; the SPEC format is below)")
+    s.add_argument("--flavor", default="openai", choices=["openai", "vllm", "sglang", "deepseek"],
+                   help="which OpenAI-compatible server to mimic on the OpenAI paths (default %(default)s)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the port (SO_REUSEPORT; default %(default)s)")
     s.set_defaults(func=_lazy("gateway.server", "cmd_simulate"))
 
     for name, func, needs_response in (("estimate", cmd_estimate, False), ("meter", cmd_meter, True)):

@@ -547,8 +547,9 @@ async def _serve_until_signal(host: str, port: int, opts: SimulatorOptions, reus
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"kgate simulate: listening on http://{host}:{port} (pid {os.getpid()})", file=sys.stderr,
-          flush=True)
+    loop_kind = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    print(f"kgate simulate: listening on http://{host}:{port} (pid {os.getpid()}, event loop {loop_kind})",
+          file=sys.stderr, flush=True)
     try:
         await stop.wait()
     finally:

@@ -270,7 +270,7 @@ async def test_budget_override_lowers_the_limit_and_usage_shows_it(two: tuple[Re
     label = "principal:requests:1m"  # the basic tier's budget: 10000 requests a minute
     assert (await a.chat(KEYS["alice"]))[0] == 200
     status, doc = await a.admin("PUT", f"/admin/overrides/alice/{label}", {"limit": 3})
-    assert status == 200 and doc == {"principal": "alice", "budget": label, "limit": 3.0}
+    assert status == 200 and doc == {"principal": "alice", "budget": label, "limit": 3.0, "applies_now": True}
 
     async def refused() -> bool:
         status, body = await b.chat(KEYS["alice"])
@@ -514,3 +514,27 @@ async def test_overrides_apply_to_principal_scope_budgets_only(flushed: str, tmp
         _, use = await a.admin("GET", "/admin/usage/tina")
         assert [(b["scope"], b["scope_id"], b["limit"], b["used"]) for b in use["budgets"]] == [
             ("principal", "tina", 1, 1), ("org", "acme", 1000, 1)]
+
+
+async def test_an_override_outside_the_principals_tier_is_kept_and_says_it_does_not_apply_yet(
+        flushed: str, tmp_path: Path, token: str) -> None:
+    """alice is in tier basic; principal:requests:1h is a budget of tier tight only. The override is
+    stored (it applies once alice is in a tier with that budget) and the answer says it changes nothing
+    yet, instead of a silent success that an operator would take for a limit in force."""
+    budgets = [{"metric": "requests", "window": "1h", "limit": 100}]
+    async with replica(make_config(tmp_path, flushed, tight={"budgets": budgets}), "r1") as a:
+        status, doc = await a.admin("PUT", "/admin/overrides/alice/principal:requests:1h", {"limit": 1})
+        assert status == 200 and doc["applies_now"] is False
+        assert doc["note"] == ("'alice' is in tier 'basic', which has no budget 'principal:requests:1h': the "
+                               "override applies while 'alice' is in a tier that has it")
+        status, doc = await a.admin("PUT", "/admin/overrides/nobody/principal:requests:1h", {"limit": 1})
+        assert status == 200 and doc["applies_now"] is False and "no principal 'nobody'" in doc["note"]
+        # moved to tier tight, alice gets the override that was set earlier
+        assert (await a.admin("PUT", "/admin/principals/alice", {"tier": "tight"}))[0] == 200
+
+        async def limited() -> bool:
+            return (await a.chat(KEYS["alice"]))[0] == 429
+
+        await until(limited, timeout=3.0)
+        status, doc = await a.admin("PUT", "/admin/overrides/alice/principal:requests:1h", {"limit": 1})
+        assert status == 200 and doc["applies_now"] is True and "note" not in doc

@@ -204,7 +204,9 @@ async def test_overrides_set_and_delete(env: tuple[RunningGateway, list[str], Pa
     label = "principal:requests:1m"
     args = argparse.Namespace(config=config, store=store, principal="alice", budget=label, limit=1.0)
     assert await asyncio.to_thread(admin_cli.overrides_set, args) == 0
-    assert orjson.loads(capsys.readouterr().out) == {"principal": "alice", "budget": label, "limit": 1.0}
+    out = capsys.readouterr()
+    assert orjson.loads(out.out) == {"principal": "alice", "budget": label, "limit": 1.0, "applies_now": True}
+    assert "warning" not in out.err
 
     async def limited() -> bool:
         return await chat(g, KEYS["alice"]) == 429
@@ -217,6 +219,15 @@ async def test_overrides_set_and_delete(env: tuple[RunningGateway, list[str], Pa
         return await chat(g, KEYS["alice"]) == 200
 
     await until(free, timeout=3.0)
+    # a budget of another tier (tight's): kept, with a warning that it changes nothing for alice yet
+    other = argparse.Namespace(config=config, store=store, principal="alice", budget="principal:requests:1h",
+                               limit=1.0)
+    assert await asyncio.to_thread(admin_cli.overrides_set, other) == 0
+    out = capsys.readouterr()
+    assert orjson.loads(out.out)["applies_now"] is False
+    assert out.err.startswith("kgate: warning: 'alice' is in tier 'basic', which has no budget")
+    assert await asyncio.to_thread(admin_cli.overrides_delete, other) == 0
+    capsys.readouterr()
     bad = argparse.Namespace(config=config, store=store, principal="alice", budget="org:requests:1m", limit=1.0)
     assert await asyncio.to_thread(main_exit_code, admin_cli.overrides_set, bad) == 2
     assert "unknown budget" in capsys.readouterr().err
@@ -225,7 +236,7 @@ async def test_overrides_set_and_delete(env: tuple[RunningGateway, list[str], Pa
         assert await asyncio.to_thread(main_exit_code, admin_cli.overrides_set, bad) == 2
         assert "'limit'" in capsys.readouterr().err
     assert [x["reason"] for x in audit_records(audit_dir) if x.get("decision") == "admin"] == [
-        "override.set", "override.delete"]
+        "override.set", "override.delete", "override.set", "override.delete"]
 
 
 def main_exit_code(func: Any, args: argparse.Namespace) -> int:

@@ -636,6 +636,11 @@ def test_run_simulator_serves_and_exits_on_sigterm(tmp_path: Path) -> None:
         assert orjson.loads(body)["usage"]["completion_tokens"] == 3
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+        # the start-up line names the event loop: uvloop, a dependency where it exists
+        assert proc.stderr is not None
+        started = proc.stderr.read().decode()
+        assert f"listening on http://127.0.0.1:{port}" in started
+        assert f"event loop {'asyncio' if sys.platform == 'win32' else 'uvloop'}" in started
     finally:
         if proc.poll() is None:
             proc.kill()
