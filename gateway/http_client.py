@@ -67,6 +67,8 @@ class Response:
 
     # ---------------------------------------------------------------------------- fed by the protocol
     def _feed(self, data: bytes) -> None:
+        if not data:  # an empty chunk would read as the end of the body (see _take)
+            return
         self.chunks.append(data)
         self._wake()
 
@@ -95,43 +97,47 @@ class Response:
             handle.cancel()
             self._waiter = None
 
+    def _take(self) -> bytes | None:
+        """What the body offers without waiting: the bytes that arrived, ``b""`` at its end (or the error
+        that ended it, raised), None when there is nothing yet. Checks the total deadline every time: a fast
+        upstream never makes us wait, so the waits alone would not notice it running over."""
+        if time.monotonic() > self._deadline:
+            raise HttpTimeout("the upstream exchange exceeded its total timeout")
+        if self.chunks:
+            data = b"".join(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
+            self.chunks.clear()
+            if self._conn is not None:
+                self._conn.consumed()
+            return data
+        if self._done:
+            if self._error is not None:
+                raise self._error
+            return b""
+        return None
+
     async def iter_any(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (chunked encoding already decoded)."""
         while True:
-            if time.monotonic() > self._deadline:  # a fast upstream never makes us wait: check here too
-                raise HttpTimeout("the upstream exchange exceeded its total timeout")
-            if self.chunks:
-                data = b"".join(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
-                self.chunks.clear()
-                if self._conn is not None:
-                    self._conn.consumed()
+            data = self._take()
+            if data is None:
+                await self._wait()
+            elif data:
                 yield data
-                continue
-            if self._done:
-                if self._error is not None:
-                    raise self._error
+            else:
                 return
-            await self._wait()
 
     async def read(self) -> bytes:
-        """The whole body. A loop of its own rather than over :meth:`iter_any`: an async generator per
-        response costs the event loop's bookkeeping of async generators (a WeakSet entry) on top of its
-        own frames, on every non-streaming request."""
+        """The whole body. Not a loop over :meth:`iter_any`: an async generator per response costs the event
+        loop's bookkeeping of async generators (a WeakSet entry) on every non-streaming request."""
         parts: list[bytes] = []
         while True:
-            if time.monotonic() > self._deadline:
-                raise HttpTimeout("the upstream exchange exceeded its total timeout")
-            if self.chunks:
-                parts.extend(self.chunks)
-                self.chunks.clear()
-                if self._conn is not None:
-                    self._conn.consumed()
-                continue
-            if self._done:
-                if self._error is not None:
-                    raise self._error
+            data = self._take()
+            if data is None:
+                await self._wait()
+            elif data:
+                parts.append(data)
+            else:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
-            await self._wait()
 
     def release(self) -> None:
         """Done with the response: its connection goes back to the pool when it can be reused."""
