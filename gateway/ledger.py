@@ -54,7 +54,7 @@ import asyncio
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -330,13 +330,18 @@ class Ledger:
             expires_at = now + lease_seconds
         return Reservation(request_id, holds, tuple(replies), expires_at)
 
-    async def settle(self, reservation: Reservation, actual: Mapping[str, float], *,
-                     report: bool = True) -> SettleResult:
-        """Post the actual usage (per metric; ``requests`` counts 1 unless given, other missing metrics 0).
+    def settle(self, reservation: Reservation, actual: Mapping[str, float], *,
+               report: bool = True) -> Coroutine[Any, Any, SettleResult]:
+        """Post the actual usage (per metric; ``requests`` counts 1 unless given, other missing metrics 0);
+        await the result for the outcome.
 
         Idempotent per request id. Scopes are settled concurrently; if one fails the error is raised after
         the others finished, and calling settle again is safe. With ``report=False`` the result carries no
         ``states`` (and so no ``over_limit``): Redis skips reading every budget back.
+
+        On the pipelined client (:mod:`gateway.resp`) the scripts are queued by this call itself, ahead of
+        any script called after it, however late the result is awaited: a caller can answer its client
+        first and still have the next request of the same replica find this one settled.
         """
         rid = reservation.request_id
         calls = []
@@ -350,6 +355,11 @@ class Ledger:
                     amount = amounts[b.metric] = _actual_amount(actual, b.metric)
                 argv += (b._arg, _num(amount))
             calls.append(self._settle(keys=[self._base(hold.scope)], args=argv))
+        return self._settled(reservation, calls, amounts, report)
+
+    async def _settled(self, reservation: Reservation, calls: list[Awaitable[Any]], amounts: dict[str, float],
+                       report: bool) -> SettleResult:
+        rid = reservation.request_id
         if len(calls) == 1:  # the common case: no task to create for a single scope
             replies: list[Any] = [await calls[0]]
         else:

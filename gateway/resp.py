@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -221,14 +221,20 @@ class _Script:
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
 
-    async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
+    def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = (), client: Any = None) -> Awaitable[Any]:
+        """Run the script; await the result for its reply. Unlike redis-py's, the command is queued by this
+        call itself when the connection is up, not when the result is first awaited: scripts leave in the
+        order they were called, which lets a caller send one now and collect its reply later."""
         cmd = ("EVALSHA", self.sha, len(keys), *keys, *args)
         c = self.client
         proto = c._proto
+        if proto is not None and proto.transport is not None and not proto.transport.is_closing():
+            return self._reply(c._queue(proto, cmd), cmd)  # connected: the common case
+        return self._reply(None, cmd)
+
+    async def _reply(self, queued: asyncio.Future[Any] | None, cmd: tuple[Any, ...]) -> Any:
         try:
-            if proto is not None and proto.transport is not None and not proto.transport.is_closing():
-                return await c._queue(proto, cmd)  # connected: the common case, no extra coroutine
-            return await c.execute_command(*cmd)
+            return await (queued if queued is not None else self.client.execute_command(*cmd))
         except NoScriptError:
             await self.client.script_load(self.script)
             return await self.client.execute_command(*cmd)

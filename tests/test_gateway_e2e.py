@@ -204,6 +204,34 @@ async def test_budget_exhausted_is_429_with_retry_after(gw):
     assert st[0].used <= 1000 and st[0].held == 0
 
 
+@pytest.mark.parametrize("scopes", [("principal",), ("principal", "org", "global")])
+async def test_each_request_finds_the_one_before_it_settled(redis_srv, tmp_path: Path, scopes):
+    """The answer does not wait for the settle's reply, yet a client's next request must find the previous
+    one settled, not still holding its upper bound: the settle leaves first on the same connection. At the
+    edge of a budget that decides every answer: each request holds max_tokens = 500 of 1000 and uses 10, so
+    exactly 51 fit back to back — and only the first two would if a settle lagged behind its answer."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(redis_srv.url)
+    await r.flushall()
+    await r.aclose()
+    budgets = [{"metric": "generated_tokens", "window": "1d", "limit": 1000, "scope": s} for s in scopes]
+    async with running_gateway(make_config(tmp_path, redis_srv.url, tight={"budgets": budgets})) as g:
+        async with aiohttp.ClientSession() as s:
+            await s.post(g.sim_url + "/_sim/config", json={"output_tokens": 10})
+        client = oai(g, "tina")
+        for i in range(51):
+            out = await client.chat.completions.create(model="dense", messages=MSG, max_tokens=500)
+            assert out.usage is not None and out.usage.completion_tokens == 10, i
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model="dense", messages=MSG, max_tokens=500)
+        for scope, ident in zip(("principal", "org", "global"), ("tina", "acme", "*"), strict=True):
+            if scope in scopes:
+                spec = [b for b in _budgets(g, "tight") if b.label.startswith(scope)]
+                st = (await g.gw.ledger.state(ScopeRef(scope, ident), spec))[0]
+                assert (st.used, st.held) == (510, 0), scope
+
+
 async def test_shadow_mode_never_blocks(gw):
     client = oai(gw, "sam")
     for _ in range(3):  # over the per-request cap and over the 1-request budget: served anyway

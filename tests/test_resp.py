@@ -53,3 +53,20 @@ async def test_unreachable_redis_is_a_connection_error():
     client = RespClient(host="127.0.0.1", port=1, timeout=0.5)
     with pytest.raises(RedisConnectionError):
         await client.execute_command("PING")
+
+
+async def test_a_script_is_queued_by_the_call_not_by_the_await(redis_srv):
+    """Connected, a script call queues its command at once: scripts run in Redis in the order they were
+    called, whatever order their results are awaited in (a settle sent before an answer, collected later).
+    A script the server does not know yet is loaded and run all the same."""
+    client = RespClient.from_url(redis_srv.url, timeout=2)
+    await client.execute_command("DEL", "kgate-test-order")
+    push = client.register_script("return redis.call('RPUSH', KEYS[1], ARGV[1])")
+    await client.execute_command("SCRIPT", "FLUSH")
+    assert await push(keys=["kgate-test-order"], args=["loaded"]) == 1  # NOSCRIPT → SCRIPT LOAD → again
+    first = push(keys=["kgate-test-order"], args=["first"])
+    second = push(keys=["kgate-test-order"], args=["second"])
+    assert await second == 3
+    assert await first == 2
+    assert await client.execute_command("LRANGE", "kgate-test-order", 0, -1) == [b"loaded", b"first", b"second"]
+    await client.aclose()

@@ -1,4 +1,5 @@
-"""A shutdown that cancels a request while its settle is in flight: the settle still lands, exactly once."""
+"""A shutdown while a settle is in flight: the settle still lands, exactly once — whether the shutdown
+cancels the request waiting for it, or the request had answered and left its settle to a task."""
 
 from __future__ import annotations
 
@@ -11,33 +12,42 @@ from gatewayutil import KEYS, make_config, running_gateway
 
 from gateway.adapters import adapter_for_path
 from gateway.compute import measure
-from gateway.handler import Outcome, budget_amounts, budget_holds, settle_to_the_end
-from gateway.ledger import ScopeRef
+from gateway.handler import Outcome, budget_amounts, budget_holds, post_usage, settle_to_the_end
+from gateway.ledger import Ledger, ScopeRef
 from gateway.metering import parse_request
+from gateway.store import connect
+
+
+async def _one_request(g, rid: str):
+    """A request reserved by hand, as the handler would: (parsed, reservation, out, measured, budgets)."""
+    gw, cfg = g.gw, g.gw.config
+    assert gw.directory is not None and gw.ledger is not None
+    principal = await gw.directory.by_key(KEYS["alice"])
+    assert principal is not None
+    tier = cfg.tiers[principal.tier]
+    found = adapter_for_path("/v1/chat/completions")
+    assert found is not None
+    raw = orjson.dumps({"model": "dense", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    parsed = parse_request(cfg, found[0], found[1], raw)
+    holds = budget_holds(tier, principal, {}, budget_amounts(parsed, tier, gw))
+    reservation = await gw.ledger.reserve(rid, holds, 60)
+    out = Outcome(request_id=rid, api="openai.chat", started=0.0, config=cfg,
+                  principal=principal, tier=principal.tier, model="dense")
+    usage = parsed.adapter.usage_from_json(
+        {"choices": [{"message": {"content": "x"}}],
+         "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}, parsed.request)
+    measured = measure(usage, parsed.model, parsed.bound)
+    out.measured = measured
+    return parsed, reservation, out, measured, list(holds[0].budgets)
 
 
 async def test_a_settle_cut_short_by_cancellation_still_posts_once(redis_srv, tmp_path: Path) -> None:
     r = aioredis.from_url(redis_srv.url)
     await r.flushall()
     async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
-        gw, cfg = g.gw, g.gw.config
-        assert gw.directory is not None and gw.ledger is not None
-        principal = await gw.directory.by_key(KEYS["alice"])
-        assert principal is not None
-        tier = cfg.tiers[principal.tier]
-        found = adapter_for_path("/v1/chat/completions")
-        assert found is not None
-        raw = orjson.dumps({"model": "dense", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
-        parsed = parse_request(cfg, found[0], found[1], raw)
-        holds = budget_holds(tier, principal, {}, budget_amounts(parsed, tier, gw))
-        reservation = await gw.ledger.reserve("req-cancelled", holds, 60)
-        out = Outcome(request_id="req-cancelled", api="openai.chat", started=0.0, config=cfg,
-                      principal=principal, tier=principal.tier, model="dense")
-        usage = parsed.adapter.usage_from_json(
-            {"choices": [{"message": {"content": "x"}}],
-             "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}, parsed.request)
-        measured = measure(usage, parsed.model, parsed.bound)
-        out.measured = measured
+        gw = g.gw
+        assert gw.ledger is not None
+        parsed, reservation, out, measured, budgets = await _one_request(g, "req-cancelled")
 
         await r.execute_command("CLIENT", "PAUSE", "400", "ALL")  # the settle's script waits in Redis
         task = asyncio.create_task(settle_to_the_end(gw, parsed, reservation, out, measured))
@@ -50,7 +60,27 @@ async def test_a_settle_cut_short_by_cancellation_still_posts_once(redis_srv, tm
         assert gw.detached, "the settle goes on in a task of its own"
         await asyncio.wait_for(asyncio.gather(*gw.detached), 5)
 
-        budgets = [spec for spec in holds[0].budgets]
-        (state,) = await gw.ledger.state(ScopeRef("principal", principal.id), budgets)
+        (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
         assert (state.used, state.held) == (1, 0), "posted once, hold released"
+    await r.aclose()
+
+
+async def test_a_shutdown_waits_for_the_settles_sent_after_answers(redis_srv, tmp_path: Path) -> None:
+    """post_usage leaves the settle's reply to a task; a shutdown that begins before the reply waits for it
+    (it does not close the store under it, which would send the usage to the spool instead)."""
+    r = aioredis.from_url(redis_srv.url)
+    await r.flushall()
+    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
+        gw = g.gw
+        parsed, reservation, out, measured, budgets = await _one_request(g, "req-answered")
+        await r.execute_command("CLIENT", "PAUSE", "400", "ALL")  # the reply comes after the shutdown began
+        post_usage(gw, parsed, reservation, out, measured)
+        assert gw.detached
+    assert out.store == "ok"
+    client = await connect(redis_srv.url, timeout=2)
+    (state,) = await Ledger(client).state(ScopeRef("principal", "alice"), budgets)
+    assert (state.used, state.held) == (1, 0), "posted once, hold released"
+    assert not list((tmp_path / "data" / "spool").glob("*.jsonl")) or all(
+        f.stat().st_size == 0 for f in (tmp_path / "data" / "spool").glob("*.jsonl"))
+    await client.aclose()
     await r.aclose()
