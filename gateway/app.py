@@ -65,14 +65,19 @@ _SIM_OPTS: web.AppKey[object] = web.AppKey("kgate_sim_opts", object)
 
 # --------------------------------------------------------------------------------------------- lifetimes
 async def _detached_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleaned up first: settles rerun after a cancellation finish while the store and spool are open."""
+    """Cleaned up first: settles still waiting for Redis (sent after an answer, or rerun after a
+    cancellation) finish while the store, the spool and the audit log are open — including those that
+    requests finishing meanwhile add, up to :data:`DETACHED_GRACE` in all."""
     yield
     gw = app[GATEWAY]
-    if gw.detached:
-        _, stuck = await asyncio.wait(list(gw.detached), timeout=DETACHED_GRACE)
-        if stuck:
+    deadline = asyncio.get_running_loop().time() + DETACHED_GRACE
+    while gw.detached:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
             log.error("%d settles did not finish before shutdown; their holds expire with their leases",
-                      len(stuck))
+                      len(gw.detached))
+            break
+        await asyncio.wait(list(gw.detached), timeout=left)
 
 
 DETACHED_GRACE = 5.0  # seconds

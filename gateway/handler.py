@@ -4,10 +4,10 @@ identify → parse → bound → per-request caps (reject or clamp) → reserve 
 audit + metrics. Every failure is a :class:`~gateway.errors.GatewayError`, answered in the shape of the
 API the client spoke; anything unexpected is logged and answered as a 500 without a traceback.
 
-The answer does not wait for the settle's reply (:func:`post_usage`): the settle leaves for Redis before
-the answer's last byte, on the same pipelined connection as every later script of this replica, and
-until it lands the request's hold — its upper bound — stands in for it. The audit record is written
-before the last byte, as always; a settle that then fails is recorded a second time (:func:`_settled`).
+The answer does not wait for the settle's reply (:func:`post_usage`): the settle is queued before the
+answer on the pipelined connection that carries every later script of this replica, and until it lands
+the request's hold stands in for it. The audit record is written before the answer's last byte, as
+always; a settle that fails after that is recorded a second time (:func:`_settled`).
 """
 
 from __future__ import annotations
@@ -430,13 +430,14 @@ async def _release(gw: Gateway, reservation: Reservation) -> None:
 
 async def _post(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
                 measured: Measured) -> None:
-    """The actual usage to the ledger: sent now and not waited for when the request holds in Redis
-    (:func:`post_usage`); else — admitted while the store was away — into the spool before the audit
-    record is written, so that the record says where it went."""
-    if reservation is not None:
+    """The actual usage to the ledger. A request holding in Redis is settled without waiting for the reply
+    when the ledger can queue the settle ahead of every later script (:func:`post_usage`), else the settle
+    is waited for (redis-py: TLS, Sentinel, Cluster; or a connection being reopened). Usage admitted while
+    the store was away goes into the spool before the audit record is written, so the record says where."""
+    if reservation is not None and gw.ledger is not None and gw.ledger.pipelined_now():
         post_usage(gw, parsed, reservation, out, measured)
     else:
-        await settle_to_the_end(gw, parsed, None, out, measured)
+        await settle_to_the_end(gw, parsed, reservation, out, measured)
 
 
 def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation, out: Outcome,
@@ -445,9 +446,9 @@ def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation, out
 
     The settle's scripts are queued on the ledger's pipelined connection by this call, before the answer
     is written, so every later script of this replica — the client's next request, an admin read — runs
-    after it in Redis. They leave in the same turn of the event loop as the answer, in one write with the
-    other scripts of that turn. The reply is collected by a task of its own (:func:`_settled`), which a
-    shutdown waits for (app.py, ``_detached_ctx``).
+    after it in Redis. They are written in the same turn of the event loop as the answer, just after it,
+    in one write with the other scripts of that turn. The reply is collected by a task of its own
+    (:func:`_settled`), which a shutdown waits for (app.py, ``_detached_ctx``).
 
     Until the settle lands, the hold stands in for the request; under strict admission it is never less
     than what the request could use. A replica killed in between — during the upstream call, as always,
@@ -459,34 +460,27 @@ def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation, out
     settle before the answer (its own write, or one more turn of the loop) cost 6–7% of the throughput at
     32 connections and was not kept.
     """
-    assert gw.ledger is not None
     actual = _actual(measured)
     _learn(gw, parsed, measured)
     t0 = time.perf_counter()
-    sent = gw.ledger.settle(reservation, actual, report=False)
-    gw.detach(_settled(gw, reservation, out, actual, sent, t0))
+    sent = _send_settle(gw, reservation, out, actual)
+    if sent is not None:
+        gw.detach(_settled(gw, reservation, out, actual, sent, t0))
 
 
 async def _settled(gw: Gateway, reservation: Reservation, out: Outcome, actual: dict[str, float],
                    sent: Awaitable[Any], t0: float) -> None:
-    """The reply of a settle sent by :func:`post_usage`. The request's audit record is written already; a
-    settle that failed gets a second record of the same request id saying where its usage went
-    (``store``: ``spooled``, or ``unsettled`` when not even the spool took it). Reports and reconcile count
-    a request id once."""
+    """The reply of a settle sent by :func:`post_usage`. If it failed and the request's audit record is
+    already written, a second record of the same request id says where its usage went (``store``:
+    ``spooled``, or ``unsettled`` when not even the spool took it); if not, that record will say it.
+    Reports and reconcile count a request id once."""
     try:
         await _collect(gw, reservation, out, actual, sent, t0)
     except Exception:
-        log.exception("settle of request %s failed", out.request_id)
-        out.store = "unsettled"
-    if out.store == "ok" or gw.audit is None or out.config is None:
+        log.exception("settle of request %s: its outcome is unknown", out.request_id)
+        _unsettled(gw, out, "the settle's outcome is unknown (an internal error, logged)")
+    if out.store == "ok" or not out.recorded or gw.audit is None or out.config is None:
         return
-    if out.store == "spooled":
-        if out.decision in ("allowed", "clamped"):
-            out.decision = "spooled"
-        out.reason = out.reason or "the settle failed (store unreachable); the usage is spooled for replay"
-    else:
-        out.reason = out.reason or (f"the settle failed and could not be spooled; the hold stays until its "
-                                    f"lease expires (lease_expiry: {gw.config.store.lease_expiry})")
     try:
         await gw.audit.write(audit_record(gw, out.config, out, time.perf_counter() - out.started))
     except Exception:  # counted in the writer's write_errors
@@ -495,9 +489,9 @@ async def _settled(gw: Gateway, reservation: Reservation, out: Outcome, actual: 
 
 async def settle_to_the_end(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
                             measured: Measured) -> None:
-    """:func:`settle`, which a cancellation (a shutdown's) cannot cut short: cancelled part-way, the settle
-    runs again to its end in a task of its own while the cancellation goes on. Settles are idempotent per
-    request id, so one that had already reached Redis counts once."""
+    """:func:`settle`, which a cancellation (a shutdown's) cannot cut short: cancelled part-way, it runs
+    again to its end in a task of its own while the cancellation goes on. A settle is idempotent per request
+    id, so one that had already reached Redis counts once; so is a spooled line, replayed."""
     try:
         await settle(gw, parsed, reservation, out, measured)
     except asyncio.CancelledError:
@@ -520,9 +514,24 @@ async def settle(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | 
                 if not await asyncio.to_thread(gw.spool.append, out.request_id, holds, actual, _meta(out)):
                     out.store = "unmetered"
         return
-    assert gw.ledger is not None
     t0 = time.perf_counter()
-    await _collect(gw, reservation, out, actual, gw.ledger.settle(reservation, actual, report=False), t0)
+    sent = _send_settle(gw, reservation, out, actual)
+    if sent is not None:
+        await _collect(gw, reservation, out, actual, sent, t0)
+
+
+def _send_settle(gw: Gateway, reservation: Reservation, out: Outcome,
+                 actual: dict[str, float]) -> Awaitable[Any] | None:
+    """``ledger.settle``; None when it cannot even be sent. (Usage the ledger cannot post — an upstream
+    reporting 1e300 tokens makes the FLOPs infinite — is no reason to withhold an answer the upstream has
+    given: the hold stays until its lease expires, and the record says so.)"""
+    assert gw.ledger is not None
+    try:
+        return gw.ledger.settle(reservation, actual, report=False)
+    except ValueError as exc:
+        log.error("request %s: usage the ledger cannot post (%s)", out.request_id, exc)
+        _unsettled(gw, out, f"usage the ledger cannot post ({exc})")
+        return None
 
 
 async def _collect(gw: Gateway, reservation: Reservation, out: Outcome, actual: dict[str, float],
@@ -537,8 +546,17 @@ async def _collect(gw: Gateway, reservation: Reservation, out: Outcome, actual: 
         if gw.spool is not None and await asyncio.to_thread(
                 gw.spool.append_settle, out.request_id, reservation, actual, _meta(out)):
             out.store = "spooled"
+            if out.decision in ("allowed", "clamped"):
+                out.decision = "spooled"
+            out.reason = out.reason or "the settle failed (store unreachable); the usage is spooled for replay"
         else:
-            out.store = "unsettled"
+            _unsettled(gw, out, "the settle failed and the spool did not take it")
+
+
+def _unsettled(gw: Gateway, out: Outcome, why: str) -> None:
+    out.store = "unsettled"
+    out.reason = out.reason or (f"{why}; the hold stays until its lease expires "
+                                f"(lease_expiry: {gw.config.store.lease_expiry})")
 
 
 def _actual(measured: Measured) -> dict[str, float]:
@@ -817,6 +835,7 @@ def _finish(gw: Gateway, cfg: Config, out: Outcome) -> None:
     if out.upstream_seconds and out.upstream:
         gw.metrics.upstream_latency(out.upstream, out.upstream_seconds)
     if gw.audit is not None and not out.recorded:
+        out.recorded = True
         gw.audit.write_nowait(audit_record(gw, cfg, out, elapsed))
 
 

@@ -339,14 +339,15 @@ class Ledger:
         the others finished, and calling settle again is safe. With ``report=False`` the result carries no
         ``states`` (and so no ``over_limit``): Redis skips reading every budget back.
 
-        On the pipelined client (:mod:`gateway.resp`) the scripts are queued by this call itself, ahead of
-        any script called after it, however late the result is awaited: a caller can answer its client
-        first and still have the next request of the same replica find this one settled.
+        While :meth:`pipelined_now` is true, the scripts are queued by this call itself, ahead of any
+        script called after it, however late the result is awaited: a caller can answer its client first
+        and still have the next request of the same replica find this one settled. Bad amounts (negative,
+        not finite) raise ``ValueError`` here, before any scope is sent.
         """
         rid = reservation.request_id
-        calls = []
         flag = "1" if report else "0"
         amounts: dict[str, float] = {}  # per metric, checked once
+        argvs: list[list[str | bytes]] = []
         for hold in reservation.holds:
             argv: list[str | bytes] = [self._now(), rid, self.lease_expiry, self._ttl, flag]
             for b in hold.budgets:
@@ -354,8 +355,16 @@ class Ledger:
                 if amount is None:
                     amount = amounts[b.metric] = _actual_amount(actual, b.metric)
                 argv += (b._arg, _num(amount))
-            calls.append(self._settle(keys=[self._base(hold.scope)], args=argv))
+            argvs.append(argv)
+        calls = [self._settle(keys=[self._base(hold.scope)], args=argv)
+                 for hold, argv in zip(reservation.holds, argvs, strict=True)]
         return self._settled(reservation, calls, amounts, report)
+
+    def pipelined_now(self) -> bool:
+        """Whether a script called now is queued at once, so that it reaches Redis ahead of every script
+        called after it: on the pipelined client (:mod:`gateway.resp`, ``redis://`` and ``unix://``) while
+        its connection is up. redis-py (TLS, Sentinel, Cluster) sends a script when it is awaited."""
+        return bool(getattr(self.redis, "connected", False))
 
     async def _settled(self, reservation: Reservation, calls: list[Awaitable[Any]], amounts: dict[str, float],
                        report: bool) -> SettleResult:

@@ -6,12 +6,14 @@ cost of a proxied request. This client keeps **one connection per replica** and 
 written at once, its reply future waits in a FIFO, and hiredis parses replies as they arrive. There is no
 pool to exhaust, so a burst of concurrent requests queues on the socket instead of failing.
 
-It speaks only what the hot path needs: ``EVALSHA`` with ``SCRIPT LOAD`` on ``NOSCRIPT`` (through
-:meth:`register_script`, the same call shape as redis-py's script objects) and plain commands. Errors are
-redis-py's exception classes, so callers handle both clients alike. A watchdog fails the connection (and
-every command waiting on it) when the oldest command has waited longer than ``timeout``; the next command
-reconnects. Standalone Redis over TCP or a unix socket, optional AUTH and database; TLS, Sentinel and
-Cluster use redis-py (see :func:`hot_path_client`).
+It speaks only what the hot path needs: ``EVALSHA`` (through :meth:`register_script`, the same call shape
+as redis-py's script objects; each registered script is loaded on every new connection, and again on
+``NOSCRIPT``) and plain commands. A script call queues its command at once when connected, so scripts
+reach Redis in the order they were called. Errors are redis-py's exception classes, so callers handle
+both clients alike. A watchdog fails the connection (and every command waiting on it) when the oldest
+command has waited longer than ``timeout``; the next command reconnects. Standalone Redis over TCP or a
+unix socket, optional AUTH and database; TLS, Sentinel and Cluster use redis-py (see
+:func:`hot_path_client`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ class _Protocol(asyncio.Protocol):
 _NEED_MORE = object()
 
 
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Done-callback of a reply nobody awaits (a failure shows up in the commands that follow it)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _response_error(message: str) -> ResponseError:
     if message.startswith("NOSCRIPT"):
         return NoScriptError(message)
@@ -88,6 +96,13 @@ class RespClient:
         self._watchdog: asyncio.TimerHandle | None = None
         self._outbox: list[bytes] = []
         self._flush_scheduled = False
+        self._scripts: dict[str, str] = {}  # sha -> text: loaded on every new connection
+
+    @property
+    def connected(self) -> bool:
+        """A command issued now is queued at once (no connection to open first)."""
+        proto = self._proto
+        return proto is not None and proto.transport is not None and not proto.transport.is_closing()
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float) -> RespClient:
@@ -112,6 +127,11 @@ class RespClient:
             if self._proto is not None and self._proto.transport is not None and \
                     not self._proto.transport.is_closing():
                 return self._proto
+            if self._proto is not None:
+                # Closing, its connection_lost not yet run: fail what waits on it now. Once another
+                # connection is published, that connection_lost no longer would, and replies arriving on
+                # the new connection would be matched to the old connection's commands.
+                self._fail(RedisConnectionError("connection to Redis closed"))
             loop = asyncio.get_running_loop()
             try:
                 if self.path:
@@ -134,6 +154,11 @@ class RespClient:
                     proto.transport.abort()
                 raise
             self._proto = proto
+            # The registered scripts are loaded first thing (a restarted Redis has none), ahead of any
+            # command on this connection and without waiting: a script then never meets NOSCRIPT, whose
+            # retry would run it behind the scripts called after it.
+            for text in self._scripts.values():
+                self._queue(proto, ("SCRIPT", "LOAD", text)).add_done_callback(_consume)
             return proto
 
     async def _handshake(self, proto: _Protocol, args: Sequence[bytes]) -> Any:
@@ -200,7 +225,9 @@ class RespClient:
 
     # ---------------------------------------------------------------------------------- redis-py shape
     def register_script(self, script: str) -> _Script:
-        return _Script(self, script)
+        registered = _Script(self, script)
+        self._scripts[registered.sha] = script
+        return registered
 
     async def script_load(self, script: str) -> str:
         sha = await self.execute_command("SCRIPT", "LOAD", script)
@@ -230,7 +257,7 @@ class _Script:
         proto = c._proto
         if proto is not None and proto.transport is not None and not proto.transport.is_closing():
             return self._reply(c._queue(proto, cmd), cmd)  # connected: the common case
-        return self._reply(None, cmd)
+        return self._reply(None, cmd)  # not connected: queued when awaited, once a connection is open
 
     async def _reply(self, queued: asyncio.Future[Any] | None, cmd: tuple[Any, ...]) -> Any:
         try:
@@ -249,6 +276,10 @@ class HotPathStore:
 
     def register_script(self, script: str) -> _Script:
         return self._fast.register_script(script)
+
+    @property
+    def connected(self) -> bool:
+        return self._fast.connected
 
     async def aclose(self) -> None:
         await self._fast.aclose()

@@ -277,14 +277,10 @@ async def test_sigkill_mid_load_leaves_leases_that_expire_and_loses_no_acknowled
         tasks = [asyncio.create_task(worker(i, session)) for i in range(8)]
         await asyncio.sleep(1.6)  # each request takes ~0.75 s: some finished, some in flight
         gw.kill()
-        killed_at = time.monotonic()
         stop.set()
         await asyncio.gather(*tasks)
 
     ok = [s for s in seen if s.kind == "ok"]
-    # The settle leaves in the same turn of the event loop as the answer, not before it: an answer the kill
-    # came right after may have left its lease too.
-    ok_at_kill = [s for s in ok if abs(killed_at - s.done_at) < 0.1]
     broken = [s for s in seen if s.kind == "broken"]
     assert ok and broken, [s.kind for s in seen]
     assert all(s.kind in ("ok", "broken", "refused") for s in seen), [s.kind for s in seen]
@@ -313,7 +309,7 @@ async def test_sigkill_mid_load_leaves_leases_that_expire_and_loses_no_acknowled
     metered = [r for r in records.values() if r["decision"] == "allowed"]
     audit_generated = sum(r["usage"]["generated_tokens"] for r in metered)
     killed = reqs.used - len(metered)  # requests whose gateway died holding their lease
-    assert 1 <= killed <= len(broken) + len(ok_at_kill)
+    assert 1 <= killed <= len(broken)
     # Each expired lease was charged its hold: the admission bound (30 tokens, one sample). (One request
     # may have settled its actual just before the kill, ahead of its audit record: hence the range.)
     assert 30 * (killed - 1) < gen.used - audit_generated <= 30 * killed

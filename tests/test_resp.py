@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import hiredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.redis_server import RedisServer
 from gateway.resp import RespClient
 
 
@@ -70,3 +73,51 @@ async def test_a_script_is_queued_by_the_call_not_by_the_await(redis_srv):
     assert await first == 2
     assert await client.execute_command("LRANGE", "kgate-test-order", 0, -1) == [b"loaded", b"first", b"second"]
     await client.aclose()
+
+
+async def test_registered_scripts_are_loaded_on_every_new_connection(redis_srv):
+    """A restarted (or flushed) Redis has no scripts: the client loads its registered ones while it opens a
+    connection, so no call meets NOSCRIPT — whose retry would run it behind the scripts called after it."""
+    client = RespClient.from_url(redis_srv.url, timeout=2)
+    echo = client.register_script("return ARGV[1]")
+    assert await echo(args=["one"]) == b"one"
+    await client.execute_command("SCRIPT", "FLUSH")
+    await client.execute_command("CONFIG", "RESETSTAT")
+    await client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "no")  # our own
+    await asyncio.sleep(0.1)  # the client sees its connection close
+    assert not client.connected
+    assert await echo(args=["two"]) == b"two"
+    info = (await client.execute_command("INFO", "errorstats")).decode()
+    assert "NOSCRIPT" not in info, info
+    await client.aclose()
+
+
+async def test_a_connection_closing_under_waiting_commands_fails_them_before_a_new_one_opens():
+    """A connection that is closing but not yet lost (its transport still flushing) with a command waiting
+    on it: opening the next connection fails that command first. Otherwise the old connection's
+    connection_lost, arriving after the new one is in use, would no longer fail it, and the new
+    connection's first reply would be matched to it."""
+    server = RedisServer(port=0, appendonly=False)
+    server.start_sync()
+    assert server.pid is not None
+    client = RespClient.from_url(server.url, timeout=2)
+    try:
+        assert await client.execute_command("PING") == b"PONG"
+        os.kill(server.pid, signal.SIGSTOP)  # Redis reads nothing: the socket fills up
+        big = asyncio.ensure_future(client.execute_command("ECHO", b"x" * (16 << 20)))
+        await asyncio.sleep(0.1)
+        proto = client._proto
+        assert proto is not None and proto.transport is not None
+        assert proto.transport.get_write_buffer_size() > 0, "the command should not fit in the socket"
+        proto.transport.close()  # closing; connection_lost waits until the buffer is flushed
+        new = asyncio.ensure_future(client.execute_command("ECHO", "new"))
+        await asyncio.sleep(0.1)
+        os.kill(server.pid, signal.SIGCONT)
+        assert await new == b"new"
+        with pytest.raises(RedisConnectionError):
+            await big
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        await client.aclose()
+        server.stop_sync()
+        server.cleanup()

@@ -13,16 +13,16 @@ from gatewayutil import KEYS, make_config, running_gateway
 from gateway.adapters import adapter_for_path
 from gateway.compute import measure
 from gateway.handler import Outcome, budget_amounts, budget_holds, post_usage, settle_to_the_end
-from gateway.ledger import Ledger, ScopeRef
+from gateway.ledger import BudgetSpec, Ledger, ScopeRef
 from gateway.metering import parse_request
 from gateway.store import connect
 
 
-async def _one_request(g, rid: str):
+async def _one_request(g, rid: str, who: str = "alice"):
     """A request reserved by hand, as the handler would: (parsed, reservation, out, measured, budgets)."""
     gw, cfg = g.gw, g.gw.config
     assert gw.directory is not None and gw.ledger is not None
-    principal = await gw.directory.by_key(KEYS["alice"])
+    principal = await gw.directory.by_key(KEYS[who])
     assert principal is not None
     tier = cfg.tiers[principal.tier]
     found = adapter_for_path("/v1/chat/completions")
@@ -84,3 +84,53 @@ async def test_a_shutdown_waits_for_the_settles_sent_after_answers(redis_srv, tm
         f.stat().st_size == 0 for f in (tmp_path / "data" / "spool").glob("*.jsonl"))
     await client.aclose()
     await r.aclose()
+
+
+async def test_a_settle_sent_after_the_answer_runs_before_any_later_script(redis_srv, tmp_path: Path) -> None:
+    """post_usage queues the settle itself: a script called right after it, without the event loop turning
+    in between (as a request arriving next would), finds the request settled, not still holding."""
+    r = aioredis.from_url(redis_srv.url)
+    await r.flushall()
+    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
+        gw = g.gw
+        parsed, reservation, out, measured, budgets = await _one_request(g, "req-ordered")
+        assert gw.ledger is not None and gw.ledger.pipelined_now()
+        post_usage(gw, parsed, reservation, out, measured)
+        (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
+        assert (state.used, state.held) == (1, 0)
+    await r.aclose()
+
+
+async def test_usage_the_ledger_cannot_post_leaves_the_hold_and_says_so(redis_srv, tmp_path: Path) -> None:
+    """Amounts the ledger refuses (not finite) must not turn an answered request into a 500: nothing is
+    sent, the hold stays for its lease expiry to charge, and the request's record says why."""
+    import dataclasses
+
+    r = aioredis.from_url(redis_srv.url)
+    await r.flushall()
+    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
+        gw = g.gw
+        assert gw.ledger is not None
+        parsed, reservation, out, measured, budgets = await _one_request(g, "req-infinite", "tina")
+        infinite = dataclasses.replace(measured.usage, output_tokens=float("inf"))
+        post_usage(gw, parsed, reservation, out, dataclasses.replace(measured, usage=infinite))
+        assert not gw.detached and out.store == "unsettled" and "cannot post" in out.reason
+        gen, req = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
+        assert (gen.used, gen.held, req.used, req.held) == (0, 8, 0, 1)
+    await r.aclose()
+
+
+async def test_only_the_pipelined_client_settles_without_waiting(redis_srv) -> None:
+    """redis-py (TLS, Sentinel, Cluster URLs) sends a script when it is awaited, so its settles are waited
+    for; so are the pipelined client's while its connection is not up."""
+    from gateway.resp import hot_path_client
+
+    plain = aioredis.from_url(redis_srv.url)
+    assert not Ledger(plain).pipelined_now()
+    fast = hot_path_client(plain, redis_srv.url, timeout=2)
+    ledger = Ledger(fast)
+    assert not ledger.pipelined_now()  # no connection yet
+    spec = BudgetSpec("principal:requests:1d", "requests", "1d", False, 10)
+    await ledger.state(ScopeRef("principal", "nobody"), [spec])
+    assert ledger.pipelined_now()
+    await fast.aclose()

@@ -270,32 +270,37 @@ async def test_settle_that_fails_mid_stream_is_spooled_and_corrects_the_hold(gw:
 async def test_settle_that_fails_after_the_answer_is_recorded_again_and_replayed(gw: RunningGateway,
                                                                                redis_srv: RedisServer) -> None:
     """The answer does not wait for the settle's reply, so its audit record is written before the settle's
-    fate is known. Redis dies while the upstream works: the client still gets its answer and its record;
-    the failed settle adds a second record of the same request (store ``spooled``), and the replay a third.
-    The usage counts once, in the ledger and in the audit report."""
+    fate is known. Redis freezes while the upstream works: the client still gets its answer and its record;
+    the settle, written but never answered, times out and goes to the spool, and a second record of the
+    same request says so; the replay adds a third. The usage counts once, in the ledger and in the report."""
     from gateway.audit_tools import report_rows
 
     async with aiohttp.ClientSession() as s:
-        await s.post(gw.sim_url + "/_sim/config", json={"latency_ms": 600, "output_tokens": 12})
+        await s.post(gw.sim_url + "/_sim/config", json={"latency_ms": 800, "output_tokens": 12})
         call = asyncio.ensure_future(s.post(gw.url + CHAT, json={"model": "dense", "messages": MSG,
                                                                   "max_tokens": 40},
                                             headers={"Authorization": f"Bearer {KEYS['tina']}"}))
-        await eventually(lambda: gw.gw.inflight == 1)
-        await asyncio.sleep(0.2)  # the hold is in Redis (AOF fsynced); the upstream is still thinking
-        redis_srv.kill_sync()
-        async with await call as r:
-            assert r.status == 200
-            rid = r.headers["x-kgate-request-id"]
-            assert (await r.json())["usage"]["completion_tokens"] == 12
-    await eventually(lambda: len([x for x in audit_records(gw) if x["request_id"] == rid]) == 2)
-    assert gw.gw.spool is not None and gw.gw.spool.depth()[0] == 1
+        async def holding() -> bool:
+            return (await used_and_held(gw, "tina", "tight"))[1] > 0
+
+        await eventually(holding)
+        assert redis_srv.pid is not None
+        os.kill(redis_srv.pid, signal.SIGSTOP)  # the hold is in Redis; the upstream is still thinking
+        try:
+            async with await call as r:
+                assert r.status == 200
+                rid = r.headers["x-kgate-request-id"]
+                assert (await r.json())["usage"]["completion_tokens"] == 12
+            await eventually(lambda: len([x for x in audit_records(gw) if x["request_id"] == rid]) == 2)
+        finally:
+            os.kill(redis_srv.pid, signal.SIGCONT)
+    assert gw.gw.spool is not None
     mine = [(x["decision"], x["store"]) for x in audit_records(gw) if x["request_id"] == rid]
     assert mine == [("allowed", "ok"), ("spooled", "spooled")]
-    redis_srv.start_sync()
     await eventually(lambda: gw.gw.spool is not None and gw.gw.spool.depth()[0] == 0)
     assert await used_and_held(gw, "tina", "tight") == (12, 0)
-    mine = [x["decision"] for x in audit_records(gw) if x["request_id"] == rid]
-    assert mine == ["allowed", "spooled", "replayed"]
+    mine2 = [x["decision"] for x in audit_records(gw) if x["request_id"] == rid]
+    assert mine2 == ["allowed", "spooled", "replayed"]
     report = report_rows([Path(gw.gw.config.audit.dir)], by=["principal"])
     assert report.total["generated_tokens"] == 12 and report.total["requests"] == 1
 

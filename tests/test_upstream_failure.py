@@ -63,10 +63,20 @@ async def _rude_chat(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _boastful_chat(request: web.Request) -> web.Response:
+    """A complete answer whose usage claims 1e300 generated tokens (FLOPs beyond any float)."""
+    body = await request.json()
+    return web.json_response({"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                           "finish_reason": "stop"}],
+                              "usage": {"prompt_tokens": 5, "completion_tokens": 1e300, "total_tokens": 1e300}})
+
+
 @pytest.fixture
 async def rude_url() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post(CHAT, _rude_chat)
+    app.router.add_post("/boast" + CHAT, _boastful_chat)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -87,9 +97,11 @@ async def gw(redis_srv: RedisServer, rude_url: str, tmp_path: Path) -> AsyncIter
     pol["upstreams"]["sim"]["read_timeout_seconds"] = READ_TIMEOUT
     pol["upstreams"]["dead"] = {"base_url": f"http://127.0.0.1:{free_port()}", "connect_timeout_seconds": 1}
     pol["upstreams"]["rude"] = {"base_url": rude_url}
+    pol["upstreams"]["boast"] = {"base_url": rude_url + "/boast"}
     dense = pol["models"]["dense"]
     pol["models"]["dead"] = {**dense, "upstream": "dead"}
     pol["models"]["rude"] = {**dense, "upstream": "rude"}
+    pol["models"]["boast"] = {**dense, "upstream": "boast"}
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(pol))
     async with running_gateway(load_config(path)) as g:
@@ -326,3 +338,21 @@ async def test_every_failure_is_counted_by_kind(gw: RunningGateway) -> None:
     assert await upstream_errors(gw, "sim", "timeout") == 2  # no answer, stream stalled
     assert await upstream_errors(gw, "sim", "malformed") == 1
     assert await upstream_errors(gw, "rude", "disconnect") == 1
+
+
+async def test_usage_beyond_any_count_is_charged_as_the_ceiling_and_audited(gw: RunningGateway) -> None:
+    """An upstream that claims 1e300 generated tokens has answered all the same: the client gets the answer
+    (not a 500); the claim is charged as 2**53 tokens — an overrun, exhausting any budget — and audited
+    (a 1e300 integer would not fit the audit record's JSON, and its FLOPs would be infinite)."""
+    status, raw = await call(gw, CHAT, chat(model="boast", max_tokens=50))
+    assert status == 200, raw
+    assert orjson.loads(raw)["choices"][0]["message"]["content"] == "hi"
+    gen_used, gen_held, req_used = await charged(gw)
+    assert (gen_used, gen_held, req_used) == (2**53, 0, 1)
+    (rec,) = [r for r in _audit_records(Path(gw.gw.config.audit.dir)) if r.get("model") == "boast"]
+    assert rec["status"] == 200 and rec["store"] == "ok" and rec["decision"] == "allowed"
+    assert rec["usage"]["generated_tokens"] == 2**53 and rec["usage"]["overrun"]
+
+
+def _audit_records(audit_dir: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for f in sorted(audit_dir.rglob("*.jsonl")) for line in f.read_bytes().splitlines()]

@@ -286,17 +286,25 @@ def json_size(obj: Any) -> int:
         return len(str(obj))
 
 
+USAGE_CEILING = 2**53  # the largest usage figure taken as reported: exact as a float, and as a JSON int64
+
+
 def nonneg(x: Any) -> int:
-    """A usage figure as a non-negative int (providers send null, floats or strings on bad days)."""
+    """A usage figure as a non-negative int (providers send null, floats or strings on bad days). A figure
+    beyond :data:`USAGE_CEILING` (``1e300``, ``"inf"``) counts as the ceiling: still charged as the
+    overrun it is, but finite, so that the ledger can post it and the audit log can write it."""
     if isinstance(x, bool) or x is None:
         return 0
-    if isinstance(x, (int, float)):
-        v = int(x)
-    elif isinstance(x, str):
+    if isinstance(x, str):
         try:
-            v = int(float(x))
+            x = float(x)
         except ValueError:
             return 0
-    else:
+    if isinstance(x, float):
+        if x != x:  # NaN
+            return 0
+        x = max(0.0, min(x, USAGE_CEILING))
+    if not isinstance(x, (int, float)):
         return 0
+    v = min(int(x), USAGE_CEILING)
     return v if v > 0 else 0
