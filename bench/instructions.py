@@ -1,15 +1,15 @@
 """Instructions per request: the simulator alone, kgate, and the Redis behind kgate, counted by valgrind
 (callgrind), not timed.
 
-    python bench/instructions.py [--requests 400] [--concurrency 8] [--tree DIR ...] [--keep DIR]
+    python bench/instructions.py [--requests 400] [--concurrency 8] [--stream] [--tree DIR ...] [--keep DIR]
 
 Wall-clock figures on a shared VM move by ±20% from one minute to the next; an instruction count does
 not (the same code and load give the same count to within half a percent). This script starts a Redis and
 ``kgate simulate`` as in ``gateway_bench.py``, then runs ``kgate serve`` — from this checkout, or from each
 ``--tree`` given (another checkout, to compare two versions side by side) — under
 ``valgrind --tool=callgrind`` with instrumentation off while it starts. It warms the gateway up, switches
-counting on, sends ``--requests`` non-streaming chat completions over ``--concurrency`` keep-alive
-connections, and reads the count. The simulator is measured the same way, and so is the Redis (also under
+counting on, sends ``--requests`` chat completions (JSON; streamed with ``--stream``) over ``--concurrency``
+keep-alive connections, and reads the count. The simulator is measured the same way, and so is the Redis (also under
 callgrind) while it serves the gateway's counted requests: on a 2-core machine the ledger's scripts
 compete with the gateway for the same CPUs, so their cost matters as much as the gateway's own. Counted:
 every instruction the process executes in user space, all threads. Not counted: the kernel (syscalls, the
@@ -39,32 +39,39 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gateway_bench import BODY, KEY, ROOT, free_port, policy, wait_ready
+from gateway_bench import BODY, KEY, ROOT, STREAM_BODY, free_port, policy, wait_ready
 
 from gateway.redis_server import find_redis_binary
 
-_PAYLOAD = json.dumps(BODY).encode()
-_REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(_PAYLOAD)).encode()
-            + b"\r\n\r\n" + _PAYLOAD)
+
+def _request(body: dict) -> bytes:
+    payload = json.dumps(body).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(payload)).encode()
+            + b"\r\n\r\n" + payload)
 
 
-async def send(port: int, total: int, concurrency: int) -> None:
-    """``total`` requests over ``concurrency`` keep-alive connections, each answer read whole."""
+async def send(port: int, total: int, concurrency: int, stream: bool = False) -> None:
+    """``total`` requests over ``concurrency`` keep-alive connections, each answer read whole (a stream:
+    to its last chunk)."""
+    request = _request(STREAM_BODY if stream else BODY)
 
     async def connection(count: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             for _ in range(count):
-                writer.write(_REQUEST)
+                writer.write(request)
                 await writer.drain()
                 head = await reader.readuntil(b"\r\n\r\n")
                 if not head.startswith(b"HTTP/1.1 200"):
                     raise RuntimeError(f"unexpected answer: {head[:200]!r}")
                 length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                if length is None:
-                    raise RuntimeError("answer without Content-Length")
-                await reader.readexactly(int(length.group(1)))
+                if length is not None:
+                    await reader.readexactly(int(length.group(1)))
+                elif re.search(rb"(?i)\r\ntransfer-encoding: *chunked", head):
+                    await reader.readuntil(b"\r\n0\r\n\r\n")  # SSE data never holds a CRLF
+                else:
+                    raise RuntimeError("answer without Content-Length or chunks")
         finally:
             writer.close()
 
@@ -122,20 +129,21 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def measure(command: list[str], cwd: Path, ready_url: str, port: int, out_prefix: str, requests: int,
-            concurrency: int, env: dict[str, str], redis: tuple[int, str] | None = None) -> tuple[float, float]:
+            concurrency: int, env: dict[str, str], redis: tuple[int, str] | None = None,
+            stream: bool = False) -> tuple[float, float]:
     """Instructions per request of the server that ``command`` starts, under callgrind, and of the Redis
     (pid, callgrind file prefix) behind it while it serves the counted requests (0 without one)."""
     proc = callgrind(out_prefix, command, cwd, env)
     try:
         asyncio.run(wait_ready(ready_url, timeout=300))
-        asyncio.run(send(port, 50, 4))  # imports, caches and connection pools: not part of the count
+        asyncio.run(send(port, 50, 4, stream))  # imports, caches and connection pools: not part of the count
         pids = [str(proc.pid)] + ([str(redis[0])] if redis else [])
         for pid in pids:
             control("--instr=on", pid)
-        asyncio.run(send(port, 50, 4))  # the same again with instrumentation on, then start from zero
+        asyncio.run(send(port, 50, 4, stream))  # the same again with instrumentation on, then start from zero
         for pid in pids:
             control("--zero", pid)
-        asyncio.run(send(port, requests, concurrency))
+        asyncio.run(send(port, requests, concurrency, stream))
         for pid in pids:
             control("--dump", pid)
         if redis:
@@ -150,6 +158,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=400, help="requests counted per server")
     ap.add_argument("--concurrency", type=int, default=8, help="keep-alive connections")
+    ap.add_argument("--stream", action="store_true", help="streamed chat completions instead of JSON ones")
     ap.add_argument("--tree", action="append", default=[],
                     help="a kgate checkout whose gateway to measure (repeatable; default: this one)")
     ap.add_argument("--keep", metavar="DIR",
@@ -175,7 +184,7 @@ def main() -> int:
         simulate = [sys.executable, "-m", "gateway", "simulate", "--listen", f"127.0.0.1:{sim_port}",
                     "--output-tokens", "16"]
         sim_ir, _ = measure(simulate, ROOT, sim_url + "/_sim/health", sim_port, str(tmp / "sim.out"),
-                            args.requests, args.concurrency, env)
+                            args.requests, args.concurrency, env, stream=args.stream)
         # The simulator again, uninstrumented, as the gateway's upstream.
         sim_proc = subprocess.Popen(simulate, cwd=ROOT, env=env)
         asyncio.run(wait_ready(sim_url + "/_sim/health"))
@@ -192,7 +201,7 @@ def main() -> int:
             serve = [sys.executable, "-m", "gateway", "serve", "--config", str(pol), "--listen", f"127.0.0.1:{port}",
                      "--admin-listen", f"127.0.0.1:{admin}", "--store", redis_url]
             gw_ir, redis_ir = measure(serve, tree, f"http://127.0.0.1:{port}/readyz", port, str(tmp / f"gw-{i}.out"),
-                                      args.requests, args.concurrency, env, (redis.pid, redis_out))
+                                      args.requests, args.concurrency, env, (redis.pid, redis_out), args.stream)
             label = "kgate serve" + ("" if tree == ROOT else f" ({tree})")
             print(f"{label:<40}{gw_ir:>22,.0f}{gw_ir / sim_ir:>14.2f}{redis_ir:>16,.0f}")
     finally:
