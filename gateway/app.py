@@ -65,19 +65,23 @@ _SIM_OPTS: web.AppKey[object] = web.AppKey("kgate_sim_opts", object)
 
 # --------------------------------------------------------------------------------------------- lifetimes
 async def _detached_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleaned up first: settles still waiting for Redis (sent after an answer, or rerun after a
+    """Cleaned up first: settles still waiting for Redis (posted after an answer, or rerun after a
     cancellation) finish while the store, the spool and the audit log are open — including those that
     requests finishing meanwhile add, up to :data:`DETACHED_GRACE` in all."""
     yield
     gw = app[GATEWAY]
-    deadline = asyncio.get_running_loop().time() + DETACHED_GRACE
-    while gw.detached:
-        left = deadline - asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DETACHED_GRACE
+    while gw.detached or gw.settling:
+        left = deadline - loop.time()
         if left <= 0:
             log.error("%d settles did not finish before shutdown; their holds expire with their leases",
-                      len(gw.detached))
+                      len(gw.detached) + gw.settling)
             break
-        await asyncio.wait(list(gw.detached), timeout=left)
+        if gw.detached:
+            await asyncio.wait(list(gw.detached), timeout=min(left, 0.05))
+        else:
+            await asyncio.sleep(0.01)  # replies of settles posted after answers (handler.post_usage)
 
 
 DETACHED_GRACE = 5.0  # seconds

@@ -45,6 +45,8 @@ class Gateway:
     handlers: set[asyncio.Task[Any]] = field(default_factory=set)
     # Work that outlives the request that started it (a settle finished after its handler was cancelled).
     detached: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Settles posted after their answers whose replies have not come yet (handler.post_usage).
+    settling: int = 0
     store_ok: bool = True
 
     def detach(self, coro: Coroutine[Any, Any, Any]) -> None:

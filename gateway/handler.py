@@ -7,7 +7,7 @@ API the client spoke; anything unexpected is logged and answered as a 500 withou
 A JSON answer does not wait for the settle's reply (:func:`post_usage`): the settle is queued before the
 answer on the pipelined connection that carries every later script of this replica, and until it lands
 the request's hold stands in for it. The audit record is written before the answer's last byte, as
-always; a settle that fails after that is recorded a second time (:func:`_settled`). A stream's end
+always; a settle that fails after that is recorded a second time (:func:`_settle_failed`). A stream's end
 waits for its settle.
 """
 
@@ -429,58 +429,66 @@ async def _release(gw: Gateway, reservation: Reservation) -> None:
             await asyncio.to_thread(gw.spool.append_release, reservation.request_id, reservation.holds)
 
 
-async def _post(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
-                measured: Measured) -> None:
-    """The actual usage to the ledger. A request holding in Redis is settled without waiting for the reply
-    when the ledger can queue the settle ahead of every later script (:func:`post_usage`), else the settle
-    is waited for (redis-py: TLS, Sentinel, Cluster; or a connection being reopened). Usage admitted while
-    the store was away goes into the spool before the audit record is written, so the record says where."""
-    if reservation is not None and gw.ledger is not None and gw.ledger.pipelined_now():
-        post_usage(gw, parsed, reservation, out, measured)
-    else:
-        await settle_to_the_end(gw, parsed, reservation, out, measured)
-
-
-def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation, out: Outcome,
-               measured: Measured) -> None:
-    """Settle a request that holds in Redis without making its answer wait for Redis's reply.
+def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
+          measured: Measured) -> bool:
+    """Settle a request that holds in Redis without making its answer wait for Redis's reply; False when
+    that cannot keep the settle's order — redis-py (TLS, Sentinel, Cluster), a connection being reopened —
+    or the usage went to the spool at admission: the caller then waits for :func:`settle_to_the_end`.
 
     The settle's scripts are queued on the ledger's pipelined connection by this call, before the answer
     is written, so every later script of this replica — the client's next request, an admin read — runs
     after it in Redis. They are written in the same turn of the event loop as the answer, just after it,
-    in one write with the other scripts of that turn. The reply is collected by a task of its own
-    (:func:`_settled`), which a shutdown waits for (app.py, ``_detached_ctx``).
+    in one write with the other scripts of that turn. The reply comes to :func:`_settled`, a callback (no
+    task, no coroutine); a shutdown waits for the replies still due (``gw.settling``).
 
     Until the settle lands, the hold stands in for the request; under strict admission it is never less
     than what the request could use. A replica killed in between — during the upstream call, as always,
     or now also within the turn that wrote the answer — leaves the hold to its lease expiry
     (``lease_expiry: charge`` charges it in full; ``kgate audit reconcile`` explains the excess).
 
-    What it saves: the settle's round trip to Redis on every answer, about 0.2 ms at one connection
-    (``bench/gateway_bench.py``), for one task per request (1% of the gateway's instructions). Writing the
-    settle before the answer (its own write, or one more turn of the loop) cost 6–7% of the throughput at
-    32 connections and was not kept.
+    What it saves: the settle's round trip to Redis on every JSON answer, about 0.2 ms at one connection
+    (``bench/gateway_bench.py``). Writing the settle before the answer (its own write, or one more turn of
+    the loop) cost 6–7% of the throughput at 32 connections, a task per request 1% of the gateway's
+    instructions; neither was kept.
     """
+    if reservation is None or gw.ledger is None:
+        return False
     actual = _actual(measured)
-    _learn(gw, parsed, measured)
     t0 = time.perf_counter()
-    sent = _send_settle(gw, reservation, out, actual)
-    if sent is not None:
-        gw.detach(_settled(gw, reservation, out, actual, sent, t0))
-
-
-async def _settled(gw: Gateway, reservation: Reservation, out: Outcome, actual: dict[str, float],
-                   sent: Awaitable[Any], t0: float) -> None:
-    """The reply of a settle sent by :func:`post_usage`. If it failed and the request's audit record is
-    already written, a second record of the same request id says where its usage went (``store``:
-    ``spooled``, or ``unsettled`` when not even the spool took it); if not, that record will say it.
-    Reports and reconcile count a request id once."""
+    gw.settling += 1  # counted down by _settled
     try:
-        await _collect(gw, reservation, out, actual, sent, t0)
-    except Exception:
-        log.exception("settle of request %s: its outcome is unknown", out.request_id)
-        _unsettled(gw, out, "the settle's outcome is unknown (an internal error, logged)")
-    if out.store == "ok" or not out.recorded or gw.audit is None or out.config is None:
+        posted = gw.ledger.post_settle(reservation, actual,
+                                       lambda error: _settled(gw, reservation, out, actual, error, t0))
+    except ValueError as exc:  # nothing was sent
+        gw.settling -= 1
+        _cannot_post(gw, out, exc)
+        posted = True
+    else:
+        if not posted:
+            gw.settling -= 1
+            return False
+    _learn(gw, parsed, measured)
+    return True
+
+
+def _settled(gw: Gateway, reservation: Reservation, out: Outcome, actual: dict[str, float],
+             error: BaseException | None, t0: float) -> None:
+    """Redis has answered a settle posted by :func:`post_usage`."""
+    gw.settling -= 1
+    if error is None:
+        gw.metrics.store_latency("settle", time.perf_counter() - t0)
+    else:
+        gw.detach(_settle_failed(gw, reservation, out, actual, error))
+
+
+async def _settle_failed(gw: Gateway, reservation: Reservation, out: Outcome, actual: dict[str, float],
+                         error: BaseException) -> None:
+    """A settle posted after the answer failed: its usage goes to the spool, as a failed settle's always
+    does. If the request's audit record is written already, a second record of the same request id says
+    where the usage went (``store``: ``spooled``, or ``unsettled`` when not even the spool took it); if not,
+    that record will say it. Reports and reconcile count a request id once."""
+    await _spool_settle(gw, reservation, out, actual, error)
+    if not out.recorded or gw.audit is None or out.config is None:
         return
     try:
         await gw.audit.write(audit_record(gw, out.config, out, time.perf_counter() - out.started))
@@ -515,43 +523,40 @@ async def settle(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | 
                 if not await asyncio.to_thread(gw.spool.append, out.request_id, holds, actual, _meta(out)):
                     out.store = "unmetered"
         return
-    t0 = time.perf_counter()
-    sent = _send_settle(gw, reservation, out, actual)
-    if sent is not None:
-        await _collect(gw, reservation, out, actual, sent, t0)
-
-
-def _send_settle(gw: Gateway, reservation: Reservation, out: Outcome,
-                 actual: dict[str, float]) -> Awaitable[Any] | None:
-    """``ledger.settle``; None when it cannot even be sent. (Usage the ledger cannot post — an upstream
-    reporting 1e300 tokens makes the FLOPs infinite — is no reason to withhold an answer the upstream has
-    given: the hold stays until its lease expires, and the record says so.)"""
     assert gw.ledger is not None
+    t0 = time.perf_counter()
     try:
-        return gw.ledger.settle(reservation, actual, report=False)
-    except ValueError as exc:
-        log.error("request %s: usage the ledger cannot post (%s)", out.request_id, exc)
-        _unsettled(gw, out, f"usage the ledger cannot post ({exc})")
-        return None
-
-
-async def _collect(gw: Gateway, reservation: Reservation, out: Outcome, actual: dict[str, float],
-                   sent: Awaitable[Any], t0: float) -> None:
-    """Wait for a settle's reply; on a store error, spool the settle (replayed when the store is back)."""
+        sent = gw.ledger.settle(reservation, actual, report=False)
+    except ValueError as exc:  # nothing was sent
+        _cannot_post(gw, out, exc)
+        return
     try:
         await sent
         gw.metrics.store_latency("settle", time.perf_counter() - t0)
     except STORE_ERRORS as exc:
-        gw.metrics.store_error("settle")
-        log.warning("settle of request %s failed: %s", out.request_id, exc)
-        if gw.spool is not None and await asyncio.to_thread(
-                gw.spool.append_settle, out.request_id, reservation, actual, _meta(out)):
-            out.store = "spooled"
-            if out.decision in ("allowed", "clamped"):
-                out.decision = "spooled"
-            out.reason = out.reason or "the settle failed (store unreachable); the usage is spooled for replay"
-        else:
-            _unsettled(gw, out, "the settle failed and the spool did not take it")
+        await _spool_settle(gw, reservation, out, actual, exc)
+
+
+async def _spool_settle(gw: Gateway, reservation: Reservation, out: Outcome, actual: dict[str, float],
+                        error: BaseException) -> None:
+    """A settle that failed goes to the spool (replayed when the store is back; idempotent)."""
+    gw.metrics.store_error("settle")
+    log.warning("settle of request %s failed: %r", out.request_id, error)
+    if gw.spool is not None and await asyncio.to_thread(
+            gw.spool.append_settle, out.request_id, reservation, actual, _meta(out)):
+        out.store = "spooled"
+        if out.decision in ("allowed", "clamped"):
+            out.decision = "spooled"
+        out.reason = out.reason or "the settle failed (store unreachable); the usage is spooled for replay"
+    else:
+        _unsettled(gw, out, "the settle failed and the spool did not take it")
+
+
+def _cannot_post(gw: Gateway, out: Outcome, exc: ValueError) -> None:
+    """Usage the ledger cannot post (not finite) is no reason to withhold an answer the upstream has
+    given: the hold stays until its lease expires, and the record says so."""
+    log.error("request %s: usage the ledger cannot post (%s)", out.request_id, exc)
+    _unsettled(gw, out, f"usage the ledger cannot post ({exc})")
 
 
 def _unsettled(gw: Gateway, out: Outcome, why: str) -> None:
@@ -641,7 +646,8 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
                                                       code="upstream_malformed")) from None
     measured = measure(parsed.adapter.usage_from_json(doc, parsed.request), parsed.model, parsed.bound)
     out.measured = measured
-    await _post(gw, parsed, reservation, out, measured)
+    if not post_usage(gw, parsed, reservation, out, measured):
+        await settle_to_the_end(gw, parsed, reservation, out, measured)
     out.decision = _decision(out)
     out.status = resp.status
     headers = {**up.response_headers(resp.headers), **_kgate_headers(out, reservation),
@@ -795,7 +801,7 @@ async def _settle_stream(gw: Gateway, parsed: ParsedRequest, reservation: Reserv
     usage: Usage = meter.usage()
     measured = measure(usage, parsed.model, parsed.bound)
     out.measured = measured
-    # Waited for, unlike a JSON answer's (_post): settling after a stream's last bytes cost 6% of the
+    # Waited for, unlike a JSON answer's (post_usage): settling after a stream's last bytes cost 6% of the
     # streaming throughput at 32 connections (bench/gateway_bench.py, side by side), for 0.2 ms on an
     # answer that takes as long as its generation.
     await settle_to_the_end(gw, parsed, reservation, out, measured)

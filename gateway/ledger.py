@@ -344,6 +344,45 @@ class Ledger:
         and still have the next request of the same replica find this one settled. Bad amounts (negative,
         not finite) raise ``ValueError`` here, before any scope is sent.
         """
+        argvs, amounts = self._settle_argvs(reservation, actual, report)
+        calls = [self._settle(keys=[self._base(hold.scope)], args=argv)
+                 for hold, argv in zip(reservation.holds, argvs, strict=True)]
+        return self._settled(reservation, calls, amounts, report)
+
+    def post_settle(self, reservation: Reservation, actual: Mapping[str, float],
+                    done: Callable[[BaseException | None], None]) -> bool:
+        """:meth:`settle` (without ``report``) for a caller that does not wait: the scripts are queued now,
+        and ``done(None)`` — or ``done(error)``, the first scope's error — is called once Redis has answered
+        every scope. No task or coroutine is made. Returns False, having sent nothing, unless
+        :meth:`pipelined_now`. Bad amounts raise ``ValueError`` before anything is sent."""
+        send = getattr(self._settle, "send", None)
+        if send is None or not self.pipelined_now():
+            return False
+        argvs, _ = self._settle_argvs(reservation, actual, False)
+        futures = [send(keys=[self._base(hold.scope)], args=argv)
+                   for hold, argv in zip(reservation.holds, argvs, strict=True)]
+        left = len(futures)
+        errors: list[BaseException] = []
+
+        def answered(fut: asyncio.Future[Any]) -> None:
+            nonlocal left
+            left -= 1
+            error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+            if error is not None:
+                errors.append(error)
+            if left == 0:
+                done(errors[0] if errors else None)
+
+        for fut in futures:
+            assert fut is not None  # connected, checked above: queueing cannot disconnect
+            fut.add_done_callback(answered)
+        if not futures:
+            done(None)
+        return True
+
+    def _settle_argvs(self, reservation: Reservation, actual: Mapping[str, float],
+                      report: bool) -> tuple[list[list[str | bytes]], dict[str, float]]:
+        """Each scope's settle arguments, every amount checked before any scope is sent."""
         rid = reservation.request_id
         flag = "1" if report else "0"
         amounts: dict[str, float] = {}  # per metric, checked once
@@ -356,9 +395,7 @@ class Ledger:
                     amount = amounts[b.metric] = _actual_amount(actual, b.metric)
                 argv += (b._arg, _num(amount))
             argvs.append(argv)
-        calls = [self._settle(keys=[self._base(hold.scope)], args=argv)
-                 for hold, argv in zip(reservation.holds, argvs, strict=True)]
-        return self._settled(reservation, calls, amounts, report)
+        return argvs, amounts
 
     def pipelined_now(self) -> bool:
         """Whether a script called now is queued at once, so that it reaches Redis ahead of every script

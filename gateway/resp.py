@@ -259,6 +259,16 @@ class _Script:
             return self._reply(c._queue(proto, cmd), cmd)  # connected: the common case
         return self._reply(None, cmd)  # not connected: queued when awaited, once a connection is open
 
+    def send(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> asyncio.Future[Any] | None:
+        """Queue the script now and return the future of its reply, without a coroutine around it; None
+        (nothing sent) when the connection is not up. No NOSCRIPT retry: the scripts are loaded with
+        every new connection, so only a ``SCRIPT FLUSH`` since then makes one fail that way."""
+        c = self.client
+        proto = c._proto
+        if proto is None or proto.transport is None or proto.transport.is_closing():
+            return None
+        return c._queue(proto, ("EVALSHA", self.sha, len(keys), *keys, *args))
+
     async def _reply(self, queued: asyncio.Future[Any] | None, cmd: tuple[Any, ...]) -> Any:
         try:
             return await (queued if queued is not None else self.client.execute_command(*cmd))

@@ -235,3 +235,15 @@ def test_clamp_impossible_returns_none():
     tier = TierConfig(max_k=0.5, on_exceed="clamp")
     assert clamp_target(ComputeRequest(api="x", model="m"), DENSE, tier) is None
     assert math.isfinite(admission_bound(ComputeRequest(api="x", model="m"), DENSE).k_max)
+
+
+@pytest.mark.parametrize(("reported", "taken"), [
+    (12, 12), (0, 0), (-3, 0), (True, 0), (None, 0), (5.7, 5), ("12", 12), ("x", 0), ([1], 0),
+    ("nan", 0), ("-inf", 0), (2**53, 2**53),
+    # beyond any real count: the ceiling, finite for the ledger and an int64 for the audit log's JSON
+    (2**53 + 1, 2**53), (10**30, 2**53), (1e300, 2**53), ("inf", 2**53), (float("inf"), 2**53),
+])
+def test_a_usage_figure_is_read_as_a_non_negative_int_up_to_a_ceiling(reported, taken):
+    from gateway.adapters.base import nonneg
+
+    assert nonneg(reported) == taken and type(nonneg(reported)) is int

@@ -13,7 +13,7 @@ from gatewayutil import KEYS, make_config, running_gateway
 from gateway.adapters import adapter_for_path
 from gateway.compute import measure
 from gateway.handler import Outcome, budget_amounts, budget_holds, post_usage, settle_to_the_end
-from gateway.ledger import BudgetSpec, Ledger, ScopeRef
+from gateway.ledger import BudgetSpec, Ledger, Reservation, ScopeRef
 from gateway.metering import parse_request
 from gateway.store import connect
 
@@ -66,17 +66,17 @@ async def test_a_settle_cut_short_by_cancellation_still_posts_once(redis_srv, tm
 
 
 async def test_a_shutdown_waits_for_the_settles_sent_after_answers(redis_srv, tmp_path: Path) -> None:
-    """post_usage leaves the settle's reply to a task; a shutdown that begins before the reply waits for it
-    (it does not close the store under it, which would send the usage to the spool instead)."""
+    """post_usage leaves the settle's reply to a callback; a shutdown that begins before the reply waits for
+    it (it does not close the store under it, which would send the usage to the spool instead)."""
     r = aioredis.from_url(redis_srv.url)
     await r.flushall()
     async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
         gw = g.gw
         parsed, reservation, out, measured, budgets = await _one_request(g, "req-answered")
         await r.execute_command("CLIENT", "PAUSE", "400", "ALL")  # the reply comes after the shutdown began
-        post_usage(gw, parsed, reservation, out, measured)
-        assert gw.detached
-    assert out.store == "ok"
+        assert post_usage(gw, parsed, reservation, out, measured)
+        assert gw.settling == 1
+    assert out.store == "ok" and gw.settling == 0
     client = await connect(redis_srv.url, timeout=2)
     (state,) = await Ledger(client).state(ScopeRef("principal", "alice"), budgets)
     assert (state.used, state.held) == (1, 0), "posted once, hold released"
@@ -95,7 +95,7 @@ async def test_a_settle_sent_after_the_answer_runs_before_any_later_script(redis
         gw = g.gw
         parsed, reservation, out, measured, budgets = await _one_request(g, "req-ordered")
         assert gw.ledger is not None and gw.ledger.pipelined_now()
-        post_usage(gw, parsed, reservation, out, measured)
+        assert post_usage(gw, parsed, reservation, out, measured)
         (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
         assert (state.used, state.held) == (1, 0)
     await r.aclose()
@@ -113,8 +113,8 @@ async def test_usage_the_ledger_cannot_post_leaves_the_hold_and_says_so(redis_sr
         assert gw.ledger is not None
         parsed, reservation, out, measured, budgets = await _one_request(g, "req-infinite", "tina")
         infinite = dataclasses.replace(measured.usage, output_tokens=float("inf"))
-        post_usage(gw, parsed, reservation, out, dataclasses.replace(measured, usage=infinite))
-        assert not gw.detached and out.store == "unsettled" and "cannot post" in out.reason
+        assert post_usage(gw, parsed, reservation, out, dataclasses.replace(measured, usage=infinite))
+        assert gw.settling == 0 and out.store == "unsettled" and "cannot post" in out.reason
         gen, req = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
         assert (gen.used, gen.held, req.used, req.held) == (0, 8, 0, 1)
     await r.aclose()
@@ -125,12 +125,17 @@ async def test_only_the_pipelined_client_settles_without_waiting(redis_srv) -> N
     for; so are the pipelined client's while its connection is not up."""
     from gateway.resp import hot_path_client
 
+    answers: list[BaseException | None] = []
+    nothing_held = Reservation("req-none", (), (), 0.0)
     plain = aioredis.from_url(redis_srv.url)
     assert not Ledger(plain).pipelined_now()
+    assert not Ledger(plain).post_settle(nothing_held, {}, answers.append)
     fast = hot_path_client(plain, redis_srv.url, timeout=2)
     ledger = Ledger(fast)
     assert not ledger.pipelined_now()  # no connection yet
+    assert not ledger.post_settle(nothing_held, {}, answers.append) and answers == []
     spec = BudgetSpec("principal:requests:1d", "requests", "1d", False, 10)
     await ledger.state(ScopeRef("principal", "nobody"), [spec])
     assert ledger.pipelined_now()
+    assert ledger.post_settle(nothing_held, {}, answers.append) and answers == [None]
     await fast.aclose()

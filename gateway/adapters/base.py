@@ -293,6 +293,8 @@ def nonneg(x: Any) -> int:
     """A usage figure as a non-negative int (providers send null, floats or strings on bad days). A figure
     beyond :data:`USAGE_CEILING` (``1e300``, ``"inf"``) counts as the ceiling: still charged as the
     overrun it is, but finite, so that the ledger can post it and the audit log can write it."""
+    if type(x) is int:  # the common case, first
+        return x if 0 < x <= USAGE_CEILING else (USAGE_CEILING if x > 0 else 0)
     if isinstance(x, bool) or x is None:
         return 0
     if isinstance(x, str):
