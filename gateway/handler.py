@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from . import upstream as up
 from .adapters import Adapter
@@ -437,9 +437,10 @@ def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | No
 
     The settle's scripts are queued on the ledger's pipelined connection by this call, before the answer
     is written, so every later script of this replica — the client's next request, an admin read — runs
-    after it in Redis. They are written in the same turn of the event loop as the answer, just after it,
-    in one write with the other scripts of that turn. The reply comes to :func:`_settled`, a callback (no
-    task, no coroutine); a shutdown waits for the replies still due (``gw.settling``).
+    after it in Redis. They leave in one write with the other scripts queued in the same turn of the event
+    loop, at the start of the next turn (usually just after the answer). The reply comes to
+    :func:`_settled`, a callback (no task, no coroutine); a shutdown waits for the replies still due
+    (``gw.settling``).
 
     Until the settle lands, the hold stands in for the request; under strict admission it is never less
     than what the request could use. A replica killed in between — during the upstream call, as always,
@@ -463,6 +464,9 @@ def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | No
         gw.settling -= 1
         _cannot_post(gw, out, exc)
         posted = True
+    except Exception:
+        gw.settling -= 1
+        raise
     else:
         if not posted:
             gw.settling -= 1
@@ -487,6 +491,12 @@ async def _settle_failed(gw: Gateway, reservation: Reservation, out: Outcome, ac
     does. If the request's audit record is written already, a second record of the same request id says
     where the usage went (``store``: ``spooled``, or ``unsettled`` when not even the spool took it); if not,
     that record will say it. Reports and reconcile count a request id once."""
+    if isinstance(error, NoScriptError) and gw.ledger is not None:
+        try:  # Redis lost the script (flushed, or a load refused at connect): an awaited settle loads it
+            await gw.ledger.settle(reservation, actual, report=False)
+            return
+        except STORE_ERRORS as exc:
+            error = exc
     await _spool_settle(gw, reservation, out, actual, error)
     if not out.recorded or gw.audit is None or out.config is None:
         return

@@ -280,7 +280,8 @@ class Ledger:
         self.lease_expiry: LeaseExpiry = lease_expiry
         self._clock = clock
         self._ttl = _num(record_ttl)
-        # registered once: EVALSHA, and SCRIPT LOAD only when a server answers NOSCRIPT
+        # registered once: EVALSHA; SCRIPT LOAD when a server answers NOSCRIPT (and, on the pipelined
+        # client, with every new connection)
         self._reserve = redis.register_script(_TEXTS["reserve"])
         self._settle = redis.register_script(_TEXTS["settle"])
         self._release = redis.register_script(_TEXTS["release"])
@@ -460,7 +461,7 @@ class Ledger:
         return int(sum(await pipe.execute()))
 
     async def prepare(self) -> None:
-        """Load the scripts now (e.g. at startup, to fail early); calls load them on demand anyway."""
+        """Load the scripts now (e.g. at startup, to fail early); awaited calls load them on demand anyway."""
         for script in (self._reserve, self._settle, self._release, self._state):
             script.sha = await self.redis.script_load(script.script)
 

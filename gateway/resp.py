@@ -197,12 +197,13 @@ class RespClient:
     def _queue(self, proto: _Protocol, args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue one command; its reply arrives in the returned future. (A plain function, not a coroutine:
         the hot path awaits the future directly, one coroutine frame less to create and resume.)"""
+        packed = hiredis.pack_command(tuple(args))  # first: a command that cannot be packed leaves no future
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((fut, time.monotonic()))
         # Commands issued in the same turn of the event loop leave in one write (one syscall): under
         # concurrency, many requests' scripts share a packet instead of each paying for its own.
-        self._outbox.append(hiredis.pack_command(tuple(args)))
+        self._outbox.append(packed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -241,7 +242,8 @@ class RespClient:
 
 
 class _Script:
-    """EVALSHA, loading the script on NOSCRIPT (a restarted or flushed Redis)."""
+    """EVALSHA; an awaited call loads the script on NOSCRIPT (a flushed Redis, or one whose load at
+    connect failed), :meth:`send` leaves that to its caller."""
 
     def __init__(self, client: RespClient, script: str):
         self.client = client
@@ -261,8 +263,9 @@ class _Script:
 
     def send(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> asyncio.Future[Any] | None:
         """Queue the script now and return the future of its reply, without a coroutine around it; None
-        (nothing sent) when the connection is not up. No NOSCRIPT retry: the scripts are loaded with
-        every new connection, so only a ``SCRIPT FLUSH`` since then makes one fail that way."""
+        (nothing sent) when the connection is not up. No NOSCRIPT retry here: the scripts are loaded with
+        every new connection, but a ``SCRIPT FLUSH`` since then, or a load refused at connect (a Redis
+        still loading its data), makes the reply ``NoScriptError``; an awaited call loads it again."""
         c = self.client
         proto = c._proto
         if proto is None or proto.transport is None or proto.transport.is_closing():

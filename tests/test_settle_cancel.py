@@ -139,3 +139,26 @@ async def test_only_the_pipelined_client_settles_without_waiting(redis_srv) -> N
     assert ledger.pipelined_now()
     assert ledger.post_settle(nothing_held, {}, answers.append) and answers == [None]
     await fast.aclose()
+
+
+async def test_a_posted_settle_that_meets_noscript_is_settled_again_not_spooled(redis_srv, tmp_path: Path) -> None:
+    """The scripts are loaded with each new connection, but Redis can lose them while the connection stays
+    up (SCRIPT FLUSH): a posted settle then meets NOSCRIPT, and is run again awaited (which loads the
+    script), not sent to the spool as if the store were away."""
+    r = aioredis.from_url(redis_srv.url)
+    await r.flushall()
+    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
+        gw = g.gw
+        assert gw.ledger is not None
+        parsed, reservation, out, measured, budgets = await _one_request(g, "req-noscript")
+        await r.script_flush()
+        assert post_usage(gw, parsed, reservation, out, measured)
+        for _ in range(100):
+            if gw.settling == 0 and not gw.detached:
+                break
+            await asyncio.sleep(0.02)
+        assert out.store == "ok" and gw.settling == 0 and not gw.detached
+        (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
+        assert (state.used, state.held) == (1, 0)
+        assert gw.spool is not None and gw.spool.depth()[0] == 0
+    await r.aclose()
