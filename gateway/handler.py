@@ -449,7 +449,7 @@ def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | No
 
     What it saves: the settle's round trip to Redis on every JSON answer, about 0.2 ms at one connection
     (``bench/gateway_bench.py``). Writing the settle before the answer (its own write, or one more turn of
-    the loop) cost 6–7% of the throughput at 32 connections, a task per request 1% of the gateway's
+    the loop) cost about 4% of the throughput at 32 connections, a task per request 2.6% of the gateway's
     instructions; neither was kept.
     """
     if reservation is None or gw.ledger is None:
@@ -811,8 +811,8 @@ async def _settle_stream(gw: Gateway, parsed: ParsedRequest, reservation: Reserv
     usage: Usage = meter.usage()
     measured = measure(usage, parsed.model, parsed.bound)
     out.measured = measured
-    # Waited for, unlike a JSON answer's (post_usage): settling after a stream's last bytes cost 6% of the
-    # streaming throughput at 32 connections (bench/gateway_bench.py, side by side), for 0.2 ms on an
+    # Waited for, unlike a JSON answer's (post_usage): settling after a stream's last bytes cost about 3% of
+    # the streaming throughput at 32 connections (bench/gateway_bench.py, side by side), for 0.2 ms on an
     # answer that takes as long as its generation.
     await settle_to_the_end(gw, parsed, reservation, out, measured)
     out.status = 200
