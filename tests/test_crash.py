@@ -113,10 +113,12 @@ class GatewayProcess:
 
 def write_policy(path: Path, store_url: str, data_dir: Path, *, sim_url: str = "simulator",
                  replica: str = "replica-0", **changes: Any) -> Path:
-    """The test policy (tests/gatewayutil.py) with a small lease, big budgets and its own replica id."""
+    """The test policy (tests/gatewayutil.py) with a small lease, big budgets and its own replica id. The
+    budgets are rolling: a test that compares the ledger with the audit log must not see a fixed window
+    turn (at the top of an hour) between its requests and its reading."""
     pol = policy_dict(store_url, data_dir, tight={
-        "budgets": [{"metric": "generated_tokens", "window": "1d", "limit": 10_000_000},
-                    {"metric": "requests", "window": "1h", "limit": 1_000_000}]})
+        "budgets": [{"metric": "generated_tokens", "window": "1d", "limit": 10_000_000, "rolling": True},
+                    {"metric": "requests", "window": "1h", "limit": 1_000_000, "rolling": True}]})
     pol["store"].update(lease_grace_seconds=LEASE_GRACE)
     pol["upstreams"]["sim"].update(base_url=sim_url, total_timeout_seconds=TOTAL_TIMEOUT,
                                    read_timeout_seconds=TOTAL_TIMEOUT)

@@ -1,5 +1,7 @@
-"""A shutdown while a settle is in flight: the settle still lands, exactly once — whether the shutdown
-cancels the request waiting for it, or the request had answered and left its settle to a task."""
+"""Settles at the edges: a shutdown while one is in flight (it still lands, exactly once — whether the
+shutdown cancels the request waiting for it, or the request had answered and posted it), and a settle
+posted after the answer (its order against later scripts, NOSCRIPT, usage the ledger cannot post, which
+stores allow it at all)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import asyncio
 from pathlib import Path
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from gatewayutil import KEYS, make_config, running_gateway
 
@@ -16,6 +19,18 @@ from gateway.handler import Outcome, budget_amounts, budget_holds, post_usage, s
 from gateway.ledger import BudgetSpec, Ledger, Reservation, ScopeRef
 from gateway.metering import parse_request
 from gateway.store import connect
+
+
+@pytest.fixture
+async def running(redis_srv, tmp_path: Path):
+    """A gateway on an emptied Redis, and a client of that Redis for the test's own commands."""
+    r = aioredis.from_url(redis_srv.url)
+    await r.flushall()
+    try:
+        async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
+            yield g, r
+    finally:
+        await r.aclose()
 
 
 async def _one_request(g, rid: str, who: str = "alice"):
@@ -41,28 +56,25 @@ async def _one_request(g, rid: str, who: str = "alice"):
     return parsed, reservation, out, measured, list(holds[0].budgets)
 
 
-async def test_a_settle_cut_short_by_cancellation_still_posts_once(redis_srv, tmp_path: Path) -> None:
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
-        gw = g.gw
-        assert gw.ledger is not None
-        parsed, reservation, out, measured, budgets = await _one_request(g, "req-cancelled")
+async def test_a_settle_cut_short_by_cancellation_still_posts_once(running) -> None:
+    g, r = running
+    gw = g.gw
+    assert gw.ledger is not None
+    parsed, reservation, out, measured, budgets = await _one_request(g, "req-cancelled")
 
-        await r.execute_command("CLIENT", "PAUSE", "400", "ALL")  # the settle's script waits in Redis
-        task = asyncio.create_task(settle_to_the_end(gw, parsed, reservation, out, measured))
-        await asyncio.sleep(0.1)
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-        assert gw.detached, "the settle goes on in a task of its own"
-        await asyncio.wait_for(asyncio.gather(*gw.detached), 5)
+    await r.execute_command("CLIENT", "PAUSE", "400", "ALL")  # the settle's script waits in Redis
+    task = asyncio.create_task(settle_to_the_end(gw, parsed, reservation, out, measured))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    assert gw.detached, "the settle goes on in a task of its own"
+    await asyncio.wait_for(asyncio.gather(*gw.detached), 5)
 
-        (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
-        assert (state.used, state.held) == (1, 0), "posted once, hold released"
-    await r.aclose()
+    (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
+    assert (state.used, state.held) == (1, 0), "posted once, hold released"
 
 
 async def test_a_shutdown_waits_for_the_settles_sent_after_answers(redis_srv, tmp_path: Path) -> None:
@@ -86,38 +98,32 @@ async def test_a_shutdown_waits_for_the_settles_sent_after_answers(redis_srv, tm
     await r.aclose()
 
 
-async def test_a_settle_sent_after_the_answer_runs_before_any_later_script(redis_srv, tmp_path: Path) -> None:
+async def test_a_settle_sent_after_the_answer_runs_before_any_later_script(running) -> None:
     """post_usage queues the settle itself: a script called right after it, without the event loop turning
     in between (as a request arriving next would), finds the request settled, not still holding."""
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
-        gw = g.gw
-        parsed, reservation, out, measured, budgets = await _one_request(g, "req-ordered")
-        assert gw.ledger is not None and gw.ledger.pipelined_now()
-        assert post_usage(gw, parsed, reservation, out, measured)
-        (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
-        assert (state.used, state.held) == (1, 0)
-    await r.aclose()
+    g, _ = running
+    gw = g.gw
+    parsed, reservation, out, measured, budgets = await _one_request(g, "req-ordered")
+    assert gw.ledger is not None and gw.ledger.pipelined_now()
+    assert post_usage(gw, parsed, reservation, out, measured)
+    (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
+    assert (state.used, state.held) == (1, 0)
 
 
-async def test_usage_the_ledger_cannot_post_leaves_the_hold_and_says_so(redis_srv, tmp_path: Path) -> None:
+async def test_usage_the_ledger_cannot_post_leaves_the_hold_and_says_so(running) -> None:
     """Amounts the ledger refuses (not finite) must not turn an answered request into a 500: nothing is
     sent, the hold stays for its lease expiry to charge, and the request's record says why."""
     import dataclasses
 
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
-        gw = g.gw
-        assert gw.ledger is not None
-        parsed, reservation, out, measured, budgets = await _one_request(g, "req-infinite", "tina")
-        infinite = dataclasses.replace(measured.usage, output_tokens=float("inf"))
-        assert post_usage(gw, parsed, reservation, out, dataclasses.replace(measured, usage=infinite))
-        assert gw.settling == 0 and out.store == "unsettled" and "cannot post" in out.reason
-        gen, req = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
-        assert (gen.used, gen.held, req.used, req.held) == (0, 8, 0, 1)
-    await r.aclose()
+    g, _ = running
+    gw = g.gw
+    assert gw.ledger is not None
+    parsed, reservation, out, measured, budgets = await _one_request(g, "req-infinite", "tina")
+    infinite = dataclasses.replace(measured.usage, output_tokens=float("inf"))
+    assert post_usage(gw, parsed, reservation, out, dataclasses.replace(measured, usage=infinite))
+    assert gw.settling == 0 and out.store == "unsettled" and "cannot post" in out.reason
+    gen, req = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
+    assert (gen.used, gen.held, req.used, req.held) == (0, 8, 0, 1)
 
 
 async def test_only_the_pipelined_client_settles_without_waiting(redis_srv) -> None:
@@ -141,24 +147,21 @@ async def test_only_the_pipelined_client_settles_without_waiting(redis_srv) -> N
     await fast.aclose()
 
 
-async def test_a_posted_settle_that_meets_noscript_is_settled_again_not_spooled(redis_srv, tmp_path: Path) -> None:
+async def test_a_posted_settle_that_meets_noscript_is_settled_again_not_spooled(running) -> None:
     """The scripts are loaded with each new connection, but Redis can lose them while the connection stays
     up (SCRIPT FLUSH): a posted settle then meets NOSCRIPT, and is run again awaited (which loads the
     script), not sent to the spool as if the store were away."""
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
-        gw = g.gw
-        assert gw.ledger is not None
-        parsed, reservation, out, measured, budgets = await _one_request(g, "req-noscript")
-        await r.script_flush()
-        assert post_usage(gw, parsed, reservation, out, measured)
-        for _ in range(100):
-            if gw.settling == 0 and not gw.detached:
-                break
-            await asyncio.sleep(0.02)
-        assert out.store == "ok" and gw.settling == 0 and not gw.detached
-        (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
-        assert (state.used, state.held) == (1, 0)
-        assert gw.spool is not None and gw.spool.depth()[0] == 0
-    await r.aclose()
+    g, r = running
+    gw = g.gw
+    assert gw.ledger is not None
+    parsed, reservation, out, measured, budgets = await _one_request(g, "req-noscript")
+    await r.script_flush()
+    assert post_usage(gw, parsed, reservation, out, measured)
+    for _ in range(100):
+        if gw.settling == 0 and not gw.detached:
+            break
+        await asyncio.sleep(0.02)
+    assert out.store == "ok" and gw.settling == 0 and not gw.detached
+    (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
+    assert (state.used, state.held) == (1, 0)
+    assert gw.spool is not None and gw.spool.depth()[0] == 0
