@@ -430,7 +430,7 @@ async def _release(gw: Gateway, reservation: Reservation) -> None:
 
 
 def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
-          measured: Measured) -> bool:
+               measured: Measured) -> bool:
     """Settle a request that holds in Redis without making its answer wait for Redis's reply; False when
     that cannot keep the settle's order — redis-py (TLS, Sentinel, Cluster), a connection being reopened —
     or the usage went to the spool at admission: the caller then waits for :func:`settle_to_the_end`.
@@ -490,7 +490,7 @@ async def _settle_failed(gw: Gateway, reservation: Reservation, out: Outcome, ac
     """A settle posted after the answer failed: its usage goes to the spool, as a failed settle's always
     does. If the request's audit record is written already, a second record of the same request id says
     where the usage went (``store``: ``spooled``, or ``unsettled`` when not even the spool took it); if not,
-    that record will say it. Reports and reconcile count a request id once."""
+    that record will say it. Reports and reconcile count a request id's usage once."""
     if isinstance(error, NoScriptError) and gw.ledger is not None:
         try:  # Redis lost the script (flushed, or a load refused at connect): an awaited settle loads it
             await gw.ledger.settle(reservation, actual, report=False)
