@@ -38,6 +38,22 @@ def test_gateway_bench_runs_every_case(tmp_path: Path) -> None:
     assert "targets (2-core machine, one gateway process):" in proc.stdout
 
 
+@pytest.mark.slow
+def test_gateway_bench_compares_two_checkouts_taking_turns(tmp_path: Path) -> None:
+    """``--compare DIR``: a second gateway (here the same checkout) in the same alternation, with its rows
+    and its ratio beside the gateway's."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gateway_bench.py"), "--duration", "0.5", "--runs", "2",
+         "--connections", "1", "--load", "python", "--compare", str(ROOT), "--json-out", str(out)],
+        capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert {"baseline/json/c1", "baseline/stream/c1", "gateway/json/c1"} <= set(doc["results"])
+    assert {"baseline/json/c1", "baseline/stream/c1", "json/c1"} <= set(doc["ratios"])
+    assert f"baseline ({ROOT})" in proc.stdout
+
+
 def test_target_verdicts_judge_each_target() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     try:
