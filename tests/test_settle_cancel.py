@@ -33,11 +33,13 @@ async def running(redis_srv, tmp_path: Path):
         await r.aclose()
 
 
-async def _one_request(g, rid: str, who: str = "alice"):
-    """A request reserved by hand, as the handler would: (parsed, reservation, out, measured, budgets)."""
+async def _one_request(g, rid: str):
+    """A request of tina's reserved by hand, as the handler would: (parsed, reservation, out, measured, the
+    requests budget). Her budgets are on 1h and 1d windows: a check right after a settle is not at risk of
+    a window turning in between, as it would be for a 1m window every minute."""
     gw, cfg = g.gw, g.gw.config
     assert gw.directory is not None and gw.ledger is not None
-    principal = await gw.directory.by_key(KEYS[who])
+    principal = await gw.directory.by_key(KEYS["tina"])
     assert principal is not None
     tier = cfg.tiers[principal.tier]
     found = adapter_for_path("/v1/chat/completions")
@@ -53,7 +55,7 @@ async def _one_request(g, rid: str, who: str = "alice"):
          "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}, parsed.request)
     measured = measure(usage, parsed.model, parsed.bound)
     out.measured = measured
-    return parsed, reservation, out, measured, list(holds[0].budgets)
+    return parsed, reservation, out, measured, [b for b in holds[0].budgets if b.metric == "requests"]
 
 
 async def test_a_settle_cut_short_by_cancellation_still_posts_once(running) -> None:
@@ -73,7 +75,7 @@ async def test_a_settle_cut_short_by_cancellation_still_posts_once(running) -> N
     assert gw.detached, "the settle goes on in a task of its own"
     await asyncio.wait_for(asyncio.gather(*gw.detached), 5)
 
-    (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
+    (state,) = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
     assert (state.used, state.held) == (1, 0), "posted once, hold released"
 
 
@@ -90,7 +92,7 @@ async def test_a_shutdown_waits_for_the_settles_sent_after_answers(redis_srv, tm
         assert gw.settling == 1
     assert out.store == "ok" and gw.settling == 0
     client = await connect(redis_srv.url, timeout=2)
-    (state,) = await Ledger(client).state(ScopeRef("principal", "alice"), budgets)
+    (state,) = await Ledger(client).state(ScopeRef("principal", "tina"), budgets)
     assert (state.used, state.held) == (1, 0), "posted once, hold released"
     assert not list((tmp_path / "data" / "spool").glob("*.jsonl")) or all(
         f.stat().st_size == 0 for f in (tmp_path / "data" / "spool").glob("*.jsonl"))
@@ -106,7 +108,7 @@ async def test_a_settle_sent_after_the_answer_runs_before_any_later_script(runni
     parsed, reservation, out, measured, budgets = await _one_request(g, "req-ordered")
     assert gw.ledger is not None and gw.ledger.pipelined_now()
     assert post_usage(gw, parsed, reservation, out, measured)
-    (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
+    (state,) = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
     assert (state.used, state.held) == (1, 0)
 
 
@@ -118,7 +120,8 @@ async def test_usage_the_ledger_cannot_post_leaves_the_hold_and_says_so(running)
     g, _ = running
     gw = g.gw
     assert gw.ledger is not None
-    parsed, reservation, out, measured, budgets = await _one_request(g, "req-infinite", "tina")
+    parsed, reservation, out, measured, _ = await _one_request(g, "req-infinite")
+    budgets = list(reservation.holds[0].budgets)  # generated_tokens, requests
     infinite = dataclasses.replace(measured.usage, output_tokens=float("inf"))
     assert post_usage(gw, parsed, reservation, out, dataclasses.replace(measured, usage=infinite))
     assert gw.settling == 0 and out.store == "unsettled" and "cannot post" in out.reason
@@ -162,6 +165,6 @@ async def test_a_posted_settle_that_meets_noscript_is_settled_again_not_spooled(
             break
         await asyncio.sleep(0.02)
     assert out.store == "ok" and gw.settling == 0 and not gw.detached
-    (state,) = await gw.ledger.state(ScopeRef("principal", "alice"), budgets)
+    (state,) = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
     assert (state.used, state.held) == (1, 0)
     assert gw.spool is not None and gw.spool.depth()[0] == 0
