@@ -456,21 +456,18 @@ def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | No
         return False
     actual = _actual(measured)
     t0 = time.perf_counter()
-    gw.settling += 1  # counted down by _settled
+    gw.settling += 1  # counted down by _settled when Redis answers, or below when nothing was sent
+    sent = False
     try:
-        posted = gw.ledger.post_settle(reservation, actual,
-                                       lambda error: _settled(gw, reservation, out, actual, error, t0))
-    except ValueError as exc:  # nothing was sent
-        gw.settling -= 1
-        _cannot_post(gw, out, exc)
-        posted = True
-    except Exception:
-        gw.settling -= 1
-        raise
-    else:
-        if not posted:
-            gw.settling -= 1
+        sent = gw.ledger.post_settle(reservation, actual,
+                                     lambda error: _settled(gw, reservation, out, actual, error, t0))
+        if not sent:
             return False
+    except ValueError as exc:
+        _cannot_post(gw, out, exc)
+    finally:
+        if not sent:
+            gw.settling -= 1
     _learn(gw, parsed, measured)
     return True
 
@@ -536,13 +533,10 @@ async def settle(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | 
     assert gw.ledger is not None
     t0 = time.perf_counter()
     try:
-        sent = gw.ledger.settle(reservation, actual, report=False)
+        await gw.ledger.settle(reservation, actual, report=False)
+        gw.metrics.store_latency("settle", time.perf_counter() - t0)
     except ValueError as exc:  # nothing was sent
         _cannot_post(gw, out, exc)
-        return
-    try:
-        await sent
-        gw.metrics.store_latency("settle", time.perf_counter() - t0)
     except STORE_ERRORS as exc:
         await _spool_settle(gw, reservation, out, actual, exc)
 
@@ -758,6 +752,7 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
         failure = UpstreamError(f"upstream {target.name!r} broke off the stream")
     except asyncio.CancelledError:
         resp.close()
+        # Not shielded: a second cancellation here reruns the settle in a task of its own (settle_to_the_end).
         await _settle_stream(gw, parsed, reservation, out, meter, t0, "client disconnected")
         raise
     except Exception:  # a bug of ours mid-stream: the client still gets an error event and the end

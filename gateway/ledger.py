@@ -54,7 +54,7 @@ import asyncio
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -331,24 +331,43 @@ class Ledger:
             expires_at = now + lease_seconds
         return Reservation(request_id, holds, tuple(replies), expires_at)
 
-    def settle(self, reservation: Reservation, actual: Mapping[str, float], *,
-               report: bool = True) -> Coroutine[Any, Any, SettleResult]:
-        """Post the actual usage (per metric; ``requests`` counts 1 unless given, other missing metrics 0);
-        await the result for the outcome.
+    async def settle(self, reservation: Reservation, actual: Mapping[str, float], *,
+                     report: bool = True) -> SettleResult:
+        """Post the actual usage (per metric; ``requests`` counts 1 unless given, other missing metrics 0).
 
         Idempotent per request id. Scopes are settled concurrently; if one fails the error is raised after
         the others finished, and calling settle again is safe. With ``report=False`` the result carries no
-        ``states`` (and so no ``over_limit``): Redis skips reading every budget back.
-
-        While :meth:`pipelined_now` is true, the scripts are queued by this call itself, ahead of any
-        script called after it, however late the result is awaited: a caller can answer its client first
-        and still have the next request of the same replica find this one settled. Bad amounts (negative,
-        not finite) raise ``ValueError`` here, before any scope is sent.
+        ``states`` (and so no ``over_limit``): Redis skips reading every budget back. Bad amounts (negative,
+        not finite) raise ``ValueError`` before any scope is sent. (:meth:`post_settle`: the same for a
+        caller that does not wait.)
         """
+        rid = reservation.request_id
         argvs, amounts = self._settle_argvs(reservation, actual, report)
         calls = [self._settle(keys=[self._base(hold.scope)], args=argv)
                  for hold, argv in zip(reservation.holds, argvs, strict=True)]
-        return self._settled(reservation, calls, amounts, report)
+        if len(calls) == 1:  # the common case: no task to create for a single scope
+            replies: list[Any] = [await calls[0]]
+        else:
+            replies = await asyncio.gather(*calls, return_exceptions=True)
+        for r in replies:
+            if isinstance(r, BaseException):
+                raise r
+        outcomes: list[tuple[ScopeRef, SettleOutcome]] = []
+        states: list[BudgetState] = []
+        beyond: list[tuple[ScopeRef, str, float]] = []
+        for hold, reply in zip(reservation.holds, replies, strict=True):
+            assert not isinstance(reply, BaseException)
+            outcome: Any = _text(reply[0])
+            outcomes.append((hold.scope, outcome))
+            if report:
+                states += _states(hold.scope, hold.budgets, reply)
+            if outcome != "applied":
+                continue
+            for b in hold.budgets:
+                excess = amounts[b.metric] - _hold_amount(hold, b, strict=False)
+                if excess > 0:
+                    beyond.append((hold.scope, b.label, excess))
+        return SettleResult(rid, tuple(outcomes), tuple(states), tuple(beyond))
 
     def post_settle(self, reservation: Reservation, actual: Mapping[str, float],
                     done: Callable[[BaseException | None], None]) -> bool:
@@ -403,33 +422,6 @@ class Ledger:
         called after it: on the pipelined client (:mod:`gateway.resp`, ``redis://`` and ``unix://``) while
         its connection is up. redis-py (TLS, Sentinel, Cluster) sends a script when it is awaited."""
         return bool(getattr(self.redis, "connected", False))
-
-    async def _settled(self, reservation: Reservation, calls: list[Awaitable[Any]], amounts: dict[str, float],
-                       report: bool) -> SettleResult:
-        rid = reservation.request_id
-        if len(calls) == 1:  # the common case: no task to create for a single scope
-            replies: list[Any] = [await calls[0]]
-        else:
-            replies = await asyncio.gather(*calls, return_exceptions=True)
-        for r in replies:
-            if isinstance(r, BaseException):
-                raise r
-        outcomes: list[tuple[ScopeRef, SettleOutcome]] = []
-        states: list[BudgetState] = []
-        beyond: list[tuple[ScopeRef, str, float]] = []
-        for hold, reply in zip(reservation.holds, replies, strict=True):
-            assert not isinstance(reply, BaseException)
-            outcome: Any = _text(reply[0])
-            outcomes.append((hold.scope, outcome))
-            if report:
-                states += _states(hold.scope, hold.budgets, reply)
-            if outcome != "applied":
-                continue
-            for b in hold.budgets:
-                excess = amounts[b.metric] - _hold_amount(hold, b, strict=False)
-                if excess > 0:
-                    beyond.append((hold.scope, b.label, excess))
-        return SettleResult(rid, tuple(outcomes), tuple(states), tuple(beyond))
 
     async def release(self, reservation: Reservation) -> None:
         """Void the request on every scope (idempotent; a later settle of it is a repeat)."""

@@ -101,8 +101,14 @@ class RespClient:
     @property
     def connected(self) -> bool:
         """A command issued now is queued at once (no connection to open first)."""
+        return self._live() is not None
+
+    def _live(self) -> _Protocol | None:
+        """The connection, if it is up and not closing."""
         proto = self._proto
-        return proto is not None and proto.transport is not None and not proto.transport.is_closing()
+        if proto is None or proto.transport is None or proto.transport.is_closing():
+            return None
+        return proto
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float) -> RespClient:
@@ -124,9 +130,9 @@ class RespClient:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._proto is not None and self._proto.transport is not None and \
-                    not self._proto.transport.is_closing():
-                return self._proto
+            live = self._live()
+            if live is not None:
+                return live
             if self._proto is not None:
                 # Closing, its connection_lost not yet run: fail what waits on it now. Once another
                 # connection is published, that connection_lost no longer would, and replies arriving on
@@ -213,15 +219,14 @@ class RespClient:
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._outbox = self._outbox, []
-        proto = self._proto
-        if not out or proto is None or proto.transport is None or proto.transport.is_closing():
+        proto = self._live()
+        if not out or proto is None:
             return  # connection_lost has failed (or will fail) the waiting futures
+        assert proto.transport is not None
         proto.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def execute_command(self, *args: Any) -> Any:
-        proto = self._proto
-        if proto is None or proto.transport is None or proto.transport.is_closing():
-            proto = await self._connect()
+        proto = self._live() or await self._connect()
         return await self._queue(proto, args)
 
     # ---------------------------------------------------------------------------------- redis-py shape
@@ -255,22 +260,19 @@ class _Script:
         call itself when the connection is up, not when the result is first awaited: scripts leave in the
         order they were called, which lets a caller send one now and collect its reply later."""
         cmd = ("EVALSHA", self.sha, len(keys), *keys, *args)
-        c = self.client
-        proto = c._proto
-        if proto is not None and proto.transport is not None and not proto.transport.is_closing():
-            return self._reply(c._queue(proto, cmd), cmd)  # connected: the common case
-        return self._reply(None, cmd)  # not connected: queued when awaited, once a connection is open
+        proto = self.client._live()
+        # connected (the common case): queued now; else queued when awaited, once a connection is open
+        return self._reply(self.client._queue(proto, cmd) if proto is not None else None, cmd)
 
     def send(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> asyncio.Future[Any] | None:
         """Queue the script now and return the future of its reply, without a coroutine around it; None
         (nothing sent) when the connection is not up. No NOSCRIPT retry here: the scripts are loaded with
         every new connection, but a ``SCRIPT FLUSH`` since then, or a load refused at connect (a Redis
         still loading its data), makes the reply ``NoScriptError``; an awaited call loads it again."""
-        c = self.client
-        proto = c._proto
-        if proto is None or proto.transport is None or proto.transport.is_closing():
+        proto = self.client._live()
+        if proto is None:
             return None
-        return c._queue(proto, ("EVALSHA", self.sha, len(keys), *keys, *args))
+        return self.client._queue(proto, ("EVALSHA", self.sha, len(keys), *keys, *args))
 
     async def _reply(self, queued: asyncio.Future[Any] | None, cmd: tuple[Any, ...]) -> Any:
         try:
