@@ -3,7 +3,7 @@
 Principals, keys (a created key is shown once), tier assignment, per-principal budget overrides, grants,
 usage and remaining budget, the policy version and reload. Every change is an audit record
 (``decision: admin``). The token comes from the environment variable named by ``server.admin_token_env``;
-without it the admin API refuses everything.
+without it the admin API refuses everything. The listener also serves ``GET /metrics``, without the token.
 """
 
 from __future__ import annotations
@@ -87,7 +87,11 @@ async def admin_record(gw: Gateway, action: str, actor: str, **details: Any) -> 
 
 # ------------------------------------------------------------------------------------------------ app
 def create_admin_app(parent: web.Application, config_path: object = None) -> web.Application:
-    app = web.Application(middlewares=[_auth_and_errors], client_max_size=1 << 20)
+    # The listener is private, so aiohttp's keep-alive timer is its bound on slow or idle connections (not the
+    # hour aiohttp defaults to); the client listener's finer header timeout is client_limits.GatewayRunner's.
+    keepalive = parent[GATEWAY].config.server.keepalive_timeout_seconds if GATEWAY in parent else 75.0
+    app = web.Application(middlewares=[_auth_and_errors], client_max_size=1 << 20,
+                          handler_args={"keepalive_timeout": keepalive})
     app[PARENT] = parent
     app[CONFIG_PATH] = config_path
     r = app.router
@@ -104,6 +108,7 @@ def create_admin_app(parent: web.Application, config_path: object = None) -> web
     r.add_get("/admin/usage/{principal}", usage)
     r.add_get("/admin/policy", policy)
     r.add_post("/admin/reload", reload)
+    r.add_get("/metrics", metrics)
     return app
 
 
@@ -128,6 +133,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
 @web.middleware
 async def _auth_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     gw = request.app[PARENT][GATEWAY]
+    if request.path == "/metrics":  # for the scraper, without the admin token (see metrics)
+        return await handler(request)
     try:
         token = os.environ.get(gw.config.server.admin_token_env, "")
         given = request.headers.get("Authorization", "")
@@ -328,6 +335,16 @@ async def principal_usage(gw: Gateway, principal_id: str) -> dict[str, Any]:
 async def usage(request: web.Request) -> web.Response:
     gw = _gw(request)
     return _json(await principal_usage(gw, _check_id(request.match_info["principal"], "principal")))
+
+
+# ------------------------------------------------------------------------------------------- metrics
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus exposition, here by default rather than on the client listener (its
+    labels name tiers, budgets and models). It needs no admin token: a scraper should not hold one, and
+    the admin listener is reachable only from the operator's network (deploy/kubernetes/networkpolicy.yaml)."""
+    from .app import render_metrics
+
+    return render_metrics(_gw(request), request)
 
 
 # -------------------------------------------------------------------------------------------- policy

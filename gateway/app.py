@@ -42,7 +42,9 @@ def create_app(config: Config, *, store_url: str | None = None, replica: str | N
         gw.replica = replica or config.server.replica_id or gw.replica
     gw.store_url = store_url or os.environ.get("KGATE_STORE_URL") or config.store.url
     gw.metrics.set_policy(config)
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    # The idle keep-alive timeout here reaches any runner; the header timeout needs client_limits.GatewayRunner.
+    app = web.Application(client_max_size=config.server.max_body_bytes,
+                          handler_args={"keepalive_timeout": config.server.keepalive_timeout_seconds})
     app[GATEWAY] = gw
     app[_AUDIT_DIR] = audit_dir or config.audit.dir
     app[_SIM_OPTS] = simulator_options
@@ -308,7 +310,18 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    """``/metrics`` on the client listener, only with ``server.metrics_on_client_port: true``: its labels name
+    the policy's tiers, budgets and models, which are the operator's business (the admin listener serves it)."""
     gw = request.app[GATEWAY]
+    if not gw.config.server.metrics_on_client_port:
+        return _error(request, NotFound(f"unknown path {request.path[:200]!r}"))
+    return render_metrics(gw, request)
+
+
+def render_metrics(gw: Gateway, request: web.Request) -> web.Response:
+    """The Prometheus exposition of ``gw``'s metrics, in the format the request's Accept header asks for."""
+    if gw.audit is not None:  # the audit counters as of this scrape, not of the last gauge refresh
+        gw.metrics.set_audit_totals(gw.audit.records_written, gw.audit.write_errors)
     body, content_type = gw.metrics.render(request.headers.get("Accept"))
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = content_type
@@ -332,7 +345,11 @@ async def fallback(request: web.Request) -> web.Response:
     A catch-all route rather than a middleware: a middleware would cost every proxied request.
     """
     path = "/" + request.match_info.get("tail", "")  # relative to this app, also when mounted under a prefix
-    if adapter_for_path(path) is not None or path in _GET_PATHS:
+    # An encoded slash ('/v1/chat%2Fcompletions') is part of a segment, never a separator: that path is not a
+    # route of ours whatever it decodes to, so it is a 404, not a 405 for the route it resembles.
+    known = adapter_for_path(path) is not None or (path in _GET_PATHS and (
+        path != "/metrics" or request.app[GATEWAY].config.server.metrics_on_client_port))
+    if known and "%2f" not in request.rel_url.raw_path.lower():
         return _error(request, MethodNotAllowed(f"method {request.method} is not allowed on {request.path[:200]!r}"))
     return _error(request, NotFound(f"unknown path {request.path[:200]!r}"))
 

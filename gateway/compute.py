@@ -9,6 +9,11 @@ N active parameters, V_ref the model's reference answer length.
 - Admission: C per-sample output cap, R_budget per-sample reasoning bound; K_max = S·(1 + R_budget/V_ref),
   generated ≤ S·C. Every provider kgate speaks counts reasoning inside the output cap (Gemini in
   practice too), so R_budget ≤ C.
+- Only limits a provider enforces bound anything: the output cap C (which kgate writes into every forwarded
+  request) and Anthropic's ``thinking.budget_tokens``. What a request *claims* about reasoning — thinking
+  switched off, Gemini's ``thinkingBudget`` (a guide the model may overshoot), an effort — lowers the
+  expected amount (``admission: expected``), never the bound: a provider or chat template that ignores
+  the claim can still spend up to C on reasoning.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from typing import Any, Literal
 
 from .config import EFFORT_ORDER, ModelConfig, TierConfig
 
-UsageSource = Literal["upstream", "counted", "estimated"]
+# upstream: the provider reported it; counted: kgate counted streamed tokens; estimated: from returned text;
+# bound: the provider's usage never came where hidden reasoning could hide, so the request is charged its
+# admission bound (a tier's ``on_missing_usage: bound``, the default).
+UsageSource = Literal["upstream", "counted", "estimated", "bound"]
 
 
 @dataclass(frozen=True)
@@ -137,14 +145,30 @@ def output_cap(req: ComputeRequest, model: ModelConfig) -> int:
     return max(0, min(cap, model.max_output_tokens))
 
 
+# APIs whose explicit thinking budget the provider enforces as a hard limit. Gemini's ``thinkingBudget`` is
+# documented as a guide the model may over- or undershoot: only ``maxOutputTokens`` bounds its thoughts.
+HARD_THINKING_BUDGET_APIS = frozenset({"anthropic.messages"})
+
+
+def hard_thinking_budget(req: ComputeRequest) -> int | None:
+    """The request's thinking budget where the provider enforces it (None: no such limit)."""
+    b = req.thinking_budget
+    if b is not None and b > 0 and req.api in HARD_THINKING_BUDGET_APIS:
+        return b
+    return None
+
+
 def reasoning_budget(req: ComputeRequest, model: ModelConfig, cap: int | None = None) -> int:
-    """R_budget: the hard per-sample reasoning bound (0 for a model without reasoning)."""
-    if not model.reasoning or req.thinking_disabled:
+    """R_budget: the hard per-sample reasoning bound (0 for a model without reasoning).
+
+    ``thinking_disabled`` is a claim, not a limit (a provider or chat template may ignore it): it does not
+    lower the bound.
+    """
+    if not model.reasoning:
         return 0
     c = output_cap(req, model) if cap is None else cap
-    if req.thinking_budget is not None and req.thinking_budget >= 0:
-        return min(req.thinking_budget, c)
-    return c
+    hard = hard_thinking_budget(req)
+    return c if hard is None else min(hard, c)
 
 
 def k_max(model: ModelConfig, samples: int, r_budget: int) -> float:
@@ -170,6 +194,21 @@ def admission_bound(req: ComputeRequest, model: ModelConfig) -> Bound:
     )
 
 
+def usage_at_bound(bound: Bound, seen: Usage | None = None) -> Usage:
+    """What a request is charged when its usage cannot be known: everything its bound allowed — every
+    sample to its cap, as much of it reasoning as the bound allows — and never less than was seen."""
+    reasoning = bound.reasoning_tokens_max
+    generated = bound.generated_tokens_max
+    prompt = bound.prompt_tokens
+    if seen is not None:
+        prompt = max(prompt, seen.prompt_tokens)
+        generated = max(generated, seen.generated_tokens)
+        reasoning = max(reasoning, seen.reasoning_tokens)
+    reasoning = min(reasoning, generated)
+    return Usage(samples=bound.samples, prompt_tokens=prompt, reasoning_tokens=reasoning,
+                 output_tokens=generated - reasoning, source="bound")
+
+
 def expected_generated(req: ComputeRequest, model: ModelConfig, bound: Bound,
                        recent_mean: float | None = None) -> float:
     """Expected generated tokens for ``admission: expected``: never more than the bound.
@@ -180,6 +219,8 @@ def expected_generated(req: ComputeRequest, model: ModelConfig, bound: Bound,
     if recent_mean is not None and recent_mean > 0:
         return min(float(bound.generated_tokens_max), recent_mean)
     per_sample = float(min(bound.output_cap, model.reference_output_tokens))
+    if req.thinking_disabled:  # the claim lowers what is expected, never the bound
+        return min(float(bound.generated_tokens_max), per_sample * bound.samples)
     if model.reasoning and bound.reasoning_budget > 0:
         table = model.reasoning_effort_tokens
         effort = req.effort or "medium"
@@ -203,6 +244,13 @@ def measure(usage: Usage, model: ModelConfig, bound: Bound | None = None) -> Mea
             reasons.append(f"generated {usage.generated_tokens} > {bound.generated_tokens_max}")
         if usage.reasoning_tokens > bound.reasoning_tokens_max:
             reasons.append(f"reasoning {usage.reasoning_tokens} > {bound.reasoning_tokens_max}")
+        if f > bound.flops_max * (1 + 1e-9):
+            # Usually the prompt: the estimate before the request (body bytes / 3) cannot see context the
+            # provider holds (a previous response, a cached context, a file by id or URL).
+            why = f"flops {f:.4g} > flops_max {bound.flops_max:.4g}"
+            if usage.prompt_tokens > bound.prompt_tokens:
+                why += f" (prompt {usage.prompt_tokens} > estimated {bound.prompt_tokens})"
+            reasons.append(why)
     return Measured(usage=usage, k=k, flops=f, overrun=bool(reasons), overrun_reasons=tuple(reasons))
 
 
@@ -294,15 +342,17 @@ def clamp_target(req: ComputeRequest, model: ModelConfig, tier: TierConfig) -> C
     new_rb = max(math.floor(rb_limit + 1e-9), 0)
     thinking_budget: int | None = None
     if new_rb < rb:
-        if req.thinking_budget is not None and req.thinking_budget >= 0 and req.thinking_budget <= c:
+        hard = hard_thinking_budget(req)
+        if hard is not None and hard <= c:
             # An explicit budget binds: lower it, keep the cap above it for the answer.
             thinking_budget = new_rb
-            if c > new_rb and req.thinking_budget >= c:
+            if c > new_rb and hard >= c:
                 c = new_rb
         else:
-            # The output cap is the reasoning bound: lowering it lowers both.
+            # The output cap is the reasoning bound: lowering it lowers both (a soft budget the client sent
+            # is lowered with it, so that it stays below the cap).
             c = new_rb
-            thinking_budget = None if req.thinking_budget is None else new_rb
+            thinking_budget = None if req.thinking_budget is None or req.thinking_budget <= 0 else new_rb
     if tier.max_flops is not None:
         p = req.prompt_tokens
         if flops(model, p, 0, s) > tier.max_flops:

@@ -42,15 +42,45 @@ class ServerConfig(Strict):
     admin_token_env: str = "KGATE_ADMIN_TOKEN"
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     body_timeout_seconds: PositiveFloat = 30.0  # a client that trickles its body longer gets a 408
+    # A connection must deliver a complete request head within this many seconds of its first byte (a
+    # client trickling its headers is closed); between requests an idle connection is kept this long.
+    header_timeout_seconds: PositiveFloat = 10.0
+    keepalive_timeout_seconds: PositiveFloat = 75.0  # above the 60 s idle timeout of common load balancers
+    # The identity header is believed only from a peer inside one of these networks (CIDRs; ``unix`` for a
+    # Unix-socket peer); required with it. From anyone else the header is refused (401), never ignored.
     trusted_identity_header: str | None = None
+    trusted_identity_sources: tuple[str, ...] = ()
+    metrics_on_client_port: bool = False  # /metrics is on the admin listener; true also serves it on the client one
     replica_id: str | None = None
     drain_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # A client that stops reading a response: a write that cannot proceed for this long ends the exchange
+    # (the request is then treated as a client disconnect: charged what the upstream generated).
+    write_timeout_seconds: PositiveFloat = 30.0
 
     @field_validator("listen", "admin_listen")
     @classmethod
     def _host_port(cls, v: str) -> str:
         parse_listen(v)
         return v
+
+    @field_validator("trusted_identity_sources")
+    @classmethod
+    def _sources(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for source in v:
+            if source != "unix":
+                try:
+                    ipaddress.ip_network(source, strict=False)
+                except ValueError:
+                    raise ValueError(f"{source!r} is neither a CIDR (10.0.0.0/8, 10.1.2.3, fd00::/8) "
+                                     "nor 'unix'") from None
+        return v
+
+    @model_validator(mode="after")
+    def _trusted_header_needs_sources(self) -> ServerConfig:
+        if self.trusted_identity_header and not self.trusted_identity_sources:
+            raise ValueError("trusted_identity_header needs trusted_identity_sources: the networks (CIDRs) "
+                             "of the proxies allowed to set it; from anyone else it would name any principal")
+        return self
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -104,6 +134,12 @@ class UpstreamConfig(Strict):
     read_timeout_seconds: PositiveFloat = 300.0
     total_timeout_seconds: PositiveFloat = 600.0
     headers: dict[str, str] = Field(default_factory=dict)
+    # The largest JSON answer kgate buffers (a larger one is a 502 ``upstream_too_large``); streams pass through.
+    max_response_bytes: PositiveInt = 64 * 1024 * 1024
+    # After a client leaves mid-stream, kgate keeps reading the upstream until its usage arrives (so that
+    # hidden reasoning is charged), for at most this long and this many bytes; then the bound is charged.
+    disconnect_drain_seconds: Annotated[float, Field(ge=0)] = 60.0
+    disconnect_drain_bytes: NonNegInt = 16 * 1024 * 1024
 
     @field_validator("base_url")
     @classmethod
@@ -130,6 +166,9 @@ class ModelConfig(Strict):
     shared_prefill: bool = True
     evaluated_max_k: PositiveFloat | None = None
     training_flops: PositiveFloat | None = None
+    # Prompt tokens added to the estimate per reference to context the provider holds (a previous
+    # response, a cached content, a file id, an image by URL): the body's size says nothing of them.
+    provider_context_prompt_tokens: NonNegInt = 0
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -177,6 +216,17 @@ class TierConfig(Strict):
     admission: Literal["strict", "expected"] = "strict"
     on_store_error: Literal["deny", "allow"] = "deny"
     mode: Literal["enforce", "shadow"] = "enforce"
+    # Request fields, query parameters and provider headers outside each API's known set
+    # (gateway/adapters/fields.py) that this tier may send: e.g. [priority, lora_path, anthropic-beta].
+    allow_fields: list[str] = Field(default_factory=list)
+    # Any other unknown field: refused (400 naming it), or forwarded as is; shadow mode forwards and records.
+    unknown_fields: Literal["refuse", "forward"] = "refuse"
+    # Context the provider holds (previous_response_id, cachedContent, files by id, images by URL).
+    allow_provider_context: bool = True
+    # What a request costs when the provider's usage never arrives (a stream without usage, a client that
+    # left before it, a timeout after sending): ``bound`` charges the admission bound (the default: hidden
+    # reasoning cannot be seen in the text), ``counted`` the tokens kgate counted or estimated from text.
+    on_missing_usage: Literal["bound", "counted"] = "bound"
 
     @model_validator(mode="after")
     def _unique_budgets(self) -> TierConfig:

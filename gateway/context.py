@@ -38,7 +38,7 @@ class Gateway:
     simulator_url: str | None = None
     store_url: str | None = None
     # Recent mean generated tokens per sample, per model: what `admission: expected` holds.
-    model_means: dict[str, float] = field(default_factory=dict)
+    model_means: dict[tuple[str, str], float] = field(default_factory=dict)  # (principal, model) → mean
     draining: bool = False
     inflight: int = 0
     # The tasks of the API requests in flight: a drain that runs out of time cancels what is left.

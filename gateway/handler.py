@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -28,6 +29,8 @@ from redis.exceptions import NoScriptError, RedisError
 
 from . import upstream as up
 from .adapters import Adapter
+from .adapters.fields import check_fields
+from .client_limits import untrusted_peer
 from .compute import (
     Bound,
     Measured,
@@ -38,6 +41,7 @@ from .compute import (
     expected_generated,
     flops,
     measure,
+    usage_at_bound,
 )
 from .config import Config, TierConfig
 from .context import GATEWAY, Gateway
@@ -108,6 +112,7 @@ class Outcome:
     would_deny: bool = False
     store: str = "ok"  # ok | unmetered | spooled | unsettled (the settle failed and could not be spooled)
     upstream_seconds: float = 0.0
+    first_byte_seconds: float | None = None  # from sending upstream to the first byte of its answer
     config: Config | None = field(default=None, repr=False)  # the policy snapshot this request runs under
     recorded: bool = False  # the audit record is written (see record)
     released: bool = False  # the hold was voided (nothing generated)
@@ -172,6 +177,10 @@ async def _serve(request: web.Request, gw: Gateway, cfg: Config, adapter: Adapte
     tier_name, tier = await effective_tier(gw, cfg, principal, out)
     out.tier, out.mode = tier_name, tier.mode
     authorize_model(cfg, tier, parsed.model_name)
+    violation = check_fields(adapter.api, parsed.screen, tier, request.query_string,
+                             up.provider_headers(request.headers))
+    if violation is not None:  # shadow mode: forwarded all the same, recorded as what enforce would refuse
+        out.would_deny, out.rule, out.reason = True, violation.rule, violation.error.message
     parsed = enforce_caps(parsed, tier, out)
     out.bound = parsed.bound
     out.upstream = parsed.model.upstream
@@ -198,9 +207,19 @@ def _api_key(request: web.Request) -> str | None:
 
 
 async def identify(request: web.Request, gw: Gateway, cfg: Config) -> Principal:
-    """The caller: a trusted header (behind an authenticating proxy), else an API key."""
+    """The caller: a trusted header (behind an authenticating proxy), else an API key.
+
+    The header counts only from a peer inside ``server.trusted_identity_sources``; sent from anywhere else it
+    is refused (401 ``untrusted_identity_header``), never ignored: a caller who sends it expects to be
+    someone, and must learn that it is not believed rather than be served as the key's owner.
+    """
     assert gw.directory is not None
     header = cfg.server.trusted_identity_header
+    if header and header in request.headers:
+        peer = untrusted_peer(request, cfg.server.trusted_identity_sources)
+        if peer is not None:
+            raise Unauthenticated(f"the identity header {header!r} is accepted only from the gateway's trusted "
+                                  f"proxies, not from {peer}", code="untrusted_identity_header")
     try:
         if header and request.headers.get(header):
             principal = await gw.directory.by_id(request.headers[header].strip())
@@ -295,15 +314,21 @@ def enforce_caps(parsed: ParsedRequest, tier: TierConfig, out: Outcome) -> Parse
 
 
 # ---------------------------------------------------------------------------------------------- ledger
-def budget_amounts(parsed: ParsedRequest, tier: TierConfig, gw: Gateway) -> dict[str, float]:
-    """What to hold: the upper bound (strict) or the expected spend, never above the bound (expected)."""
+def budget_amounts(parsed: ParsedRequest, tier: TierConfig, gw: Gateway, principal_id: str = "") -> dict[str, float]:
+    """What to hold: the upper bound (strict) or the expected spend, never above the bound (expected).
+
+    The expected spend is learnt per principal and model (:func:`_learn`): learnt across principals, one
+    tenant's small requests would lower the holds of another's large ones."""
     b, m = parsed.bound, parsed.model
     if tier.admission == "strict":
         return {"requests": 1, "prompt_tokens": b.prompt_tokens, "output_tokens": b.output_tokens_max,
                 "reasoning_tokens": b.reasoning_tokens_max, "generated_tokens": b.generated_tokens_max,
                 "flops": b.flops_max, "k_units": b.k_max}
-    mean = gw.model_means.get(parsed.model_name)
-    g = expected_generated(parsed.request, m, b, mean * b.samples if mean else None)
+    mean = gw.model_means.get((principal_id, parsed.model_name))
+    # Never below a floor: a reference answer per sample (within the cap). A caller who sent many tiny
+    # requests must not get its holds driven to nothing before sending large ones.
+    floor = b.samples * min(b.output_cap, m.reference_output_tokens)
+    g = expected_generated(parsed.request, m, b, max(mean * b.samples, floor) if mean else None)
     return {"requests": 1, "prompt_tokens": b.prompt_tokens, "output_tokens": min(g, b.output_tokens_max),
             "reasoning_tokens": min(g, b.reasoning_tokens_max), "generated_tokens": g,
             "flops": flops(m, b.prompt_tokens, g, b.samples),
@@ -374,7 +399,7 @@ async def reserve(gw: Gateway, cfg: Config, tier: TierConfig, principal: Princip
     holds: list[HoldRequest] = []
     try:
         overrides = await gw.directory.overrides(principal.id)
-        holds = budget_holds(tier, principal, overrides, budget_amounts(parsed, tier, gw))
+        holds = budget_holds(tier, principal, overrides, budget_amounts(parsed, tier, gw, principal.id))
         reservation = await gw.ledger.reserve(out.request_id, holds, lease_seconds(gw, cfg, parsed))
         gw.metrics.store_latency("reserve", time.perf_counter() - t0)
         gw.store_ok = True
@@ -468,7 +493,7 @@ def post_usage(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | No
     finally:
         if not sent:
             gw.settling -= 1
-    _learn(gw, parsed, measured)
+    _learn(gw, parsed, measured, out)
     return True
 
 
@@ -521,7 +546,7 @@ async def settle(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | 
     ``again``: a rerun of a settle that was cut short (the model's running mean has this request already)."""
     actual = _actual(measured)
     if not again:
-        _learn(gw, parsed, measured)
+        _learn(gw, parsed, measured, out)
     if reservation is None:
         if out.store == "spooled" and gw.spool is not None and out.principal is not None and out.tier:
             tier = gw.config.tiers.get(out.tier)
@@ -576,13 +601,17 @@ def _actual(measured: Measured) -> dict[str, float]:
             "flops": measured.flops, "k_units": measured.k}
 
 
-def _learn(gw: Gateway, parsed: ParsedRequest, measured: Measured) -> None:
+def _learn(gw: Gateway, parsed: ParsedRequest, measured: Measured, out: Outcome) -> None:
     """The model's running mean of generated tokens per sample (what ``admission: expected`` holds)."""
     u = measured.usage
-    if u.samples > 0 and u.source == "upstream":
+    if u.samples > 0 and u.source == "upstream" and out.principal is not None:
         per_sample = u.generated_tokens / u.samples
-        prev = gw.model_means.get(parsed.model_name)
-        gw.model_means[parsed.model_name] = per_sample if prev is None else 0.9 * prev + 0.1 * per_sample
+        key = (out.principal.id, parsed.model_name)
+        means = gw.model_means
+        prev = means.get(key)
+        if prev is None and len(means) > 100_000:  # bounded: a mean is relearnt after a few requests
+            means.clear()
+        means[key] = per_sample if prev is None else 0.9 * prev + 0.1 * per_sample
 
 
 def _meta(out: Outcome) -> dict[str, Any]:
@@ -596,7 +625,11 @@ def _upstream_request(request: web.Request, gw: Gateway, parsed: ParsedRequest,
     assert gw.upstreams is not None
     target = gw.upstreams.get(parsed.model.upstream)
     upstream_model = parsed.model.upstream_model or parsed.model_name
-    body = parsed.body if out.clamped else dict(parsed.body)
+    body = dict(parsed.body)  # shallow: the adapters copy any nested object they change
+    # The cap the bound assumed goes upstream in every request; a client's larger cap is a real clamp.
+    clamps = parsed.adapter.write_bound(body, parsed.request, parsed.bound)
+    if clamps:
+        out.clamped = [*out.clamped, *clamps]
     client_wants_usage = parsed.adapter.prepare_upstream(body, upstream_model, out.stream)
     path = parsed.adapter.upstream_url_path(upstream_model, parsed.path_params, _query_without_key(request))
     headers = up.request_headers(target, parsed.adapter.shape, request.headers, out.request_id)
@@ -632,10 +665,13 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
     assert gw.session is not None
     target, path, payload, headers, _ = _upstream_request(request, gw, parsed, out)
     t0 = time.perf_counter()
-    resp = await _send(gw, target, path, payload, headers)
+    resp = await _send_charging(gw, parsed, reservation, out, target, path, payload, headers, t0)
+    out.first_byte_seconds = time.perf_counter() - t0
     try:
         data = await up.read_body(target, resp)
     except GatewayError as err:
+        if resp.status < 400:  # the upstream was answering: it did the work, its usage is lost with the body
+            await _charge_unanswered(gw, parsed, reservation, out, err, t0)
         raise _counted(gw, target.name, err) from None
     finally:
         resp.release()
@@ -648,7 +684,8 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
         await _charge_nothing(gw, reservation, out)
         raise _counted(gw, target.name, UpstreamError(f"upstream {target.name!r} sent a malformed response",
                                                       code="upstream_malformed")) from None
-    measured = measure(parsed.adapter.usage_from_json(doc, parsed.request), parsed.model, parsed.bound)
+    usage = _chargeable(gw, parsed, out, parsed.adapter.usage_from_json(doc, parsed.request))
+    measured = measure(usage, parsed.model, parsed.bound)
     out.measured = measured
     if not post_usage(gw, parsed, reservation, out, measured):
         await settle_to_the_end(gw, parsed, reservation, out, measured)
@@ -657,7 +694,7 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
     headers = {**up.response_headers(resp.headers), **_kgate_headers(out, reservation),
                "x-kgate-k": f"{measured.k:.6g}", "x-kgate-flops": f"{measured.flops:.6g}"}
     await record(gw, out)
-    return web.Response(status=resp.status, body=data, headers=headers)
+    return web.Response(status=resp.status, body=_public_model(parsed, data), headers=headers)
 
 
 async def _upstream_failure(gw: Gateway, reservation: Reservation | None, out: Outcome, status: int, data: bytes,
@@ -684,6 +721,50 @@ async def _upstream_failure(gw: Gateway, reservation: Reservation | None, out: O
     raise UpstreamError(f"upstream {out.upstream!r} answered {status}", code=f"upstream_{status}")
 
 
+async def _send_charging(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
+                         target: up.Target, path: str, payload: bytes, headers: Any, t0: float) -> up.Response:
+    """:func:`_send`; a timeout after the request left charges it as work done (the upstream may have
+    generated the whole answer, which the client then never saw): see :func:`_charge_unanswered`."""
+    try:
+        return await _send(gw, target, path, payload, headers)
+    except UpstreamTimeout as err:
+        if err.code != "upstream_connect_timeout":
+            await _charge_unanswered(gw, parsed, reservation, out, err, t0)
+        raise
+
+
+async def _charge_unanswered(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
+                             err: GatewayError, t0: float) -> None:
+    """The request reached the upstream but no usage came back (a timeout, a body cut or refused as too
+    large): a provider that finishes its work after kgate gave up still spent it. Charged by the tier's
+    ``on_missing_usage`` rule (by default the admission bound), audited with the reason."""
+    out.upstream_seconds = time.perf_counter() - t0
+    seen = Usage(samples=parsed.bound.samples, prompt_tokens=parsed.bound.prompt_tokens, reasoning_tokens=0,
+                 output_tokens=0, source="counted")
+    measured = measure(_chargeable(gw, parsed, out, seen), parsed.model, parsed.bound)
+    out.measured = measured
+    await settle_to_the_end(gw, parsed, reservation, out, measured)
+    out.reason = f"the upstream's usage never came; charged {_charge_note(measured)}"
+
+
+def _chargeable(gw: Gateway, parsed: ParsedRequest, out: Outcome, usage: Usage) -> Usage:
+    """The usage to charge: the provider's own, else what the tier's ``on_missing_usage`` says — by default
+    the admission bound, since hidden reasoning leaves no trace in what was streamed or returned."""
+    if usage.source == "upstream":
+        return usage
+    tier = out.config.tiers.get(out.tier) if out.config is not None and out.tier else None
+    if out.upstream:
+        gw.metrics.upstream_error(out.upstream, "no_usage")
+    if tier is None or tier.on_missing_usage == "bound":
+        return usage_at_bound(parsed.bound, usage)
+    return usage
+
+
+def _charge_note(measured: Measured) -> str:
+    return "the admission bound" if measured.usage.source == "bound" else \
+        f"{measured.usage.generated_tokens} generated tokens ({measured.usage.source})"
+
+
 async def _send(gw: Gateway, target: up.Target, path: str, payload: bytes, headers: Any) -> up.Response:
     assert gw.session is not None
     try:
@@ -700,6 +781,8 @@ def _counted(gw: Gateway, upstream: str, err: GatewayError) -> GatewayError:
         kind = "connect"
     elif err.code == "upstream_malformed":
         kind = "malformed"
+    elif err.code == "upstream_too_large":
+        kind = "too_large"  # over the upstream's max_response_bytes
     else:
         kind = "disconnect"  # reset, hung up, or a stream that ended before its final event
     gw.metrics.upstream_error(upstream, kind)
@@ -717,7 +800,7 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
     assert gw.session is not None
     target, path, payload, headers, wants_usage = _upstream_request(request, gw, parsed, out)
     t0 = time.perf_counter()
-    resp = await _send(gw, target, path, payload, headers)
+    resp = await _send_charging(gw, parsed, reservation, out, target, path, payload, headers, t0)
     if resp.status >= 400:
         try:
             data = await up.read_body(target, resp)
@@ -733,19 +816,27 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
         "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     failure: GatewayError | None = None
     client_gone = False
+    rename = _renamer(parsed)
+    write_timeout = out.config.server.write_timeout_seconds if out.config is not None else 30.0
     try:
-        if not await _write(response, request, None):
+        if not await _write(response, request, None, write_timeout):
             client_gone = True
         else:
             async for chunk in resp.iter_any():
+                if out.first_byte_seconds is None:
+                    out.first_byte_seconds = time.perf_counter() - t0
                 data = meter.feed(chunk)
-                if data and not await _write(response, request, data):
+                if data and not await _write(response, request, rename(data) if rename else data, write_timeout):
                     client_gone = True
                     break
             else:
                 tail = meter.close()
-                if tail and not await _write(response, request, tail):
+                if tail and not await _write(response, request, rename(tail) if rename else tail, write_timeout):
                     client_gone = True
+        if client_gone:
+            # Keep reading what the upstream generates until its usage arrives: what hidden reasoning the
+            # client no longer waits for was spent all the same (bounded; past the bound, the bound is charged).
+            await _drain(target, resp, meter)
     except HttpTimeout:
         failure = UpstreamTimeout(f"upstream {target.name!r} stalled mid-stream")
     except HttpBroken:
@@ -759,7 +850,7 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
         log.exception("internal error while streaming request %s", out.request_id)
         failure = InternalError("internal error while streaming; you are charged only what was generated")
     finally:
-        if client_gone or failure is not None:
+        if failure is not None or (client_gone and not meter.finished):
             resp.close()  # cancels the upstream generation: nothing more is spent for a gone client
         else:
             resp.release()
@@ -771,31 +862,102 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
         if isinstance(failure, (UpstreamError, UpstreamTimeout)):  # not a bug of ours
             _counted(gw, out.upstream or "", failure)
         if not client_gone:
-            try:
-                await response.write(render_stream_error(failure, parsed.adapter.api))
-            except ConnectionResetError:
-                pass
+            client_gone = not await _write(response, request, render_stream_error(failure, parsed.adapter.api),
+                                           write_timeout)
     if meter.error is not None:
         out.reason = out.reason or "upstream sent an error event"
     if not client_gone:
         await record(gw, out)
         try:
-            await response.write_eof()
-        except ConnectionResetError:
-            pass
+            async with asyncio.timeout(write_timeout):
+                await response.write_eof()
+        except (OSError, TimeoutError):
+            if request.transport is not None:
+                request.transport.abort()
     return response
 
 
-async def _write(response: web.StreamResponse, request: web.Request, data: bytes | None) -> bool:
-    """Send to the client (``None``: send the headers); False when the client has gone away."""
+def _renamer(parsed: ParsedRequest) -> Callable[[bytes], bytes] | None:
+    """A function that puts the model name the client asked for where the upstream wrote its own (the
+    ``model`` of OpenAI and Anthropic bodies and events, Gemini's ``modelVersion``); None when the two
+    names are the same. The upstream's name stays in the audit record (``upstream_model``)."""
+    upstream_model = parsed.model.upstream_model
+    if not upstream_model or upstream_model == parsed.model_name:
+        return None
+    key = (upstream_model, parsed.model_name)
+    fn = _RENAMERS.get(key)
+    if fn is None:
+        if len(_RENAMERS) > 1024:
+            _RENAMERS.clear()
+        fn = _RENAMERS[key] = _make_renamer(upstream_model, parsed.model_name)
+    return fn
+
+
+def _make_renamer(upstream_model: str, public_model: str) -> Callable[[bytes], bytes]:
+    needle = upstream_model.encode()
+    pattern = re.compile(rb'("(?:model|modelVersion)"\s*:\s*")' + re.escape(needle) + rb'"')
+    public = orjson.dumps(public_model)[1:-1].replace(b"\\", b"\\\\")  # JSON-escaped, then for re.sub
+    replacement = rb"\g<1>" + public + b'"'
+
+    def rename(data: bytes) -> bytes:
+        return pattern.sub(replacement, data) if needle in data else data
+
+    return rename
+
+
+_RENAMERS: dict[tuple[str, str], Callable[[bytes], bytes]] = {}
+
+
+def _public_model(parsed: ParsedRequest, data: bytes) -> bytes:
+    rename = _renamer(parsed)
+    return rename(data) if rename else data
+
+
+# Below this much unsent data a write cannot block on the client: no timer is needed (the common case).
+_WRITE_BUFFER_SAFE = 1 << 16
+
+
+async def _write(response: web.StreamResponse, request: web.Request, data: bytes | None,
+                 timeout: float = 30.0) -> bool:
+    """Send to the client (``None``: send the headers); False when the client has gone away, or has not
+    taken what was sent for ``timeout`` seconds (a client that stops reading must not pin the request:
+    its connection is dropped and the request is treated as a disconnect)."""
     try:
         if data is None:
             await response.prepare(request)
-        else:
+            return True
+        transport = request.transport
+        if transport is None:
+            return False
+        if transport.get_write_buffer_size() + len(data) <= _WRITE_BUFFER_SAFE:
             await response.write(data)
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await response.write(data)
+        except TimeoutError:
+            transport.abort()
+            return False
         return True
-    except ConnectionResetError:
+    except (ConnectionError, OSError):  # reset, broken pipe, or a transport that is closing
         return False
+
+
+async def _drain(target: up.Target, resp: up.Response, meter: Any) -> None:
+    """Read the rest of a stream whose client has gone, for its usage: until the stream's end, or the
+    upstream's ``disconnect_drain_seconds`` / ``disconnect_drain_bytes``, whichever comes first."""
+    limit, seconds = target.config.disconnect_drain_bytes, target.config.disconnect_drain_seconds
+    size = 0
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in resp.iter_any():
+                meter.feed(chunk)
+                size += len(chunk)
+                if meter.finished or size > limit:
+                    return
+            meter.close()
+    except (TimeoutError, HttpTimeout, HttpBroken):
+        pass  # the usage did not come: the tier's on_missing_usage rule charges the request
 
 
 async def _settle_stream(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
@@ -803,7 +965,7 @@ async def _settle_stream(gw: Gateway, parsed: ParsedRequest, reservation: Reserv
     if out.measured is not None:
         return
     out.upstream_seconds = time.perf_counter() - t0
-    usage: Usage = meter.usage()
+    usage: Usage = _chargeable(gw, parsed, out, meter.usage())
     measured = measure(usage, parsed.model, parsed.bound)
     out.measured = measured
     # Waited for, unlike a JSON answer's (post_usage): settling after a stream's last bytes cost about 3% of
@@ -816,6 +978,9 @@ async def _settle_stream(gw: Gateway, parsed: ParsedRequest, reservation: Reserv
         out.reason = problem or "stream ended without its final event"
     else:
         out.decision = _decision(out)
+    if usage.source != "upstream":
+        note = f"no usage from the upstream; charged {_charge_note(measured)}"
+        out.reason = f"{out.reason}; {note}" if out.reason else note
 
 
 def _decision(out: Outcome) -> str:
@@ -827,11 +992,14 @@ def _decision(out: Outcome) -> str:
 # ---------------------------------------------------------------------------------------- error & finish
 def _error_response(gw: Gateway, out: Outcome, err: GatewayError, shape: str) -> web.Response:
     out.status = err.status
-    out.reason = err.message
+    # A failure after the upstream did its work keeps the note on what it was charged (_charge_unanswered).
+    out.reason = f"{err.message}; {out.reason}" if out.measured is not None and out.reason else err.message
     out.rule = err.detail.get("rule", out.rule)
     out.decision = "denied" if err.status in (401, 403, 413, 429) or (
         err.status == 503 and isinstance(err, StoreUnavailable)) or isinstance(err, (BadRequest, NotFound)) \
         else "failed"
+    if out.measured is not None and out.decision == "failed":
+        out.decision = "partial"  # charged (the upstream did work the client never saw): metered in reports
     gw.metrics.observe_error(err)
     headers = {**err.headers, "x-kgate-request-id": out.request_id}
     return web.json_response(render(err, shape), status=err.status, headers=headers,  # type: ignore[arg-type]
@@ -848,7 +1016,7 @@ def _finish(gw: Gateway, cfg: Config, out: Outcome) -> None:
                                overhead_s=elapsed - out.upstream_seconds,
                                evaluated_max_k=evaluated, would_deny=out.would_deny, rule=out.rule)
     if out.upstream_seconds and out.upstream:
-        gw.metrics.upstream_latency(out.upstream, out.upstream_seconds)
+        gw.metrics.observe_upstream(out.upstream, out.upstream_seconds, first_byte_s=out.first_byte_seconds)
     if gw.audit is not None and not out.recorded:
         out.recorded = True
         gw.audit.write_nowait(audit_record(gw, cfg, out, elapsed))
@@ -866,6 +1034,11 @@ async def record(gw: Gateway, out: Outcome) -> None:
         log.exception("audit record of request %s could not be written", out.request_id)
 
 
+def _upstream_model(cfg: Config, model: str | None) -> str | None:
+    m = cfg.models.get(model) if model else None
+    return None if m is None else (m.upstream_model or model)
+
+
 def audit_record(gw: Gateway, cfg: Config, out: Outcome, elapsed: float) -> dict[str, Any]:
     p = out.principal
     return {
@@ -879,6 +1052,7 @@ def audit_record(gw: Gateway, cfg: Config, out: Outcome, elapsed: float) -> dict
         "grant": out.grant,
         "model": out.model if out.model in cfg.models else None,
         "upstream": out.upstream,
+        "upstream_model": _upstream_model(cfg, out.model),
         "api": out.api,
         "stream": out.stream,
         "bound": out.bound.as_dict() if out.bound else None,

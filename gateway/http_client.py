@@ -39,6 +39,14 @@ class HttpBroken(Exception):
 class HttpTimeout(Exception):
     """A connect, read or total timeout expired."""
 
+    def __init__(self, message: str, *, sent: bool = True):
+        super().__init__(message)
+        self.sent = sent  # the request had left: the upstream may be generating (False: connecting timed out)
+
+
+class HttpTooLarge(Exception):
+    """A response body larger than the reader's limit (raised before the rest of it is read)."""
+
 
 class Timeouts:
     __slots__ = ("connect", "read", "total")
@@ -126,15 +134,23 @@ class Response:
             else:
                 return
 
-    async def read(self) -> bytes:
-        """The whole body. Not a loop over :meth:`iter_any`: an async generator per response costs the event
-        loop's bookkeeping of async generators (a WeakSet entry) on every non-streaming request."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body, raising :class:`HttpTooLarge` as soon as it is known to exceed ``limit`` bytes (by
+        its Content-Length, or as it arrives): a buffered answer must not cost the gateway unbounded memory.
+        Not a loop over :meth:`iter_any`: an async generator per response costs the event loop's bookkeeping
+        of async generators (a WeakSet entry) on every non-streaming request."""
+        if limit is not None and int(self.headers.get("content-length") or 0) > limit:
+            raise HttpTooLarge(f"the answer is {self.headers['content-length']} bytes, over the limit of {limit}")
         parts: list[bytes] = []
+        size = 0
         while True:
             data = self._take()
             if data is None:
                 await self._wait()
             elif data:
+                size += len(data)
+                if limit is not None and size > limit:
+                    raise HttpTooLarge(f"the answer exceeds the limit of {limit} bytes")
                 parts.append(data)
             else:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -332,7 +348,7 @@ class _Pool:
                                        server_hostname=self.host if self.ssl else None),
                 timeouts.connect)
         except TimeoutError:
-            raise HttpTimeout(f"connecting to {self.host}:{self.port} timed out") from None
+            raise HttpTimeout(f"connecting to {self.host}:{self.port} timed out", sent=False) from None
         except OSError as exc:
             raise HttpBroken(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}",
                                  connect=True) from None

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from .adapters import Adapter, adapter_for_path
+from .adapters.fields import CLEAN, Screen, screen_body
 from .compute import Bound, ComputeRequest, Measured, admission_bound, estimate_prompt_tokens, measure
 from .config import Config, ModelConfig
 from .errors import BadRequest, NotFound
@@ -34,6 +35,7 @@ class ParsedRequest:
     model: ModelConfig
     request: ComputeRequest
     bound: Bound
+    screen: Screen = CLEAN  # unknown fields and provider-held context (the tier's field policy reads it)
 
 
 def resolve_path(path: str) -> tuple[Adapter, dict[str, str]]:
@@ -82,9 +84,13 @@ def parse_request(config: Config, adapter: Adapter, path_params: Mapping[str, st
     name = adapter.model_name(body, path_params)
     model = lookup_model(config, name)
     req = adapter.parse(body, path_params)
-    req = req.named(name, estimate_prompt_tokens(len(raw)))
+    screen = screen_body(adapter.api, body)
+    prompt = estimate_prompt_tokens(len(raw))
+    if screen.context:  # priced per reference: the body's size says nothing of what they hold
+        prompt += len(screen.context) * model.provider_context_prompt_tokens
+    req = req.named(name, prompt)
     return ParsedRequest(adapter=adapter, path_params=dict(path_params), body=body, model_name=name,
-                         model=model, request=req, bound=admission_bound(req, model))
+                         model=model, request=req, bound=admission_bound(req, model), screen=screen)
 
 
 def meter_response(parsed: ParsedRequest, raw: bytes) -> Measured:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .config import UpstreamConfig
 from .errors import UpstreamError, UpstreamTimeout
-from .http_client import HttpBroken, HttpClient, HttpTimeout, Response, Timeouts
+from .http_client import HttpBroken, HttpClient, HttpTimeout, HttpTooLarge, Response, Timeouts
 
 # Client headers that carry meaning for the provider and nothing about the caller's identity.
 FORWARD_REQUEST_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta", "accept")
@@ -55,11 +55,7 @@ class Upstreams:
 
 def request_headers(target: Target, api_shape: str, client: Mapping[str, str], request_id: str) -> dict[str, str]:
     """The headers sent upstream: content type, the upstream's own credentials, a few provider headers."""
-    h = {"content-type": "application/json", "x-request-id": request_id}
-    for name in FORWARD_REQUEST_HEADERS:
-        v = client.get(name)
-        if v is not None and _clean(v):
-            h[name] = v
+    h = {"content-type": "application/json", "x-request-id": request_id, **provider_headers(client)}
     if api_shape == "anthropic" and "anthropic-version" not in h:
         h["anthropic-version"] = "2023-06-01"
     if target.auth_value:
@@ -79,6 +75,17 @@ def request_headers(target: Target, api_shape: str, client: Mapping[str, str], r
     return h
 
 
+def provider_headers(client: Mapping[str, str]) -> dict[str, str]:
+    """The client's provider headers that travel upstream (beta flags among them: the tier's field policy,
+    gateway/adapters/fields.py, decides whether a request carrying them goes at all)."""
+    h = {}
+    for name in FORWARD_REQUEST_HEADERS:
+        v = client.get(name)
+        if v is not None and _clean(v):
+            h[name] = v
+    return h
+
+
 def _clean(value: str) -> bool:
     """A header value safe to forward: printable ASCII (so no CR, LF or NUL: no header injection; and no
     other control or non-ASCII bytes, which no provider header carries) of sane length."""
@@ -93,7 +100,10 @@ async def send(client: HttpClient, target: Target, path: str, body: bytes, heade
     """POST to the upstream; connection failures and timeouts become UpstreamError / UpstreamTimeout."""
     try:
         return await client.post(target.base_url, path, body, headers, target.timeout)
-    except HttpTimeout:
+    except HttpTimeout as exc:
+        if not exc.sent:
+            raise UpstreamTimeout(f"connecting to upstream {target.name!r} timed out",
+                                  code="upstream_connect_timeout") from None
         raise UpstreamTimeout(f"upstream {target.name!r} did not answer in time") from None
     except HttpBroken as exc:
         if exc.connect:
@@ -102,9 +112,14 @@ async def send(client: HttpClient, target: Target, path: str, body: bytes, heade
 
 
 async def read_body(target: Target, resp: Response) -> bytes:
-    """The whole response body; failures while reading it become UpstreamError / UpstreamTimeout."""
+    """The whole response body; failures while reading it become UpstreamError / UpstreamTimeout, and a body
+    over the upstream's ``max_response_bytes`` an UpstreamError ``upstream_too_large`` (the upstream did
+    the work: the caller charges it like any failure after sending)."""
     try:
-        return await resp.read()
+        return await resp.read(target.config.max_response_bytes)
+    except HttpTooLarge:
+        raise UpstreamError(f"upstream {target.name!r} sent an answer larger than its max_response_bytes "
+                            f"({target.config.max_response_bytes})", code="upstream_too_large") from None
     except HttpTimeout:
         raise UpstreamTimeout(f"upstream {target.name!r} timed out while sending its answer") from None
     except HttpBroken:

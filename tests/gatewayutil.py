@@ -17,6 +17,7 @@ import yaml
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.client_limits import GatewayRunner
 from gateway.config import Config, load_config
 from gateway.context import GATEWAY, Gateway
 
@@ -108,7 +109,7 @@ class RunningGateway:
 @contextlib.asynccontextmanager
 async def running_gateway(config: Config, **kw: Any) -> AsyncIterator[RunningGateway]:
     app = create_app(config, **kw)
-    runner = web.AppRunner(app, access_log=None)
+    runner = GatewayRunner(app, access_log=None)  # as `kgate serve` runs it (header timeout)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -151,3 +152,25 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, time
                 pass
             await asyncio.sleep(0.05)
     raise AssertionError(f"{url} never became ready")
+
+
+@contextlib.asynccontextmanager
+async def admin_listener(g: RunningGateway) -> AsyncIterator[str]:
+    """The admin app of ``g`` on its own loopback port, as ``kgate serve`` runs it; yields its URL."""
+    from gateway.admin import create_admin_app
+
+    runner = web.AppRunner(create_admin_app(g.app), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
+async def scrape(g: RunningGateway) -> str:
+    """``GET /metrics`` where kgate serves it by default: the admin listener (started for the call)."""
+    async with admin_listener(g) as url, aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        assert r.status == 200, r.status
+        return await r.text()

@@ -226,10 +226,11 @@ def test_usage_sglang_top_level_reasoning() -> None:
 
 def test_usage_vllm_reasoning_text_without_a_count_is_estimated_within_completion() -> None:
     body = load_json("vllm_chat_gptoss_reasoning.json")
-    text = body["choices"][0]["message"]["reasoning_content"]
+    content = body["choices"][0]["message"]["content"]
     u = A.usage_from_json(body, req())
     assert u.source == "upstream" and u.prompt_tokens == 77
-    assert u.reasoning_tokens == -(-len(text) // 4)
+    # the visible part is estimated from its text, reasoning is the remainder of the completion
+    assert u.output_tokens == -(-len(content) // 4)
     assert u.generated_tokens == 61  # the total stays the server's
 
 
@@ -259,7 +260,8 @@ def test_usage_odd_values() -> None:
     body = {"usage": {"prompt_tokens": 5, "completion_tokens": 10,
                       "completion_tokens_details": {"reasoning_tokens": 40}}}
     u = A.usage_from_json(body, req())
-    assert (u.reasoning_tokens, u.output_tokens) == (40, 0)  # never negative
+    # more reasoning than completion: it cannot be inside it, so it is beside it (xAI's convention)
+    assert (u.reasoning_tokens, u.output_tokens) == (40, 10)
 
 
 # ----------------------------------------------------------------------------------- stream meters

@@ -89,13 +89,26 @@ def test_bound_reasoning_uses_output_cap_without_budget():
 
 
 def test_bound_explicit_thinking_budget_wins_when_smaller():
-    b = admission_bound(ComputeRequest(api="x", model="m", output_cap=8000, thinking_budget=2000), REASONER)
+    req = ComputeRequest(api="anthropic.messages", model="m", output_cap=8000, thinking_budget=2000)
+    b = admission_bound(req, REASONER)
     assert b.reasoning_budget == 2000 and b.k_max == pytest.approx(3.0)
 
 
-def test_bound_thinking_disabled_is_zero():
-    b = admission_bound(ComputeRequest(api="x", model="m", output_cap=8000, thinking_disabled=True), REASONER)
-    assert b.reasoning_budget == 0 and b.k_max == 1.0
+@pytest.mark.parametrize("api", ["gemini", "openai.chat", "openai.responses"])
+def test_a_thinking_budget_the_provider_does_not_enforce_is_no_bound(api):
+    # Gemini's thinkingBudget is a guide the model may overshoot: only the output cap bounds its thoughts.
+    b = admission_bound(ComputeRequest(api=api, model="m", output_cap=8000, thinking_budget=2000), REASONER)
+    assert b.reasoning_budget == 8000 and b.k_max == pytest.approx(9.0)
+
+
+@pytest.mark.parametrize("api", ["anthropic.messages", "openai.chat", "gemini"])
+def test_thinking_disabled_is_a_claim_it_lowers_the_expected_amount_not_the_bound(api):
+    on = ComputeRequest(api=api, model="m", output_cap=8000)
+    off = ComputeRequest(api=api, model="m", output_cap=8000, thinking_disabled=True)
+    assert admission_bound(off, REASONER) == admission_bound(on, REASONER)
+    assert admission_bound(off, REASONER).reasoning_budget == 8000
+    b = admission_bound(off, REASONER)
+    assert expected_generated(off, REASONER, b) < expected_generated(on, REASONER, b)
 
 
 def test_bound_default_cap_is_model_max_and_request_cannot_exceed_it():
@@ -127,8 +140,9 @@ def request_and_usage(draw):
     cap = draw(st.one_of(st.none(), st.integers(0, 100_000)))
     budget = draw(st.one_of(st.none(), st.integers(0, 100_000)))
     disabled = draw(st.booleans())
-    req = ComputeRequest(api="x", model="m", samples=s, output_cap=cap, thinking_budget=budget,
-                         thinking_disabled=disabled)
+    api = draw(st.sampled_from(["anthropic.messages", "gemini", "openai.chat"]))
+    req = ComputeRequest(api=api, model="m", samples=s, output_cap=cap, thinking_budget=budget,
+                         thinking_disabled=disabled, prompt_tokens=10)
     b = admission_bound(req, m)
     # A usage consistent with the caps: per sample r_i ≤ R_budget and r_i + v_i ≤ C.
     r_total = v_total = 0
@@ -247,3 +261,15 @@ def test_a_usage_figure_is_read_as_a_non_negative_int_up_to_a_ceiling(reported, 
     from gateway.adapters.base import nonneg
 
     assert nonneg(reported) == taken and type(nonneg(reported)) is int
+
+
+def test_actual_flops_above_flops_max_is_an_overrun_even_when_tokens_fit():
+    # Provider-held context (a previous response, a cached context) makes the real prompt far larger than
+    # the estimate from the body's bytes: the tokens generated fit the bound, the FLOPs do not.
+    req = ComputeRequest(api="openai.responses", model="m", output_cap=100, prompt_tokens=50)
+    b = admission_bound(req, DENSE)
+    fits = measure(Usage(samples=1, prompt_tokens=50, reasoning_tokens=0, output_tokens=100), DENSE, b)
+    assert not fits.overrun
+    held = measure(Usage(samples=1, prompt_tokens=75_000, reasoning_tokens=0, output_tokens=100), DENSE, b)
+    assert held.overrun and any(r.startswith("flops") and "prompt 75000 > estimated 50" in r
+                                for r in held.overrun_reasons)

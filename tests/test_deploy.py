@@ -304,7 +304,9 @@ def test_deployment_probes_and_shutdown(container: dict[str, Any], policy: Confi
         assert get["path"] in routes, f"{probe} path {get['path']} is not a route of the app"
         assert get["port"] in ports or get["port"] in ports.values()
     ann = pod["metadata"]["annotations"]
-    assert int(ann["prometheus.io/port"]) == ports["http"] and ann["prometheus.io/path"] in routes
+    # /metrics is served on the admin listener (server.metrics_on_client_port is false by default)
+    assert int(ann["prometheus.io/port"]) == ports["admin"] and ann["prometheus.io/path"] == "/metrics"
+    assert not policy.server.metrics_on_client_port
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     grace = pod["spec"]["terminationGracePeriodSeconds"]

@@ -317,7 +317,7 @@ def _total(fams: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
 async def test_running_gateway_exports_what_it_did(tmp_path: Path) -> None:
     """Real Redis, real app and simulator: each kind of request shows up on GET /metrics."""
     import aiohttp
-    from gatewayutil import KEYS, make_config, running_gateway
+    from gatewayutil import KEYS, admin_listener, make_config, running_gateway
 
     from gateway.redis_server import RedisServer
 
@@ -338,7 +338,7 @@ async def test_running_gateway_exports_what_it_did(tmp_path: Path) -> None:
             assert await chat("carol", model="reasoner", n=4, reasoning_effort="high",
                               max_completion_tokens=8000) == 200                # clamped
             assert await chat("alice", model="client-invented-model", max_tokens=5) >= 400
-            async with s.get(g.url + "/metrics") as r:
+            async with admin_listener(g) as admin, s.get(admin + "/metrics") as r:  # not on the client port
                 assert r.status == 200
                 assert r.headers["Content-Type"].startswith("text/plain")
                 text = await r.text()

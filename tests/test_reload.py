@@ -92,9 +92,9 @@ async def test_a_changed_file_is_enforced_within_two_seconds(gw: Replica, tmp_pa
     assert status == 403 and "limit 2" in body["error"]["message"]
     _, policy = await gw.admin("GET", "/admin/policy")
     assert policy["policy_sha256"] == new
-    assert await metric(gw.url, "kgate_policy_reloads_total", result="success") == 1
-    assert await metric(gw.url, "kgate_policy_info", sha256=new) == 1
-    assert await metric(gw.url, "kgate_policy_info", sha256=old) == 0
+    assert await metric(gw.admin_url, "kgate_policy_reloads_total", result="success") == 1
+    assert await metric(gw.admin_url, "kgate_policy_info", sha256=new) == 1
+    assert await metric(gw.admin_url, "kgate_policy_info", sha256=old) == 0
 
     # every record carries the version in force: the reload itself, and the requests on either side
     await asyncio.sleep(0.1)
@@ -113,7 +113,7 @@ async def test_an_invalid_edit_keeps_the_old_policy(gw: Replica, tmp_path: Path,
 
     async def failures(n: int) -> None:
         async def reached() -> bool:
-            return await metric(gw.url, "kgate_policy_reloads_total", result="failure") >= n
+            return await metric(gw.admin_url, "kgate_policy_reloads_total", result="failure") >= n
 
         await until(reached, timeout=3.0)
         # The counter moves before the reload's audit record is written; let that finish before the next
@@ -132,8 +132,8 @@ async def test_an_invalid_edit_keeps_the_old_policy(gw: Replica, tmp_path: Path,
 
     assert await sha_on_readyz(gw) == old
     assert (await gw.chat(KEYS["alice"], n=3))[0] == 200  # the old policy is still enforced
-    assert await metric(gw.url, "kgate_policy_reloads_total", result="success") == 0
-    assert await metric(gw.url, "kgate_policy_info", sha256=old) == 1
+    assert await metric(gw.admin_url, "kgate_policy_reloads_total", result="success") == 0
+    assert await metric(gw.admin_url, "kgate_policy_info", sha256=old) == 1
     records = [x for x in audit_records(tmp_path / "data" / "audit") if x.get("reason") == "policy.reload"]
     assert [x["admin"]["ok"] for x in records] == [False, False, False]
     assert "max_sampels" in records[0]["admin"]["message"] and str(path) in records[0]["admin"]["message"]
@@ -293,8 +293,8 @@ async def test_reload_under_load_drops_no_request(redis_url: str, tmp_path: Path
         assert await sha_on_readyz(gw) == final
         assert not problems, problems[:5]
         assert statuses[200] > 50 and statuses[403] > 50, statuses
-        reloads = await metric(gw.url, "kgate_policy_reloads_total", result="success")
-        assert 4 <= reloads <= 5 and await metric(gw.url, "kgate_policy_reloads_total", result="failure") == 0
+        reloads = await metric(gw.admin_url, "kgate_policy_reloads_total", result="success")
+        assert 4 <= reloads <= 5 and await metric(gw.admin_url, "kgate_policy_reloads_total", result="failure") == 0
 
         # each answer is the one the policy in force when it arrived prescribes (its audit record says which)
         await asyncio.sleep(0.2)
@@ -392,7 +392,7 @@ async def test_sighup_reloads_a_running_kgate_serve(redis_url: str, tmp_path: Pa
         proc.send_signal(signal.SIGHUP)
 
         async def failed() -> bool:
-            return await metric(url, "kgate_policy_reloads_total", result="failure") == 1
+            return await metric(f"http://127.0.0.1:{admin}", "kgate_policy_reloads_total", result="failure") == 1
 
         await until(failed, timeout=3.0)
         assert proc.poll() is None and await sha() == new and await chat(3) == 200 and await chat(4) == 403

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from gatewayutil import KEYS, RunningGateway, make_config, running_gateway
+from gatewayutil import KEYS, RunningGateway, make_config, running_gateway, scrape
 
 from gateway.ledger import BudgetSpec, HoldRequest, Ledger, ScopeRef
 from gateway.redis_server import RedisServer
@@ -113,8 +113,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 async def metrics_text(g: RunningGateway) -> str:
-    async with aiohttp.ClientSession() as s, s.get(g.url + "/metrics") as r:
-        return await r.text()
+    return await scrape(g)  # /metrics is on the admin listener
 
 
 # ------------------------------------------------------------------------------------------------ deny

@@ -20,7 +20,7 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from gatewayutil import KEYS, RunningGateway, policy_dict, running_gateway
+from gatewayutil import KEYS, RunningGateway, policy_dict, running_gateway, scrape
 
 from gateway.config import load_config
 from gateway.ledger import BudgetSpec, ScopeRef
@@ -166,8 +166,7 @@ async def charged(g: RunningGateway, who: str = "tina") -> tuple[float, float, f
 
 
 async def upstream_errors(g: RunningGateway, upstream: str, kind: str) -> float:
-    async with aiohttp.ClientSession() as s, s.get(g.url + "/metrics") as r:
-        text = await r.text()
+    text = await scrape(g)  # /metrics is on the admin listener
     for line in text.splitlines():
         if line.startswith("kgate_upstream_errors_total{") and f'upstream="{upstream}"' in line \
                 and f'kind="{kind}"' in line:
@@ -243,7 +242,9 @@ async def test_no_answer_within_the_read_timeout_is_504(gw: RunningGateway, stre
     status, raw = await call(gw, GEMINI, GEMINI_BODY, "timeout")
     assert status == 504
     gemini_error(raw, 504, "DEADLINE_EXCEEDED")
-    assert await charged(gw) == (0, 0, 0)
+    # The requests had left: a provider that finishes after kgate gave up still did the work, so each is
+    # charged its bound (100 tokens; on_missing_usage: bound, the default).
+    assert await charged(gw) == (200, 0, 2)
 
 
 # ------------------------------------------------------------------------- something was generated
@@ -265,7 +266,7 @@ async def test_malformed_json_answer_is_502(gw: RunningGateway) -> None:
 
 @pytest.mark.parametrize(("path", "body"), [(CHAT, chat(True)), (MESSAGES, anthropic(True)),
                                             (GEMINI_STREAM, GEMINI_BODY)], ids=["openai", "anthropic", "gemini"])
-async def test_stream_cut_midway_ends_with_an_error_event_and_charges_what_was_streamed(
+async def test_stream_cut_midway_ends_with_an_error_event_and_charges_its_bound(
         gw: RunningGateway, path: str, body: dict[str, Any]) -> None:
     status, raw = await call(gw, path, body, "midstream,after=6")
     assert status == 200
@@ -278,19 +279,33 @@ async def test_stream_cut_midway_ends_with_an_error_event_and_charges_what_was_s
         assert all(data != b"[DONE]" for _, data in events)
     else:
         assert last["error"]["status"] == "UNAVAILABLE"
+    # The usage never came: what was streamed says nothing of what was generated unseen (on_missing_usage:
+    # bound, the default, charges the bound: 100 tokens). Gemini's chunks carry the provider's cumulative
+    # usage so far: the last one is charged.
+    used, held, requests = await charged(gw)
+    assert (0 < used < 100 if path == GEMINI_STREAM else used == 100) and held == 0 and requests == 1
+
+
+async def test_stream_cut_midway_charges_what_was_streamed_under_on_missing_usage_counted(
+        gw: RunningGateway) -> None:
+    tiers = gw.gw.config.tiers
+    tiers["tight"] = tiers["tight"].model_copy(update={"on_missing_usage": "counted"})
+    status, _ = await call(gw, CHAT, chat(True), "midstream,after=6")
+    assert status == 200
     used, held, requests = await charged(gw)
     assert 0 < used < 100 and held == 0 and requests == 1
 
 
-async def test_stream_cut_before_any_token_charges_no_tokens(gw: RunningGateway) -> None:
+async def test_stream_cut_before_any_token_charges_its_bound(gw: RunningGateway) -> None:
+    # Hidden reasoning comes before the first visible token: a cut there may follow all of it.
     status, raw = await call(gw, CHAT, chat(True), "midstream,after=0")
     assert status == 200
     assert "error" in sse_events(raw)[-1][1]
     used, held, _ = await charged(gw)
-    assert (used, held) == (0, 0)
+    assert (used, held) == (100, 0)
 
 
-async def test_tcp_reset_mid_stream_ends_with_an_error_event_and_charges_what_was_streamed(
+async def test_tcp_reset_mid_stream_ends_with_an_error_event_and_charges_its_bound(
         gw: RunningGateway) -> None:
     status, raw = await call(gw, CHAT, chat(True, model="rude"))
     assert status == 200
@@ -298,7 +313,7 @@ async def test_tcp_reset_mid_stream_ends_with_an_error_event_and_charges_what_wa
     assert [e["choices"][0]["delta"]["content"] for _, e in events[:3]] == [" word0", " word1", " word2"]
     assert events[-1][1]["error"]["type"] == "server_error"
     used, held, requests = await charged(gw)
-    assert 0 < used <= 10 and held == 0 and requests == 1
+    assert used == 100 and held == 0 and requests == 1
 
 
 async def test_stream_stalling_past_the_read_timeout_ends_with_a_timeout_event(gw: RunningGateway) -> None:

@@ -4,8 +4,10 @@ Compute lives in ``max_tokens`` (one sample, thinking included), ``thinking`` (a
 ``budget_tokens``, ``adaptive`` or ``disabled``) and ``output_config.effort`` (a soft signal).
 Usage: the prompt is ``input_tokens`` + ``cache_creation_input_tokens`` + ``cache_read_input_tokens``;
 ``output_tokens`` includes thinking, split out by ``output_tokens_details.thinking_tokens`` where the
-server sends it and estimated from the thinking text elsewhere. In a stream, ``message_delta.usage`` is
-cumulative: the last one wins.
+server sends it; elsewhere the visible part is estimated from the text and thinking is the remainder
+(returned thinking may be redacted or summarised). ``usage.iterations`` (compaction, server-side
+loops) adds the steps the top-level figures leave out. In a stream, ``message_delta.usage`` is
+cumulative: the last one wins; ``message_start`` gives only the input side.
 """
 
 from __future__ import annotations
@@ -14,9 +16,20 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..compute import ClampTarget, ComputeRequest, Usage
+from ..compute import Bound, ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest, Forbidden
-from .base import Adapter, SSEEvent, StreamMeter, json_size, nonneg, req_bool, req_int, req_obj, req_str
+from .base import (
+    Adapter,
+    SSEEvent,
+    StreamMeter,
+    json_size,
+    nonneg,
+    req_bool,
+    req_int,
+    req_obj,
+    req_str,
+    write_cap,
+)
 
 EFFORTS: tuple[str, ...] = ("low", "medium", "high", "xhigh", "max")
 THINKING_TYPES: tuple[str, ...] = ("enabled", "adaptive", "disabled")
@@ -89,8 +102,14 @@ class AnthropicMessages(Adapter):
             new = old if target.reasoning_budget is None else target.reasoning_budget
             new = min(new, max_tokens - 1)  # Anthropic: budget_tokens < max_tokens
             if new < MIN_THINKING_BUDGET:
-                # Below Anthropic's minimum the only smaller budget it accepts is none at all.
+                # Below Anthropic's minimum the only smaller budget it accepts is none at all. "Disabled" is a
+                # claim a model may ignore, not a bound: the cap comes down to the budget the tier allows.
                 body["thinking"] = {"type": "disabled"}
+                cap = max_tokens if target.reasoning_budget is None else max(target.reasoning_budget, 1)
+                if max_tokens > cap:
+                    body["max_tokens"] = cap
+                    changes = [c for c in changes if not c.startswith("max_tokens=")]
+                    changes.append(f"max_tokens={cap}")
                 changes.append("thinking=disabled")
             elif new != old:
                 body["thinking"] = {**thinking, "budget_tokens": new}
@@ -102,6 +121,24 @@ class AnthropicMessages(Adapter):
             config = body.get("output_config")
             body["output_config"] = {**(config if isinstance(config, dict) else {}), "effort": target.effort}
             changes.append(f"output_config.effort={target.effort}")
+        return changes
+
+    def write_bound(self, body: dict[str, Any], req: ComputeRequest, bound: Bound) -> list[str]:
+        cap = bound.output_cap
+        change = write_cap(body, "max_tokens", cap)
+        changes = [change] if change else []
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+            budget = int(nonneg(thinking.get("budget_tokens")))
+            if budget >= cap:  # Anthropic refuses budget_tokens >= max_tokens
+                if cap - 1 < MIN_THINKING_BUDGET:  # and one below its minimum: none is the only smaller
+                    body["thinking"] = {"type": "disabled"}
+                    changes.append("thinking=disabled")
+                else:
+                    body["thinking"] = {**thinking, "budget_tokens": cap - 1}
+                    changes.append(f"thinking.budget_tokens={cap - 1}")
+            elif type(thinking.get("budget_tokens")) is float:
+                body["thinking"] = {**thinking, "budget_tokens": budget}
         return changes
 
     def prepare_upstream(self, body: dict[str, Any], upstream_model: str, stream: bool) -> bool:
@@ -117,7 +154,7 @@ class AnthropicMessages(Adapter):
                          output_tokens=estimate_tokens(text_chars), source="estimated")
         tally = _Tally()
         tally.take(usage)
-        return tally.usage(thinking_chars)
+        return tally.usage(text_chars, _has_thinking(body.get("content")))
 
     def stream_meter(self, req: ComputeRequest, client_wants_usage: bool) -> StreamMeter:
         return AnthropicStreamMeter(req, client_wants_usage)
@@ -168,36 +205,97 @@ def _strlen(x: Any) -> int:
     return len(x) if isinstance(x, str) else 0
 
 
-class _Tally:
-    """Usage figures as Anthropic reports them, cumulative: a later report replaces an earlier one."""
+# The iterations the top-level usage figures cover (a fallback hop stands in for a message one); every
+# other iteration (compaction, advisor, any new kind) is work the top level leaves out.
+TOP_LEVEL_ITERATIONS = frozenset({"message", "fallback_message"})
+THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
 
-    __slots__ = ("cache_creation", "cache_read", "input", "output", "thinking")
+
+class _Tally:
+    """Usage figures as Anthropic reports them, cumulative: a later report replaces an earlier one.
+
+    ``usage.iterations`` (compaction, server-side sampling loops) lists every sampling step; the
+    top-level figures cover only the ``message`` steps, so the others are added on top. The message
+    steps are never added twice: the top-level figures and their sum are the same count, the larger wins.
+    """
+
+    __slots__ = ("cache_creation", "cache_read", "extra_cache_read", "extra_input", "extra_output", "input",
+                 "output", "thinking", "top_input", "top_output")
 
     def __init__(self) -> None:
         self.input = self.cache_creation = self.cache_read = self.output = 0
         self.thinking: int | None = None
+        self.top_input = self.top_output = 0  # summed over the iterations the top level covers
+        self.extra_input = self.extra_output = self.extra_cache_read = 0  # the iterations it leaves out
 
     def take(self, usage: Mapping[str, Any], *, output: bool = True) -> None:
-        # Input figures only grow (server tools add input); a 0 some proxies write is not a reset.
-        self.input = max(self.input, nonneg(usage.get("input_tokens")))
-        self.cache_creation = max(self.cache_creation, nonneg(usage.get("cache_creation_input_tokens")))
-        self.cache_read = max(self.cache_read, nonneg(usage.get("cache_read_input_tokens")))
-        if output and "output_tokens" in usage:
+        """Take one usage report; ``output=False`` for ``message_start`` (only its input side is final)."""
+        iterations = usage.get("iterations") if output else None
+        if isinstance(iterations, list):
+            # Input figures beside an iteration list describe those iterations: take them as they are,
+            # not the max with message_start's (which may count a step the iterations list apart).
+            self.input = nonneg(usage.get("input_tokens")) or self.input
+            self.cache_creation = nonneg(usage.get("cache_creation_input_tokens")) or self.cache_creation
+            self.cache_read = nonneg(usage.get("cache_read_input_tokens")) or self.cache_read
+            self._iterations(iterations)
+        else:
+            # Input figures only grow (server tools add input); a 0 some proxies write is not a reset.
+            self.input = max(self.input, nonneg(usage.get("input_tokens")))
+            self.cache_creation = max(self.cache_creation, nonneg(usage.get("cache_creation_input_tokens")))
+            self.cache_read = max(self.cache_read, nonneg(usage.get("cache_read_input_tokens")))
+        if not output:
+            return
+        if "output_tokens" in usage:
             self.output = nonneg(usage.get("output_tokens"))
         details = usage.get("output_tokens_details")
         if isinstance(details, dict) and details.get("thinking_tokens") is not None:
             self.thinking = nonneg(details["thinking_tokens"])
 
+    def _iterations(self, iterations: list[Any]) -> None:
+        """Sum the iteration list (cumulative in a stream: the latest list replaces the earlier one)."""
+        self.top_input = self.top_output = self.extra_input = self.extra_output = self.extra_cache_read = 0
+        for it in iterations:
+            if not isinstance(it, dict):
+                continue
+            read = nonneg(it.get("cache_read_input_tokens"))
+            inp = nonneg(it.get("input_tokens")) + nonneg(it.get("cache_creation_input_tokens")) + read
+            out = nonneg(it.get("output_tokens"))
+            if it.get("type") in TOP_LEVEL_ITERATIONS:
+                self.top_input += inp
+                self.top_output += out
+            else:
+                self.extra_input += inp
+                self.extra_output += out
+                self.extra_cache_read += read
+
     @property
     def prompt(self) -> int:
-        return self.input + self.cache_creation + self.cache_read
+        return max(self.input + self.cache_creation + self.cache_read, self.top_input) + self.extra_input
 
-    def usage(self, thinking_chars: int) -> Usage:
-        """The upstream usage; the thinking share is estimated from the thinking text when not reported."""
-        reasoning = self.thinking if self.thinking is not None else estimate_tokens(thinking_chars)
-        reasoning = min(reasoning, self.output)
-        return Usage(samples=1, prompt_tokens=self.prompt, reasoning_tokens=reasoning,
-                     output_tokens=self.output - reasoning, source="upstream", cached_tokens=self.cache_read)
+    def usage(self, text_chars: int, thinking_seen: bool) -> Usage:
+        """The upstream usage, all iterations included.
+
+        The thinking share is ``thinking_tokens`` where reported. Else, when the response thought, it
+        is what ``output_tokens`` holds beyond the visible text: the thinking returned may be redacted
+        or a summary far shorter than what was generated, so its own length says little. Iterations
+        the top level leaves out (compaction summaries, advisors) are work beyond the answer: reasoning.
+        """
+        output = max(self.output, self.top_output)
+        if self.thinking is not None:
+            reasoning = min(self.thinking, output)
+        elif thinking_seen:
+            reasoning = max(output - estimate_tokens(text_chars), 0)
+        else:
+            reasoning = 0
+        return Usage(samples=1, prompt_tokens=self.prompt, reasoning_tokens=reasoning + self.extra_output,
+                     output_tokens=output - reasoning, source="upstream",
+                     cached_tokens=self.cache_read + self.extra_cache_read)
+
+
+def _has_thinking(content: Any) -> bool:
+    """Whether a message's content holds a thinking block (full, summarised, omitted or redacted)."""
+    return isinstance(content, list) and any(
+        isinstance(b, dict) and b.get("type") in THINKING_BLOCKS for b in content)
 
 
 class AnthropicStreamMeter(StreamMeter):
@@ -215,6 +313,7 @@ class AnthropicStreamMeter(StreamMeter):
         self._final = False  # a message_delta carried usage
         self._thinking_chars = 0
         self._text_chars = 0
+        self._thinking_seen = False  # a thinking or redacted_thinking block started
 
     def on_event(self, ev: SSEEvent) -> bool:
         kind = ev.event
@@ -243,6 +342,7 @@ class AnthropicStreamMeter(StreamMeter):
             doc = doc if doc is not None else ev.json()
             block = doc.get("content_block") if isinstance(doc, dict) else None
             thinking, visible = _content_chars([block])
+            self._thinking_seen = self._thinking_seen or _has_thinking([block])
             self._thinking_chars += thinking
             self._text_chars += visible
         elif kind == "message_stop":
@@ -267,7 +367,7 @@ class AnthropicStreamMeter(StreamMeter):
 
     def usage(self) -> Usage:
         if self._final:
-            return self._tally.usage(self._thinking_chars)
+            return self._tally.usage(self._text_chars, self._thinking_seen or self._thinking_chars > 0)
         # No message_delta: the output was never reported. Count it; the input side of message_start
         # is still the provider's own figure.
         prompt = self._tally.prompt if self._started else self.req.prompt_tokens

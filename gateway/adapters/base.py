@@ -24,7 +24,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from ..compute import ClampTarget, ComputeRequest, Usage
+from ..compute import Bound, ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest, ErrorShape
 
 
@@ -188,6 +188,13 @@ class Adapter(ABC):
     def prepare_upstream(self, body: dict[str, Any], upstream_model: str, stream: bool) -> bool:
         """Map the model name and make a stream carry usage; return whether the client asked for it."""
 
+    @abstractmethod
+    def write_bound(self, body: dict[str, Any], req: ComputeRequest, bound: Bound) -> list[str]:
+        """Make the forwarded ``body`` (a shallow copy: copy any nested object before changing it) say what
+        the bound assumed: the per-sample cap C (``bound.output_cap``) in the API's own cap field, always,
+        and integer fields as integers (``parse`` accepts ``2.0`` for 2). Returns the real clamps: a field
+        the client set above C, as ``field=value`` strings. BadRequest where the API cannot carry C."""
+
     def upstream_url_path(self, upstream_model: str, path_params: Mapping[str, str], query: str) -> str:
         """The path (and query, credentials removed) to call on the upstream."""
         kept = upstream_query(query)
@@ -208,8 +215,9 @@ CREDENTIAL_PARAMS = frozenset({"key", "api_key", "api-key", "apikey", "access_to
 
 def upstream_query(query: str) -> str:
     """An encoded query string without its credential parameters."""
+    # Google also takes its system parameters with a "$" ("$key"): a credential all the same.
     return "&".join(p for p in query.split("&")
-                    if p and unquote_plus(p.partition("=")[0]).lower() not in CREDENTIAL_PARAMS)
+                    if p and unquote_plus(p.partition("=")[0]).removeprefix("$").lower() not in CREDENTIAL_PARAMS)
 
 
 # ---------------------------------------------------------------------------------- validation helpers
@@ -240,6 +248,25 @@ def req_int(body: Mapping[str, Any], key: str, *, default: int | None = None, mi
     if maximum is not None and v > maximum:
         raise BadRequest(f"'{name}' must be at most {maximum}, got {v}", param=name)
     return int(v)
+
+
+def write_cap(body: dict[str, Any], key: str, cap: int) -> str | None:
+    """Set ``body[key]`` to the cap C; the change as ``key=C`` when the client had asked for more (a real
+    clamp), None when it had asked for C or sent none (the routine write every forwarded request gets)."""
+    cur = body.get(key)
+    body[key] = cap
+    if isinstance(cur, (int, float)) and not isinstance(cur, bool) and cur > cap:
+        return f"{key}={cap}"
+    return None
+
+
+def as_ints(obj: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """The integer fields ``keys`` of ``obj`` as ints (``2.0`` → ``2``): a new dict when one changed, else
+    None. ``parse`` has already refused fractions, so each float here is integral."""
+    floats = [k for k in keys if type(obj.get(k)) is float]
+    if not floats:
+        return None
+    return {**obj, **{k: int(obj[k]) for k in floats}}
 
 
 def req_bool(body: Mapping[str, Any], key: str, *, default: bool = False, param: str | None = None) -> bool:

@@ -21,12 +21,25 @@ from urllib.parse import quote
 
 import orjson
 
-from ..compute import ClampTarget, ComputeRequest, Usage
+from ..compute import Bound, ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest, Forbidden
 from .anthropic_messages import estimate_tokens, request_object
-from .base import Adapter, SSEEvent, StreamMeter, json_size, nonneg, req_int, req_obj, req_str, upstream_query
+from .base import (
+    Adapter,
+    SSEEvent,
+    StreamMeter,
+    as_ints,
+    json_size,
+    nonneg,
+    req_int,
+    req_obj,
+    req_str,
+    upstream_query,
+    write_cap,
+)
 
 LEVELS: tuple[str, ...] = ("minimal", "low", "medium", "high")  # thinkingLevel, lower-cased
+MAX_CANDIDATES = 8  # Gemini's documented range of candidateCount is 1-8
 METHODS: tuple[str, ...] = ("generateContent", "streamGenerateContent")
 
 
@@ -69,7 +82,7 @@ class GeminiGenerateContent(Adapter):
         snake = gkey == "generation_config"
         p = f"{gkey}."
         ckey = _key(gen, "candidateCount", "candidate_count", p, snake_style=snake)
-        samples = req_int(gen, ckey, default=1, minimum=1, param=p + ckey)
+        samples = req_int(gen, ckey, default=1, minimum=1, maximum=MAX_CANDIDATES, param=p + ckey)
         mkey = _key(gen, "maxOutputTokens", "max_output_tokens", p, snake_style=snake)
         cap = req_int(gen, mkey, minimum=1, param=p + mkey)
         budget, disabled, effort = _thinking(gen, p, snake)
@@ -117,6 +130,24 @@ class GeminiGenerateContent(Adapter):
         if changes:
             body[gkey] = gen
         return changes
+
+    def write_bound(self, body: dict[str, Any], req: ComputeRequest, bound: Bound) -> list[str]:
+        gkey = _key(body, "generationConfig", "generation_config", "")
+        snake = gkey == "generation_config"
+        old = body.get(gkey)
+        gen = dict(old) if isinstance(old, dict) else {}  # a copy: the client's body stays as it was sent
+        mkey = _key(gen, "maxOutputTokens", "max_output_tokens", "", snake_style=snake)
+        change = write_cap(gen, mkey, bound.output_cap)
+        ckey = _key(gen, "candidateCount", "candidate_count", "", snake_style=snake)
+        gen.update(as_ints(gen, (ckey,)) or {})
+        tkey = _key(gen, "thinkingConfig", "thinking_config", "", snake_style=snake)
+        tc = gen.get(tkey)
+        if isinstance(tc, dict):
+            ints = as_ints(tc, ("thinkingBudget", "thinking_budget"))
+            if ints is not None:
+                gen[tkey] = ints
+        body[gkey] = gen
+        return [change] if change else []
 
     def prepare_upstream(self, body: dict[str, Any], upstream_model: str, stream: bool) -> bool:
         return True  # the model is in the path; every stream chunk may carry usageMetadata
@@ -172,11 +203,11 @@ class _Tally:
     """What Gemini response chunks say: the last ``usageMetadata`` (cumulative) and the generated text."""
 
     __slots__ = ("blocked", "cached", "candidates", "error", "finished", "has_usage", "prompt", "text_chars",
-                 "thought_chars", "thoughts", "tool_prompt", "visible")
+                 "thought_chars", "thoughts", "tool_prompt", "total", "visible")
 
     def __init__(self) -> None:
         self.has_usage = False
-        self.prompt = self.tool_prompt = self.cached = self.visible = self.thoughts = 0
+        self.prompt = self.tool_prompt = self.cached = self.visible = self.thoughts = self.total = 0
         self.thought_chars = self.text_chars = 0
         self.candidates: set[int] = set()  # indexes seen
         self.finished: set[int] = set()  # indexes with a finishReason
@@ -195,6 +226,7 @@ class _Tally:
             self.cached = nonneg(um.get("cachedContentTokenCount"))
             self.visible = nonneg(um.get("candidatesTokenCount"))
             self.thoughts = nonneg(um.get("thoughtsTokenCount"))
+            self.total = nonneg(um.get("totalTokenCount"))
         feedback = chunk.get("promptFeedback")
         if isinstance(feedback, dict) and feedback.get("blockReason"):
             self.blocked = True
@@ -234,9 +266,12 @@ class _Tally:
     def usage(self, req: ComputeRequest, *, estimated: bool) -> Usage:
         samples = len(self.candidates) or req.samples
         if self.has_usage:
-            return Usage(samples=samples, prompt_tokens=self.prompt + self.tool_prompt,
-                         reasoning_tokens=self.thoughts, output_tokens=self.visible, source="upstream",
-                         cached_tokens=self.cached)
+            prompt = self.prompt + self.tool_prompt
+            # totalTokenCount is the cross-check: what it holds beyond the parts was generated all the
+            # same (thoughts a server left out of thoughtsTokenCount), so it is charged as reasoning.
+            hidden = max(self.total - (prompt + self.visible + self.thoughts), 0)
+            return Usage(samples=samples, prompt_tokens=prompt, reasoning_tokens=self.thoughts + hidden,
+                         output_tokens=self.visible, source="upstream", cached_tokens=self.cached)
         return Usage(samples=samples, prompt_tokens=req.prompt_tokens,
                      reasoning_tokens=estimate_tokens(self.thought_chars),
                      output_tokens=estimate_tokens(self.text_chars),

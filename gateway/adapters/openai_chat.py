@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..compute import ClampTarget, ComputeRequest, Usage
+from ..compute import Bound, ClampTarget, ComputeRequest, Usage
+from ..config import EFFORT_ORDER
 from ..errors import BadRequest
-from .base import StreamMeter, req_bool, req_int, req_obj, req_str
+from .base import StreamMeter, as_ints, req_bool, req_int, req_obj, req_str, write_cap
 from .openai_common import (
+    MAX_N,
     ChoiceStreamMeter,
     OpenAIAdapter,
     body_object,
@@ -48,7 +50,7 @@ class ChatCompletions(OpenAIAdapter):
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty array", param="messages")
         n = n_field(b)
-        best_of = req_int(b, "best_of", minimum=1)
+        best_of = req_int(b, "best_of", minimum=1, maximum=MAX_N)
         req_bool(b, "use_beam_search")  # beam width is n: nothing more to count, but it must be a bool
         max_completion = cap_field(b, "max_completion_tokens")
         max_tokens = cap_field(b, "max_tokens")
@@ -58,7 +60,7 @@ class ChatCompletions(OpenAIAdapter):
             samples=max(n, best_of or 1),
             output_cap=max_completion if max_completion is not None else max_tokens,
             thinking_disabled=_thinking_disabled(b),
-            effort=effort_field(b, "reasoning_effort"),
+            effort=_effort(b),
             stream=stream_field(b),
         )
 
@@ -81,6 +83,21 @@ class ChatCompletions(OpenAIAdapter):
         if target.effort is not None and target.effort != req.effort:
             body["reasoning_effort"] = target.effort
             changes.append(f"reasoning_effort={target.effort}")
+            reasoning = body.get("reasoning")
+            if isinstance(reasoning, dict) and reasoning.get("effort") is not None:  # SGLang's spelling
+                body["reasoning"] = {**reasoning, "effort": target.effort}
+                changes.append(f"reasoning.effort={target.effort}")
+        return changes
+
+    def write_bound(self, body: dict[str, Any], req: ComputeRequest, bound: Bound) -> list[str]:
+        # max_completion_tokens always (vLLM reads it first); max_tokens too when the client sent it
+        # (SGLang reads that one first): no field the upstream might read keeps a larger value.
+        changes = [c for key in _CAP_FIELDS
+                   if (key == "max_completion_tokens" or body.get(key) is not None)
+                   and (c := write_cap(body, key, bound.output_cap))]
+        ints = as_ints(body, ("n", "best_of"))
+        if ints is not None:
+            body.update(ints)
         return changes
 
     def prepare_upstream(self, body: dict[str, Any], upstream_model: str, stream: bool) -> bool:
@@ -95,7 +112,8 @@ class ChatCompletions(OpenAIAdapter):
         usage = body.get("usage") if isinstance(body, dict) else None
         if has_counts(usage, "prompt_tokens", "completion_tokens", "total_tokens"):
             assert isinstance(usage, dict)
-            return usage_from_counts(usage, samples=samples, reasoning_estimate=reasoning_est)
+            return usage_from_counts(usage, samples=samples, reasoning_estimate=reasoning_est,
+                                     visible_estimate=sum(_visible_tokens(m) for m in messages))
         return Usage(
             samples=max(samples, 1),
             prompt_tokens=req.prompt_tokens,
@@ -106,6 +124,17 @@ class ChatCompletions(OpenAIAdapter):
 
     def stream_meter(self, req: ComputeRequest, client_wants_usage: bool) -> StreamMeter:
         return ChoiceStreamMeter(req, client_wants_usage, _count_delta)
+
+
+def _effort(b: Mapping[str, Any]) -> str | None:
+    """``reasoning_effort``, or SGLang's ``reasoning: {"effort": ...}``; given both, the larger counts (a
+    server reads one of them, and the tier's ``efforts`` must hold for whichever it is)."""
+    top = effort_field(b, "reasoning_effort")
+    reasoning = req_obj(b, "reasoning")
+    nested = effort_field(reasoning, "effort", param="reasoning.effort") if reasoning is not None else None
+    if top is None or nested is None:
+        return top if nested is None else nested
+    return max(top, nested, key=EFFORT_ORDER.index)
 
 
 def _thinking_disabled(b: Mapping[str, Any]) -> bool:

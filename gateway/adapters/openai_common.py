@@ -6,8 +6,11 @@ reasoning (OpenAI, vLLM, DeepSeek, SGLang); the reasoning share is in
 tokens are in ``prompt_tokens_details.cached_tokens`` or DeepSeek's ``prompt_cache_hit_tokens``.
 
 When a server reports no reasoning split but did return reasoning text (SGLang without its reasoning
-counter, Ollama), the reasoning share is estimated from that text, never above ``completion_tokens``:
-the totals stay the server's own, only the split is estimated.
+counter, Ollama), the split is estimated: the visible part from the visible text, reasoning the
+remainder of ``completion_tokens``; the totals stay the server's own. xAI reports reasoning beside
+``completion_tokens`` rather than inside it, and ``total_tokens`` is a cross-check: whatever it holds
+beyond the parts is generation the parts left out (Google's OpenAI-compatible endpoint), charged as
+reasoning (see :func:`usage_from_counts`).
 """
 
 from __future__ import annotations
@@ -139,33 +142,81 @@ def reasoning_text(obj: Mapping[str, Any]) -> Any:
 
 
 def usage_from_counts(u: Mapping[str, Any], *, samples: int, reasoning_estimate: int = 0,
-                      source: UsageSource = "upstream", prompt_key: str = "prompt_tokens",
-                      completion_key: str = "completion_tokens",
+                      visible_estimate: int | None = None, source: UsageSource = "upstream",
+                      prompt_key: str = "prompt_tokens", completion_key: str = "completion_tokens",
                       details_key: str = "completion_tokens_details") -> Usage:
     """A :class:`Usage` from an OpenAI-style usage object (Chat/Completions keys by default).
 
-    Reasoning is inside the completion count; when the server reports none, ``reasoning_estimate``
-    (from returned reasoning text or counted reasoning chunks) stands in, capped at the completion.
+    - Reasoning is inside the completion count (OpenAI, vLLM, DeepSeek, SGLang) unless the figures
+      say otherwise: xAI reports ``reasoning_tokens`` beside ``completion_tokens`` (its
+      ``total_tokens`` is prompt + completion + reasoning), told apart by a reasoning count above the
+      completion or a total that adds up only that way.
+    - When the server reports no reasoning count but reasoning was returned (``reasoning_estimate``
+      > 0, from its text or counted chunks), the split is estimated: with ``visible_estimate`` (from
+      the visible text) reasoning is the remainder of the completion, which stays right when the
+      returned reasoning is a summary; without it, the reasoning estimate itself, capped.
+    - ``total_tokens`` is a cross-check: what it holds beyond prompt + generated is generation the
+      parts left out (Google's OpenAI-compatible endpoint counts thoughts only there), so it is
+      added to reasoning. A smaller total changes nothing.
     """
     prompt = nonneg(u.get(prompt_key))
+    total = nonneg(u.get("total_tokens"))
     if completion_key in u and u.get(completion_key) is not None:
         completion = nonneg(u.get(completion_key))
     else:  # some servers send only the total
-        completion = max(nonneg(u.get("total_tokens")) - prompt, 0)
-    details = u.get(details_key)
-    reasoning = nonneg(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
-    if not reasoning:
-        reasoning = nonneg(u.get("reasoning_tokens"))  # SGLang keeps it at the top of usage
-    if not reasoning and reasoning_estimate:
-        reasoning = min(reasoning_estimate, completion)
+        completion = max(total - prompt, 0)
+    reasoning = reported_reasoning(u, details_key)
+    if reasoning and reasoning_outside(prompt, completion, reasoning, total):
+        visible = completion
+    elif reasoning:
+        reasoning = min(reasoning, completion)
+        visible = completion - reasoning
+    else:
+        reasoning = split_reasoning(completion, reasoning_estimate, visible_estimate)
+        visible = completion - reasoning
+    hidden = total - (prompt + reasoning + visible)
+    if hidden > 0:
+        reasoning += hidden
     return Usage(
         samples=max(samples, 1),
         prompt_tokens=prompt,
         reasoning_tokens=reasoning,
-        output_tokens=max(completion - reasoning, 0),
+        output_tokens=visible,
         source=source,
         cached_tokens=cached_tokens(u),
     )
+
+
+def reported_reasoning(u: Mapping[str, Any], details_key: str = "completion_tokens_details") -> int:
+    """The reasoning count a server reported: under ``details_key``, or at the top of usage (SGLang)."""
+    details = u.get(details_key)
+    reasoning = nonneg(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+    return reasoning or nonneg(u.get("reasoning_tokens"))
+
+
+def reasoning_outside(prompt: int, completion: int, reasoning: int, total: int) -> bool:
+    """Whether a reported reasoning count lies outside the completion count (xAI's convention).
+
+    A reasoning count above the completion cannot be inside it; otherwise only a total equal to
+    prompt + completion + reasoning (and not to prompt + completion) says so.
+    """
+    if reasoning > completion:
+        return True
+    return reasoning > 0 and total == prompt + completion + reasoning
+
+
+def split_reasoning(generated: int, reasoning_estimate: int, visible_estimate: int | None) -> int:
+    """The reasoning share of ``generated`` when only the total is reported.
+
+    No reasoning returned: none. Else, with an estimate of the visible part, the remainder (the
+    returned reasoning may be a summary or redacted, far shorter than what was generated); without
+    one, the reasoning estimate. Never more than ``generated``.
+    """
+    if reasoning_estimate <= 0:
+        return 0
+    if visible_estimate is not None:
+        return max(generated - visible_estimate, 0)
+    return min(reasoning_estimate, generated)
 
 
 def cached_tokens(u: Mapping[str, Any]) -> int:
@@ -185,11 +236,12 @@ def has_counts(u: Any, *keys: str) -> bool:
 class _Choice:
     """What one choice index streamed: chunks counted, and its own usage when the server sent one."""
 
-    __slots__ = ("reasoning", "usage", "usage_final", "visible")
+    __slots__ = ("finished", "reasoning", "usage", "usage_final", "visible")
 
     def __init__(self) -> None:
         self.visible = 0
         self.reasoning = 0
+        self.finished = False  # a chunk of this choice carried a finish_reason
         self.usage: dict[str, Any] | None = None  # the latest per-choice usage
         self.usage_final = False  # that usage came on the choice's finishing chunk: it is complete
 
@@ -202,7 +254,9 @@ class ChoiceStreamMeter(StreamMeter):
     """Meters Chat Completions / legacy Completions streams (``data:`` JSON chunks with ``choices``).
 
     - A chunk with ``"choices": []`` and a usage object is the request's usage (source ``upstream``);
-      it is forwarded only when the client asked for streamed usage.
+      it is forwarded only when the client asked for streamed usage. So is OpenRouter's trailing
+      chunk: usage beside choices that have already finished and now carry an empty delta and
+      ``finish_reason: null``.
     - Usage beside non-empty choices is per choice: vLLM's ``continuous_usage_stats`` (cumulative for
       that choice), or the usage DeepSeek, llama.cpp and older vLLM put on a choice's finishing chunk.
       Never taken as the request total; when the ``choices: []`` chunk never comes, the choices' own
@@ -248,6 +302,9 @@ class ChoiceStreamMeter(StreamMeter):
             return True
         if not isinstance(choices, list):
             return True
+        if isinstance(usage, dict) and self._trailing_usage(choices):
+            self._final = usage  # OpenRouter's usage chunk: the request's, though it has a choice
+            return self.client_wants_usage
         for c in choices:
             if not isinstance(c, dict):
                 continue
@@ -260,9 +317,28 @@ class ChoiceStreamMeter(StreamMeter):
             v, r = self._count(c)
             st.visible += v
             st.reasoning += r
+            if c.get("finish_reason") is not None:
+                st.finished = True
             if isinstance(usage, dict):
                 st.usage = usage
                 st.usage_final = c.get("finish_reason") is not None
+        return True
+
+    def _trailing_usage(self, choices: list[Any]) -> bool:
+        """Whether a chunk with ``usage`` beside non-empty ``choices`` is the request's usage chunk.
+
+        OpenRouter sends its usage after each choice has finished, on a chunk whose choices carry an
+        empty delta and ``finish_reason: null``. Per-choice usage (vLLM continuous stats, DeepSeek's
+        finishing chunk) comes on a chunk with text or with the finish_reason itself, or before the
+        choice finished, so it never matches.
+        """
+        for c in choices:
+            if not isinstance(c, dict) or c.get("finish_reason") is not None or self._count(c) != (0, 0):
+                return False
+            idx = c.get("index", 0)
+            st = self._choices.get(idx) if isinstance(idx, int) and not isinstance(idx, bool) else None
+            if st is None or not st.finished:
+                return False
         return True
 
     def usage(self) -> Usage:
@@ -271,7 +347,9 @@ class ChoiceStreamMeter(StreamMeter):
         samples = max(seen or req.samples, self._samples_floor)
         counted_r = sum(c.reasoning for c in self._choices.values())
         if self._final is not None:
-            return usage_from_counts(self._final, samples=samples, reasoning_estimate=counted_r)
+            counted_v = sum(c.visible for c in self._choices.values())
+            return usage_from_counts(self._final, samples=samples, reasoning_estimate=counted_r,
+                                     visible_estimate=counted_v)
         per_choice = [c for c in self._choices.values() if c.usage is not None]
         if per_choice:
             return self._from_choice_usage(samples)
@@ -294,7 +372,7 @@ class ChoiceStreamMeter(StreamMeter):
                 reasoning += c.reasoning
                 visible += c.visible
                 continue
-            u = usage_from_counts(c.usage, samples=1, reasoning_estimate=c.reasoning)
+            u = usage_from_counts(c.usage, samples=1, reasoning_estimate=c.reasoning, visible_estimate=c.visible)
             prompt = max(prompt, u.prompt_tokens)  # each choice reports the whole (shared) prompt
             cached = max(cached, u.cached_tokens)
             gen = u.generated_tokens

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..compute import ClampTarget, ComputeRequest, Usage
+from ..compute import Bound, ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest
-from .base import StreamMeter, req_int
+from .base import StreamMeter, as_ints, req_int, write_cap
 from .openai_common import (
+    MAX_N,
     ChoiceStreamMeter,
     OpenAIAdapter,
     body_object,
@@ -41,9 +42,9 @@ class Completions(OpenAIAdapter):
     def parse(self, body: Mapping[str, Any], path_params: Mapping[str, str]) -> ComputeRequest:
         b = body_object(body)
         model = model_field(b)
-        prompts = count_prompts(b.get("prompt"))
+        prompts = _prompts(b)
         n = n_field(b)
-        best_of = req_int(b, "best_of", minimum=1)
+        best_of = req_int(b, "best_of", minimum=1, maximum=MAX_N)
         stream = stream_field(b)
         if best_of is not None:
             if best_of < n:
@@ -82,6 +83,14 @@ class Completions(OpenAIAdapter):
             changes.append(f"reasoning_effort={target.effort}")
         return changes
 
+    def write_bound(self, body: dict[str, Any], req: ComputeRequest, bound: Bound) -> list[str]:
+        # Written even when the client sent none: the API's default is 16, but vLLM's is "as many as fit".
+        change = write_cap(body, "max_tokens", bound.output_cap)
+        ints = as_ints(body, ("n", "best_of"))
+        if ints is not None:
+            body.update(ints)
+        return [change] if change else []
+
     def prepare_upstream(self, body: dict[str, Any], upstream_model: str, stream: bool) -> bool:
         return prepare_stream_usage(body, upstream_model, stream)
 
@@ -104,6 +113,22 @@ class Completions(OpenAIAdapter):
 
     def stream_meter(self, req: ComputeRequest, client_wants_usage: bool) -> StreamMeter:
         return ChoiceStreamMeter(req, client_wants_usage, _count_text, samples_floor=req.samples)
+
+
+def _prompts(b: Mapping[str, Any]) -> int:
+    """Prompts generated for: ``prompt``'s, plus vLLM's ``prompt_embeds`` (one base64 tensor or a list;
+    beside ``prompt`` each is one more prompt, so one more set of samples the bound must count)."""
+    embeds = b.get("prompt_embeds")
+    if embeds is None:
+        return count_prompts(b.get("prompt"))
+    if isinstance(embeds, str) and embeds:
+        extra = 1
+    elif isinstance(embeds, list) and embeds and all(isinstance(e, str) and e for e in embeds):
+        extra = len(embeds)
+    else:
+        raise BadRequest("'prompt_embeds' must be a base64 string or a non-empty array of them",
+                         param="prompt_embeds")
+    return extra + (count_prompts(b["prompt"]) if b.get("prompt") is not None else 0)
 
 
 def count_prompts(prompt: Any) -> int:

@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
-from ..compute import ClampTarget, ComputeRequest, Usage
+from ..compute import Bound, ClampTarget, ComputeRequest, Usage
 from ..errors import BadRequest
-from .base import SSEEvent, StreamMeter, nonneg, req_obj
+from .base import SSEEvent, StreamMeter, nonneg, req_obj, write_cap
 from .openai_common import (
     OpenAIAdapter,
     body_object,
@@ -75,6 +75,15 @@ class Responses(OpenAIAdapter):
             changes.append(f"reasoning.effort={target.effort}")
         return changes
 
+    def write_bound(self, body: dict[str, Any], req: ComputeRequest, bound: Bound) -> list[str]:
+        if bound.output_cap < MIN_OUTPUT_TOKENS:
+            # The API refuses a smaller max_output_tokens, and a larger one would exceed the bound.
+            raise BadRequest(f"this model's output cap ({bound.output_cap} tokens) is below the Responses "
+                             f"API's minimum max_output_tokens of {MIN_OUTPUT_TOKENS}; kgate cannot forward "
+                             f"a cap the API accepts", param="max_output_tokens")
+        change = write_cap(body, "max_output_tokens", bound.output_cap)
+        return [change] if change else []
+
     def prepare_upstream(self, body: dict[str, Any], upstream_model: str, stream: bool) -> bool:
         body["model"] = upstream_model
         return True  # the final event carries usage whatever the client asked
@@ -84,7 +93,7 @@ class Responses(OpenAIAdapter):
         usage = body.get("usage") if isinstance(body, dict) else None
         if has_counts(usage, "input_tokens", "output_tokens", "total_tokens"):
             assert isinstance(usage, dict)
-            return _usage(usage, reasoning)
+            return _usage(usage, reasoning, visible)
         return Usage(samples=1, prompt_tokens=req.prompt_tokens, reasoning_tokens=reasoning,
                      output_tokens=visible, source="estimated")
 
@@ -146,13 +155,15 @@ class ResponsesStreamMeter(StreamMeter):
     def usage(self) -> Usage:
         if has_counts(self._usage, "input_tokens", "output_tokens", "total_tokens"):
             assert self._usage is not None
-            return _usage(self._usage, self._reasoning)
+            return _usage(self._usage, self._reasoning, self._visible)
         return Usage(samples=1, prompt_tokens=self.req.prompt_tokens, reasoning_tokens=self._reasoning,
                      output_tokens=self._visible, source="counted")
 
 
-def _usage(u: dict[str, Any], reasoning_estimate: int) -> Usage:
-    return usage_from_counts(u, samples=1, reasoning_estimate=reasoning_estimate, prompt_key="input_tokens",
+def _usage(u: dict[str, Any], reasoning_estimate: int, visible_estimate: int) -> Usage:
+    """Responses usage: ``input_tokens``/``output_tokens``, with the OpenAI family's cross-checks."""
+    return usage_from_counts(u, samples=1, reasoning_estimate=reasoning_estimate,
+                             visible_estimate=visible_estimate, prompt_key="input_tokens",
                              completion_key="output_tokens", details_key="output_tokens_details")
 
 
