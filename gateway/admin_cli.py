@@ -1,8 +1,10 @@
 """The admin operations from the command line: the same calls as the admin API, against the store.
 
-With ``store.url: embedded`` the CLI talks to the running gateway's embedded Redis through its socket;
-when no gateway runs, it starts the embedded Redis on the same data folder for the duration of the command
-(its append-only file keeps the change for the gateway's next start).
+With ``store.url: embedded`` the CLI talks to the running gateway's embedded Redis through its socket,
+which it learns from the lock file of the data folder (``<store.data_dir>/kgate.lock``); it never starts a
+Redis of its own over a folder a live process owns. When no gateway runs, it takes that lock itself and
+starts the embedded Redis for the duration of the command (its append-only file keeps the change for the
+gateway's next start); a gateway starting meanwhile waits for nothing: it fails and names this command.
 """
 
 from __future__ import annotations
@@ -49,14 +51,7 @@ async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
     url = args.store or os.environ.get("KGATE_STORE_URL") or cfg.store.url
     embedded = None
     if url == "embedded":
-        from .redis_server import RedisServer
-
-        server = RedisServer(data_dir=Path(cfg.store.data_dir), port=None)
-        url = server.url
-        if not await _answers(url, cfg.store.timeout_seconds):
-            # Nobody serves that folder (no gateway running): serve it for the duration of this command.
-            await server.start()
-            embedded = server
+        url, embedded = await _embedded_store(Path(cfg.store.data_dir))
     try:
         redis = await connect(url, timeout=cfg.store.timeout_seconds)
     except ValueError as exc:  # not a store URL: bad input, one line
@@ -80,22 +75,34 @@ async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
             await embedded.stop()
 
 
-async def _answers(url: str, timeout: float) -> bool:
-    """Whether a Redis answers at ``url`` (a running gateway's embedded Redis answers on its socket)."""
-    from .store import connect
+async def _embedded_store(data_dir: Path) -> tuple[str, Any]:
+    """(URL, the server this command started or None) for the embedded store in ``data_dir``: the socket of
+    the process that owns the folder, else a Redis started here under the folder's lock."""
+    from .redis_server import DataDirBusy, RedisServer, data_dir_owner
 
-    try:
-        probe = await connect(url, timeout=timeout)
+    owner = data_dir_owner(data_dir)
+    if owner is None:
+        server = RedisServer(data_dir=data_dir, port=None, command="kgate (admin command)")
         try:
-            return bool(await probe.ping())
-        finally:
-            await probe.aclose()
-    except Exception:
-        return False
+            await server.start()
+            return server.url, server
+        except DataDirBusy as exc:  # a gateway took the folder between the look and the start
+            owner = exc.owner
+    sock = owner.get("socket")
+    if not sock:
+        raise StoreOwnerError(f"{data_dir} is owned by {owner.get('command') or 'another process'} (pid "
+                              f"{owner.get('pid', 'unknown')}) whose store is not up yet; try again in a moment")
+    return f"unix://{sock}", None
+
+
+class StoreOwnerError(OSError):
+    """The data folder's owner has no store socket to talk to (yet)."""
 
 
 def _run(args: argparse.Namespace, op: Callable[[Gateway], Awaitable[Any]]) -> int:
     from redis.exceptions import RedisError
+
+    from .redis_server import RedisServerError
 
     async def main() -> Any:
         async with open_gateway(args) as gw:
@@ -103,6 +110,9 @@ def _run(args: argparse.Namespace, op: Callable[[Gateway], Awaitable[Any]]) -> i
 
     try:
         result = asyncio.run(main())
+    except (StoreOwnerError, RedisServerError) as exc:  # RedisServerError: e.g. no redis-server to start
+        print(f"kgate: embedded store: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     except (TimeoutError, RedisError, OSError) as exc:
         # An unreachable store is no bad input (exit 1, not 2), but still one line, never a traceback.
         what = "the store" if isinstance(exc, RedisError) else type(exc).__name__

@@ -25,7 +25,8 @@ h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px}
 .card b{display:block;font-size:18px}
 .multiples{display:flex;gap:16px;flex-wrap:wrap}
 table{border-collapse:collapse;font-size:12px;margin-top:8px}
-th,td{border:1px solid #d1d9e0;padding:3px 6px}th{background:#f6f8fa;position:sticky;top:0}
+th,td{border:1px solid #d1d9e0;padding:3px 6px;white-space:nowrap}th{background:#f6f8fa;position:sticky;top:0}
+.wide{overflow-x:auto;max-width:100%}
 td.n{text-align:right;font-variant-numeric:tabular-nums}tr.total td{font-weight:bold;background:#f6f8fa}
 svg text{font:11px system-ui,sans-serif;fill:#59636e}svg .title{font-size:12px;fill:#1f2328}
 """
@@ -104,11 +105,21 @@ def _table(report: Report) -> str:
     total = "".join("<td>TOTAL</td>" if i == 0 else "<td></td>" for i in range(len(report.by)))
     total += "".join(f"<td class=n>{_fmt(report.total[c], c)}</td>" for c in cols[len(report.by):])
     rows.append(f'<tr class="total">{total}</tr>')
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    # Wider than a window with all its columns: the table scrolls sideways, the page does not.
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def _when(ts: float | None, default: str) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC") if ts is not None else default
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _period(report: Report) -> str:
+    """The period as dates: the range asked for, else the first and last record read."""
+    lo = report.since if report.since is not None else report.first
+    hi = report.until if report.until is not None else report.last
+    if lo is None or hi is None:
+        return "No records in this range"
+    return f"From {_when(lo)} to {_when(hi)}"
 
 
 def render_html(report: Report) -> str:
@@ -128,7 +139,7 @@ def render_html(report: Report) -> str:
     else:
         time_charts = "<p>No metered requests in this range.</p>"
     hists = "".join(
-        _bars(k_histogram(values), title=f"tier {tier or '(none)'}: {len(values)} requests by K",
+        _bars(k_histogram(values), title=f"tier {tier}: {len(values)} requests by K",
               color="#1a7f37", width=420, height=170, unit=" requests")
         for tier, values in sorted(report.k_by_tier.items()))
     by = ", ".join(report.by) or "(nothing)"
@@ -140,8 +151,7 @@ def render_html(report: Report) -> str:
 <title>kgate audit report</title><style>{_CSS}</style></head>
 <body>
 <h1>kgate audit report</h1>
-<div class="meta">From {escape(_when(report.since, "the first record"))}
- to {escape(_when(report.until, "the last record"))}
+<div class="meta">{escape(_period(report))}
  · grouped by {escape(by)} · usage summed over metered decisions (allowed, clamped, partial, spooled,
  replayed), once per request id</div>
 {note}<div class="cards">{cards}</div>

@@ -18,6 +18,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import re
 import sys
 from collections import defaultdict
@@ -341,6 +342,15 @@ def _load_audit_config(path: str | None) -> AuditConfig:
         raise UsageError(f"cannot load config: {exc.errors[0]}") from None
 
 
+def _configured_key(name: str | None) -> bytes | None:
+    """The key of the config's ``audit.hmac_key_env``, or None when that variable is unset: the gateway
+    then writes plain sha256 chains (the key is optional), and HMAC records, if any, are reported as
+    ``hmac-key-needed`` naming the variable."""
+    if not name or not os.environ.get(name):
+        return None
+    return hmac_key_from_env(name)
+
+
 def parse_time(text: str, *, end: bool = False) -> float:
     """ISO date or datetime → epoch seconds (naive times are UTC). A date as an end means its day's end."""
     text = text.strip()
@@ -373,12 +383,12 @@ def _verify_main(args: list[str]) -> int:
     ns = p.parse_args(args)
     # The config is read only when it is needed: for the default PATH or for the HMAC key's variable.
     paths: list[str] = ns.paths
-    key_env: str | None = ns.hmac_key_env
-    if not paths or (ns.config and not key_env):
+    key: bytes | None = hmac_key_from_env(ns.hmac_key_env)  # named on the command line: it must be set
+    if not paths or (ns.config and not ns.hmac_key_env):
         audit_cfg = _load_audit_config(ns.config)
         paths = paths or [audit_cfg.dir]
-        key_env = key_env or audit_cfg.hmac_key_env
-    key = hmac_key_from_env(key_env)
+        if key is None:
+            key = _configured_key(audit_cfg.hmac_key_env)
     result = verify(paths, hmac_key=key, allow_pruned=ns.allow_pruned)
     if result.replicas == 0:
         raise UsageError(f"no audit files (audit-YYYY-MM-DD.jsonl) under {' '.join(map(str, paths))}")
@@ -535,6 +545,38 @@ def audit_totals(paths: Iterable[str | Path], since: float | datetime | None = N
     return dict(totals)
 
 
+# -------------------------------------------------------------------------------- meter --request-id
+METER_FIELDS = ("samples", "prompt_tokens", "reasoning_tokens", "output_tokens", "generated_tokens", "k",
+                "flops", "source")
+
+
+def charged_usage(request_id: str, audit: str | None = None, config: str | None = None) -> dict[str, Any]:
+    """What the gateway charged for one request, from its audit record, in ``kgate meter``'s shape.
+
+    The record holds the usage as the gateway measured it, including what a client never sees: the
+    upstream's usage chunk of a stream (which the gateway asked for and stripped) and hidden reasoning
+    tokens. With several records for the request (spooled, then replayed), the last one with usage wins.
+    """
+    paths = [audit or _load_audit_config(config).dir]
+    if not Path(paths[0]).exists():
+        raise UsageError(f"audit directory {paths[0]} does not exist (give --audit DIR or --config)")
+    found: dict[str, Any] | None = None
+    charged: dict[str, Any] | None = None
+    for _, rec in iter_records(paths):
+        if rec.get("request_id") != request_id:
+            continue
+        found = rec
+        if isinstance(rec.get("usage"), dict):
+            charged = rec
+    if found is None:
+        raise UsageError(f"no audit record of request {request_id!r} under {paths[0]}")
+    if charged is None:
+        raise UsageError(f"request {request_id!r} was {found.get('decision')} ({found.get('reason') or 'no reason'}):"
+                         " nothing was metered or charged")
+    usage = charged["usage"]
+    return {**{f: usage.get(f) for f in METER_FIELDS}, "model": charged.get("model"), "api": charged.get("api")}
+
+
 # ------------------------------------------------------------------------------------------- report
 @dataclass
 class Report:
@@ -549,13 +591,26 @@ class Report:
     series: dict[str, dict[str, float]] = field(default_factory=dict)  # bucket -> flops/k_units
     k_by_tier: dict[str, list[float]] = field(default_factory=dict)
     unreadable: int = 0
+    first: float | None = None  # the earliest and latest record times read: the period's real dates
+    last: float | None = None
+
+
+# What a report calls a record that has no principal (or no model, tier ...): an admin operation names no
+# caller of the API, and a request refused before its key was known has none.
+ADMIN_LABEL = "(admin)"
+UNAUTHENTICATED_LABEL = "(unauthenticated)"
+NONE_LABEL = "(none)"
 
 
 def _group_value(rec: dict[str, Any], t: float | None, name: str) -> str:
     if name == "day":
         return _utc_day(t) if t is not None else "unknown"
     value = rec.get(name)
-    return "" if value is None else str(value)
+    if value is not None and value != "":
+        return str(value)
+    if rec.get("decision") == "admin":
+        return ADMIN_LABEL
+    return UNAUTHENTICATED_LABEL if name in ("principal", "org") and not rec.get("principal") else NONE_LABEL
 
 
 def _new_row() -> dict[str, Any]:
@@ -585,7 +640,11 @@ def report_rows(paths: Iterable[str | Path], since: float | None = None, until: 
     total = _new_row()
     k_by_tier: dict[str, list[float]] = defaultdict(list)
     points: list[tuple[float, float, float]] = []
+    first = last = None
     for t, rec in iter_records(paths, since, until, stats):
+        if t is not None:
+            first = t if first is None else min(first, t)
+            last = t if last is None else max(last, t)
         key = tuple(_group_value(rec, t, name) for name in by)
         row = groups.get(key)
         if row is None:
@@ -605,14 +664,15 @@ def report_rows(paths: Iterable[str | Path], since: float | None = None, until: 
         for target in (row, total):
             for m in SUM_METRICS:
                 target[m] += amounts[m]
-        k_by_tier[str(rec.get("tier") or "")].append(amounts["k_units"])
+        k_by_tier[_group_value(rec, t, "tier")].append(amounts["k_units"])
         if t is not None:
             points.append((t, amounts["flops"], amounts["k_units"]))
     rows = [groups[k] for k in sorted(groups)]
     for row in (*rows, total):
         for m in TOKEN_METRICS:
             row[m] = int(row[m])
-    report = Report(by, rows, total, since, until, k_by_tier=dict(k_by_tier), unreadable=stats.unreadable)
+    report = Report(by, rows, total, since, until, k_by_tier=dict(k_by_tier), unreadable=stats.unreadable,
+                    first=first, last=last)
     _series(report, points)
     return report
 
@@ -682,6 +742,14 @@ def format_json(report: Report) -> str:
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
 
 
+def _html_name(report: Report) -> str:
+    """``kgate-audit-report-2025-03-01--2025-03-03.html``: the period's days (the records', if unbounded)."""
+    lo = report.since if report.since is not None else report.first
+    hi = report.until - 1 if report.until is not None else report.last  # --to DATE ends at the next midnight
+    days = [_utc_day(t) if t is not None else "all" for t in (lo, hi)]
+    return f"kgate-audit-report-{days[0]}--{days[1]}.html"
+
+
 # ------------------------------------------------------------------------------------- report CLI
 def report_main(args: list[str]) -> int:
     """``kgate audit report [--from T] [--to T] [--by FIELDS] [--format table|csv|json|html] [PATH...]``."""
@@ -699,7 +767,9 @@ def _report_main(args: list[str]) -> int:
                    help=f"comma-separated grouping, from: {', '.join(GROUP_FIELDS)} (default: principal)")
     p.add_argument("--format", default="table", choices=("table", "csv", "json", "html"))
     p.add_argument("--config", help="configuration file (for audit.dir)")
-    p.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of standard output")
+    p.add_argument("--output", "-o", metavar="FILE",
+                   help="write to FILE ('-': standard output). Default: standard output, except for html, which "
+                        "goes to kgate-audit-report-FROM--TO.html (its path is printed)")
     ns = p.parse_args(args)
     since = parse_time(ns.since) if ns.since else None
     until = parse_time(ns.until, end=True) if ns.until else None
@@ -718,10 +788,13 @@ def _report_main(args: list[str]) -> int:
         text = render_html(report)
     else:
         text = {"table": format_table, "csv": format_csv, "json": format_json}[ns.format](report)
-    if ns.output:
-        Path(ns.output).write_text(text, encoding="utf-8")
-    else:
+    output = ns.output or (_html_name(report) if ns.format == "html" else "-")
+    if output == "-":
         sys.stdout.write(text)
+    else:
+        Path(output).write_text(text, encoding="utf-8")
+        if ns.format == "html" and not ns.output:
+            print(Path(output).resolve())  # a page to open in a browser, not to scroll through in a terminal
     if report.unreadable:
         print(f"warning: skipped {report.unreadable} unreadable lines (run kgate audit verify)",
               file=sys.stderr)
@@ -730,6 +803,6 @@ def _report_main(args: list[str]) -> int:
 
 __all__ = [
     "METERED_DECISIONS", "Problem", "Report", "TotalKey", "UsageError", "VerifyResult", "audit_totals",
-    "bucket_start", "discover", "format_csv", "format_json", "format_table", "iter_records", "parse_time",
-    "report_main", "report_rows", "usage_amounts", "verify", "verify_main",
+    "bucket_start", "charged_usage", "discover", "format_csv", "format_json", "format_table", "iter_records",
+    "parse_time", "report_main", "report_rows", "usage_amounts", "verify", "verify_main",
 ]

@@ -57,8 +57,22 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_meter(args: argparse.Namespace) -> int:
+    """``kgate meter``: from a request body and the upstream's answer, or (``--request-id``) from the
+    audit record of a request the gateway served, which carries what it charged."""
     from .metering import meter_dict, meter_response, parse_request, resolve_path
 
+    if args.request_id:
+        from .audit_tools import UsageError as AuditUsageError
+        from .audit_tools import charged_usage
+
+        try:
+            _emit(charged_usage(args.request_id, args.audit, args.config))
+        except AuditUsageError as exc:
+            raise UsageError(str(exc)) from None
+        return 0
+    missing = [f"--{n}" for n in ("path", "body", "response") if not getattr(args, n)]
+    if missing:
+        raise UsageError(f"meter needs {', '.join(missing)} (or --request-id ID to read what the gateway charged)")
     config = _load(args.config)
     adapter, params = resolve_path(args.path)
     parsed = parse_request(config, adapter, params, _read_file(args.body, "request body"))
@@ -92,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", help="HOST:PORT for clients (default from config)")
     s.add_argument("--admin-listen", help="HOST:PORT for the admin API (default from config)")
     s.add_argument("--store", help="'embedded' (default) or a Redis URL (env KGATE_STORE_URL)")
+    s.add_argument("--replica-id", help="this replica's id in the audit log and spool (default: "
+                   "server.replica_id, else the host name); each replica on one host needs its own")
     s.set_defaults(func=_lazy("gateway.server", "cmd_serve"))
 
     s = sub.add_parser(
@@ -121,13 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes sharing the port (SO_REUSEPORT; default %(default)s)")
     s.set_defaults(func=_lazy("gateway.server", "cmd_simulate"))
 
-    for name, func, needs_response in (("estimate", cmd_estimate, False), ("meter", cmd_meter, True)):
+    for name, func, metered in (("estimate", cmd_estimate, False), ("meter", cmd_meter, True)):
         s = sub.add_parser(name, help=f"{name} the compute of one request (one JSON object on stdout)")
         s.add_argument("--config", help="policy/config YAML (default: the example policy)")
-        s.add_argument("--path", required=True, help="the API path, e.g. /v1/chat/completions")
-        s.add_argument("--body", required=True, help="the request body (a JSON file, or - for stdin)")
-        if needs_response:
-            s.add_argument("--response", required=True, help="the response: a JSON body or a raw SSE transcript")
+        # meter: --path, --body and --response, or --request-id alone
+        s.add_argument("--path", required=not metered, help="the API path, e.g. /v1/chat/completions")
+        s.add_argument("--body", required=not metered, help="the request body (a JSON file, or - for stdin)")
+        if metered:
+            s.add_argument("--response", help="the response: a JSON body or a raw SSE transcript")
+            s.add_argument("--request-id", help="instead: what the gateway charged the request with this id "
+                           "(its x-kgate-request-id), read from its audit record")
+            s.add_argument("--audit", metavar="DIR", help="with --request-id: the audit files or directory "
+                           "(default: the config's audit.dir)")
         s.set_defaults(func=func)
 
     pol = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_cmd", required=True,

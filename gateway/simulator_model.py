@@ -13,7 +13,8 @@ The rules, chosen to be easy to predict in tests:
   thinking on; a request that turns thinking off never reasons;
 - reasoning tokens per sample: an explicit thinking budget times :data:`THINKING_BUDGET_FRACTION`, else the
   effort's entry in :data:`EFFORT_TOKENS`; reasoning counts inside the per-sample output cap, as the
-  providers count it, and visible tokens get what the cap leaves;
+  providers count it, but stops early enough to leave the answer room (the visible length, at most half
+  the cap), and visible tokens get what the cap leaves;
 - visible tokens per sample: the configured length (64 by default), cut by the cap.
 """
 
@@ -200,8 +201,14 @@ def _reasoning_target(ctx: GenContext, model: str, enabled: bool | None, effort:
 
 def _plan(api: str, model: str, stream: bool, prompt_tokens: int, choices: int, generated: int,
           reasoning_want: int, cap: int, ctx: GenContext, **extra: Any) -> Plan:
-    """Fit reasoning, then visible tokens, under the per-sample cap."""
-    reasoning = min(reasoning_want, cap)
+    """Fit reasoning, then visible tokens, under the per-sample cap.
+
+    Reasoning leaves room for the answer, as models trained with thinking budgets do: at most
+    ``cap - min(answer, cap // 2)``, so a cap that the reasoning alone would fill still gets a visible
+    answer (of at least half the cap, or the whole answer if shorter). Forced reasoning
+    (``x-sim-reasoning-tokens``) is exact and may fill the cap: tests use it to reach the cap."""
+    room = 0 if ctx.reasoning_tokens is not None else min(ctx.output_tokens, cap // 2)
+    reasoning = min(reasoning_want, cap - room)
     visible = min(ctx.output_tokens, cap - reasoning)
     capped = reasoning < reasoning_want or visible < ctx.output_tokens
     return Plan(api=api, model=model, stream=stream, prompt_tokens=prompt_tokens, choices=choices,

@@ -117,10 +117,11 @@ async def test_chat_caps_count_reasoning_and_prefer_max_completion_tokens(
     _, _, b = await post(http, sim + CHAT, body)
     r = orjson.loads(b)
     assert r["choices"][0]["finish_reason"] == "length"
-    assert r["usage"]["completion_tokens"] == 66 and reasoning_tokens(b) == 64
-    assert r["choices"][0]["message"]["content"] == " The simulated"
-    # the cap cuts reasoning itself: nothing visible is left
-    _, _, b = await post(http, sim + CHAT, {**body, "max_completion_tokens": 50})
+    # reasoning stops early enough to leave the answer room (V = 8 of the 66)
+    assert r["usage"]["completion_tokens"] == 66 and reasoning_tokens(b) == 58
+    assert r["choices"][0]["message"]["content"].startswith(" The simulated")
+    # forced reasoning that fills the cap: nothing visible is left
+    _, _, b = await post(http, sim + CHAT, {**body, "max_completion_tokens": 50}, {"x-sim-reasoning-tokens": "64"})
     r = orjson.loads(b)
     assert r["usage"]["completion_tokens"] == 50 and r["choices"][0]["message"]["content"] == ""
     assert r["choices"][0]["finish_reason"] == "length"
@@ -198,7 +199,7 @@ async def test_sglang_usage_and_cap_precedence(http: aiohttp.ClientSession) -> N
                 "max_tokens": 70, "max_completion_tokens": 10}
         _, _, b = await post(http, url + CHAT, body)
         r = orjson.loads(b)
-        assert r["usage"]["reasoning_tokens"] == 64 and "completion_tokens_details" not in r["usage"]
+        assert r["usage"]["reasoning_tokens"] == 62 and "completion_tokens_details" not in r["usage"]
         assert r["usage"]["completion_tokens"] == 70  # max_tokens wins on SGLang
         assert r["choices"][0]["message"]["reasoning_content"].startswith(" Let me think")
         st, _, b = await post(http, url + CHAT, None, raw=b"nope")
@@ -359,8 +360,8 @@ async def test_gemini_json_thoughts_outside_candidates(sim: str, http: aiohttp.C
     _, _, b = await post(http, sim + GEM + "generateContent", capped)
     r = orjson.loads(b)
     assert r["candidates"][0]["finishReason"] == "MAX_TOKENS"
-    assert r["usageMetadata"]["thoughtsTokenCount"] == 100
-    assert "candidatesTokenCount" not in r["usageMetadata"]
+    assert r["usageMetadata"]["thoughtsTokenCount"] == 100 - V  # the thoughts leave the answer room
+    assert r["usageMetadata"]["candidatesTokenCount"] == V
     st, _, b = await post(http, sim + "/v1beta/models/gemini-2.5-flash:bogus", body)
     assert st == 404 and orjson.loads(b)["error"]["status"] == "NOT_FOUND"
 
