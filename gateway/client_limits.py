@@ -51,7 +51,10 @@ class GuardedRequestHandler(RequestHandler):
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:  # a head is whole (its body, if any, has its own timeout)
-            self._disarm()
+            timer = self._head_timer  # inlined _disarm: this runs on every read
+            if timer is not None:
+                timer.cancel()
+                self._head_timer = None
         elif data and self._head_timer is None and self._awaiting_head():
             self._arm()  # the first bytes of a later head on a kept-alive connection
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -67,6 +66,7 @@ from .errors import (
 from .http_client import HttpBroken, HttpTimeout
 from .ledger import BudgetRefused, BudgetSpec, HoldRequest, Reservation, ScopeRef
 from .metering import ParsedRequest, decode_body, parse_request
+from .model_names import renamer
 
 log = logging.getLogger("kgate.handler")
 
@@ -177,8 +177,8 @@ async def _serve(request: web.Request, gw: Gateway, cfg: Config, adapter: Adapte
     tier_name, tier = await effective_tier(gw, cfg, principal, out)
     out.tier, out.mode = tier_name, tier.mode
     authorize_model(cfg, tier, parsed.model_name)
-    violation = check_fields(adapter.api, parsed.screen, tier, request.query_string,
-                             up.provider_headers(request.headers))
+    # The client's own headers: a beta flag is a question for the tier even where it would not be forwarded.
+    violation = check_fields(adapter.api, parsed.screen, tier, request.query_string, request.headers)
     if violation is not None:  # shadow mode: forwarded all the same, recorded as what enforce would refuse
         out.would_deny, out.rule, out.reason = True, violation.rule, violation.error.message
     parsed = enforce_caps(parsed, tier, out)
@@ -723,14 +723,18 @@ async def _upstream_failure(gw: Gateway, reservation: Reservation | None, out: O
 
 async def _send_charging(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
                          target: up.Target, path: str, payload: bytes, headers: Any, t0: float) -> up.Response:
-    """:func:`_send`; a timeout after the request left charges it as work done (the upstream may have
-    generated the whole answer, which the client then never saw): see :func:`_charge_unanswered`."""
+    """Send the request upstream (failures counted by kind); a timeout after the request left charges it as
+    work done (the upstream may have generated the whole answer, which the client then never saw): see
+    :func:`_charge_unanswered`."""
+    assert gw.session is not None
     try:
-        return await _send(gw, target, path, payload, headers)
+        return await up.send(gw.session, target, path, payload, headers)
     except UpstreamTimeout as err:
         if err.code != "upstream_connect_timeout":
             await _charge_unanswered(gw, parsed, reservation, out, err, t0)
-        raise
+        raise _counted(gw, target.name, err) from None
+    except GatewayError as err:
+        raise _counted(gw, target.name, err) from None
 
 
 async def _charge_unanswered(gw: Gateway, parsed: ParsedRequest, reservation: Reservation | None, out: Outcome,
@@ -763,14 +767,6 @@ def _chargeable(gw: Gateway, parsed: ParsedRequest, out: Outcome, usage: Usage) 
 def _charge_note(measured: Measured) -> str:
     return "the admission bound" if measured.usage.source == "bound" else \
         f"{measured.usage.generated_tokens} generated tokens ({measured.usage.source})"
-
-
-async def _send(gw: Gateway, target: up.Target, path: str, payload: bytes, headers: Any) -> up.Response:
-    assert gw.session is not None
-    try:
-        return await up.send(gw.session, target, path, payload, headers)
-    except GatewayError as err:
-        raise _counted(gw, target.name, err) from None
 
 
 def _counted(gw: Gateway, upstream: str, err: GatewayError) -> GatewayError:
@@ -816,22 +812,25 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
         "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     failure: GatewayError | None = None
     client_gone = False
-    rename = _renamer(parsed)
+    named = renamer(parsed.model_name, parsed.model)
+    rename = named.stream() if named is not None else None
     write_timeout = out.config.server.write_timeout_seconds if out.config is not None else 30.0
+    transport: asyncio.WriteTransport | None = None
     try:
-        if not await _write(response, request, None, write_timeout):
+        transport = await _prepare(response, request)
+        if transport is None:
             client_gone = True
         else:
             async for chunk in resp.iter_any():
                 if out.first_byte_seconds is None:
                     out.first_byte_seconds = time.perf_counter() - t0
                 data = meter.feed(chunk)
-                if data and not await _write(response, request, rename(data) if rename else data, write_timeout):
+                if data and not await _write(response, transport, rename(data) if rename else data, write_timeout):
                     client_gone = True
                     break
             else:
                 tail = meter.close()
-                if tail and not await _write(response, request, rename(tail) if rename else tail, write_timeout):
+                if tail and not await _write(response, transport, rename(tail) if rename else tail, write_timeout):
                     client_gone = True
         if client_gone:
             # Keep reading what the upstream generates until its usage arrives: what hidden reasoning the
@@ -861,8 +860,8 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
     if failure is not None:
         if isinstance(failure, (UpstreamError, UpstreamTimeout)):  # not a bug of ours
             _counted(gw, out.upstream or "", failure)
-        if not client_gone:
-            client_gone = not await _write(response, request, render_stream_error(failure, parsed.adapter.api),
+        if not client_gone and transport is not None:
+            client_gone = not await _write(response, transport, render_stream_error(failure, parsed.adapter.api),
                                            write_timeout)
     if meter.error is not None:
         out.reason = out.reason or "upstream sent an error event"
@@ -872,63 +871,36 @@ async def proxy_stream(request: web.Request, gw: Gateway, parsed: ParsedRequest,
             async with asyncio.timeout(write_timeout):
                 await response.write_eof()
         except (OSError, TimeoutError):
-            if request.transport is not None:
-                request.transport.abort()
+            if transport is not None:
+                transport.abort()
     return response
 
 
-def _renamer(parsed: ParsedRequest) -> Callable[[bytes], bytes] | None:
-    """A function that puts the model name the client asked for where the upstream wrote its own (the
-    ``model`` of OpenAI and Anthropic bodies and events, Gemini's ``modelVersion``); None when the two
-    names are the same. The upstream's name stays in the audit record (``upstream_model``)."""
-    upstream_model = parsed.model.upstream_model
-    if not upstream_model or upstream_model == parsed.model_name:
-        return None
-    key = (upstream_model, parsed.model_name)
-    fn = _RENAMERS.get(key)
-    if fn is None:
-        if len(_RENAMERS) > 1024:
-            _RENAMERS.clear()
-        fn = _RENAMERS[key] = _make_renamer(upstream_model, parsed.model_name)
-    return fn
-
-
-def _make_renamer(upstream_model: str, public_model: str) -> Callable[[bytes], bytes]:
-    needle = upstream_model.encode()
-    pattern = re.compile(rb'("(?:model|modelVersion)"\s*:\s*")' + re.escape(needle) + rb'"')
-    public = orjson.dumps(public_model)[1:-1].replace(b"\\", b"\\\\")  # JSON-escaped, then for re.sub
-    replacement = rb"\g<1>" + public + b'"'
-
-    def rename(data: bytes) -> bytes:
-        return pattern.sub(replacement, data) if needle in data else data
-
-    return rename
-
-
-_RENAMERS: dict[tuple[str, str], Callable[[bytes], bytes]] = {}
-
-
 def _public_model(parsed: ParsedRequest, data: bytes) -> bytes:
-    rename = _renamer(parsed)
-    return rename(data) if rename else data
+    r = renamer(parsed.model_name, parsed.model)
+    return r.body(data) if r is not None else data
 
 
 # Below this much unsent data a write cannot block on the client: no timer is needed (the common case).
 _WRITE_BUFFER_SAFE = 1 << 16
 
 
-async def _write(response: web.StreamResponse, request: web.Request, data: bytes | None,
-                 timeout: float = 30.0) -> bool:
-    """Send to the client (``None``: send the headers); False when the client has gone away, or has not
-    taken what was sent for ``timeout`` seconds (a client that stops reading must not pin the request:
-    its connection is dropped and the request is treated as a disconnect)."""
+async def _prepare(response: web.StreamResponse, request: web.Request) -> asyncio.WriteTransport | None:
+    """Send the response's head; the connection's transport, or None when the client has gone away."""
     try:
-        if data is None:
-            await response.prepare(request)
-            return True
-        transport = request.transport
-        if transport is None:
-            return False
+        await response.prepare(request)
+    except (ConnectionError, OSError):
+        return None
+    # Not an isinstance check: uvloop's transports are not asyncio.Transport subclasses.
+    return cast(asyncio.WriteTransport, request.transport)
+
+
+async def _write(response: web.StreamResponse, transport: asyncio.WriteTransport, data: bytes,
+                 timeout: float) -> bool:
+    """Send to the client; False when the client has gone away, or has not taken what was sent for
+    ``timeout`` seconds (a client that stops reading must not pin the request: its connection is dropped
+    and the request is treated as a disconnect)."""
+    try:
         if transport.get_write_buffer_size() + len(data) <= _WRITE_BUFFER_SAFE:
             await response.write(data)
             return True

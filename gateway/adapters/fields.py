@@ -147,8 +147,10 @@ def screen_body(api: str, body: Mapping[str, Any]) -> Screen:
         return CLEAN
     if api == "gemini":
         return _screen_gemini(body)
-    unknown = [k for k in body if k not in table.known]
-    context = [k for k in table.context if body.get(k) not in (None, "", [], {})]
+    # Set operations first (in C): nearly every request has neither unknown fields nor context keys.
+    unknown = [] if table.known.issuperset(body) else [k for k in body if k not in table.known]
+    context = [] if table.context.isdisjoint(body) else [
+        k for k in table.context if body.get(k) not in (None, "", [], {})]
     if api == "openai.responses":
         if body.get("background") is True:
             raise BadRequest("'background': true is not supported through kgate: the answer would arrive "
@@ -194,19 +196,24 @@ def _camel(name: str) -> str:
     return _SNAKE.sub(lambda m: m.group(1).upper(), name) if "_" in name else name
 
 
-def _parts(items: Any, key: str = "content") -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """(path, part) for each content part (an object) of a list of messages or input items."""
-    if not isinstance(items, list):
+def _parts(items: Any, key: str = "content") -> Iterator[tuple[int, int, Mapping[str, Any]]]:
+    """(i, j, part) for each item (j = -1) of a list of messages or input items and each content part (an
+    object) of it; :func:`_path` spells the position, only for what is found (on every request's path)."""
+    if type(items) is not list:
         return
     for i, item in enumerate(items):
-        if not isinstance(item, dict):
+        if type(item) is not dict:
             continue
-        yield f"[{i}]", item
+        yield i, -1, item
         content = item.get(key)
-        if isinstance(content, list):
+        if type(content) is list:
             for j, part in enumerate(content):
-                if isinstance(part, dict):
-                    yield f"[{i}].{key}[{j}]", part
+                if type(part) is dict:
+                    yield i, j, part
+
+
+def _path(i: int, j: int, key: str = "content") -> str:
+    return f"[{i}]" if j < 0 else f"[{i}].{key}[{j}]"
 
 
 def _remote_url(url: Any) -> bool:
@@ -215,45 +222,52 @@ def _remote_url(url: Any) -> bool:
 
 def _chat_context(messages: Any) -> list[str]:
     """Images, audio and video by URL (vLLM fetches them) and files by id."""
-    found = []
-    for path, part in _parts(messages):
+    found: list[str] = []
+    if type(messages) is not list:
+        return found
+    for m in messages:
+        if type(m) is dict and type(m.get("content")) is list:
+            break
+    else:
+        return found  # text-only messages (most requests): no part can refer to anything
+    for i, j, part in _parts(messages):
         kind = part.get("type")
         if kind in ("image_url", "video_url", "audio_url"):
             ref = part.get(kind)
             url = ref.get("url") if isinstance(ref, dict) else ref
             if _remote_url(url):
-                found.append(f"messages{path}.{kind}")
+                found.append(f"messages{_path(i, j)}.{kind}")
         elif kind == "file":
             f = part.get("file")
             if isinstance(f, dict) and f.get("file_id"):
-                found.append(f"messages{path}.file.file_id")
+                found.append(f"messages{_path(i, j)}.file.file_id")
     return found
 
 
 def _responses_context(items: Any) -> list[str]:
     """``input_image`` / ``input_file`` by URL or file id, and references to stored items."""
     found = []
-    for path, part in _parts(items):
+    for i, j, part in _parts(items):
         kind = part.get("type")
         if kind == "item_reference":
-            found.append(f"input{path}")
+            found.append(f"input{_path(i, j)}")
         elif kind in ("input_image", "input_file"):
             if part.get("file_id"):
-                found.append(f"input{path}.file_id")
+                found.append(f"input{_path(i, j)}.file_id")
             elif _remote_url(part.get("image_url")) or _remote_url(part.get("file_url")):
-                found.append(f"input{path}.{'image_url' if kind == 'input_image' else 'file_url'}")
+                found.append(f"input{_path(i, j)}.{'image_url' if kind == 'input_image' else 'file_url'}")
     return found
 
 
 def _anthropic_context(messages: Any) -> list[str]:
     """Image and document blocks whose ``source`` is a URL or a file id; files uploaded to a container."""
     found = []
-    for path, part in _parts(messages):
+    for i, j, part in _parts(messages):
         source = part.get("source")
         if isinstance(source, dict) and source.get("type") in ("url", "file"):
-            found.append(f"messages{path}.source")
+            found.append(f"messages{_path(i, j)}.source")
         elif part.get("type") == "container_upload":
-            found.append(f"messages{path}")
+            found.append(f"messages{_path(i, j)}")
     return found
 
 
@@ -331,7 +345,10 @@ def check_fields(api: str, screen: Screen, tier: Any, query: str, headers: Mappi
 
 def _violation(api: str, screen: Screen, tier: Any, query: str, headers: Mapping[str, str]
                ) -> FieldViolation | None:
-    extra = [*screen.unknown, *unknown_params(api, query), *gated_headers(headers)]
+    gated = gated_headers(headers)
+    if screen is CLEAN and not query and not gated:  # the common case, on every request's path
+        return None
+    extra = [*screen.unknown, *unknown_params(api, query), *gated]
     if extra and tier.unknown_fields == "refuse":
         refused = [n for n in extra if not _allowed(n, tier.allow_fields)]
         if refused:

@@ -92,12 +92,18 @@ class ChatCompletions(OpenAIAdapter):
     def write_bound(self, body: dict[str, Any], req: ComputeRequest, bound: Bound) -> list[str]:
         # max_completion_tokens always (vLLM reads it first); max_tokens too when the client sent it
         # (SGLang reads that one first): no field the upstream might read keeps a larger value.
-        changes = [c for key in _CAP_FIELDS
-                   if (key == "max_completion_tokens" or body.get(key) is not None)
-                   and (c := write_cap(body, key, bound.output_cap))]
-        ints = as_ints(body, ("n", "best_of"))
-        if ints is not None:
-            body.update(ints)
+        # Spelled out, not looped: this runs on every chat request.
+        cap = bound.output_cap
+        changes: list[str] = []
+        change = write_cap(body, "max_completion_tokens", cap)
+        if change:
+            changes.append(change)
+        if body.get("max_tokens") is not None:
+            change = write_cap(body, "max_tokens", cap)
+            if change:
+                changes.append(change)
+        if type(body.get("n")) is float or type(body.get("best_of")) is float:
+            body.update(as_ints(body, ("n", "best_of")) or {})
         return changes
 
     def prepare_upstream(self, body: dict[str, Any], upstream_model: str, stream: bool) -> bool:
@@ -113,7 +119,9 @@ class ChatCompletions(OpenAIAdapter):
         if has_counts(usage, "prompt_tokens", "completion_tokens", "total_tokens"):
             assert isinstance(usage, dict)
             return usage_from_counts(usage, samples=samples, reasoning_estimate=reasoning_est,
-                                     visible_estimate=sum(_visible_tokens(m) for m in messages))
+                                     # only needed (and so only counted) when reasoning text came back
+                                     visible_estimate=sum(_visible_tokens(m) for m in messages)
+                                     if reasoning_est else None)
         return Usage(
             samples=max(samples, 1),
             prompt_tokens=req.prompt_tokens,
