@@ -1,4 +1,4 @@
-"""The admin API, on its own listener with its own bearer token (DESIGN §5).
+"""The admin API, on its own listener with its own bearer token (docs/design.md §7.3).
 
 Principals, keys (a created key is shown once), tier assignment, per-principal budget overrides, grants,
 usage and remaining budget, the policy version and reload. Every change is an audit record

@@ -103,6 +103,7 @@ def _run(args: argparse.Namespace, op: Callable[[Gateway], Awaitable[Any]]) -> i
     from redis.exceptions import RedisError
 
     from .redis_server import RedisServerError
+    from .store import STORE_ERRORS
 
     async def main() -> Any:
         async with open_gateway(args) as gw:
@@ -113,7 +114,7 @@ def _run(args: argparse.Namespace, op: Callable[[Gateway], Awaitable[Any]]) -> i
     except (StoreOwnerError, RedisServerError) as exc:  # RedisServerError: e.g. no redis-server to start
         print(f"kgate: embedded store: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
-    except (TimeoutError, RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         # An unreachable store is no bad input (exit 1, not 2), but still one line, never a traceback.
         what = "the store" if isinstance(exc, RedisError) else type(exc).__name__
         print(f"kgate: {what} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",

@@ -1,4 +1,4 @@
-"""The aiohttp application: ``create_app(config)`` (DESIGN §4, §6, §7).
+"""The aiohttp application: ``create_app(config)`` (docs/design.md §4, §8, §10).
 
 The app owns its lifetimes through ``cleanup_ctx``, in order: the in-process simulator (when an upstream
 says ``base_url: simulator``), the store (an embedded Redis when ``store.url: embedded``), the ledger and

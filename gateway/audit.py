@@ -1,4 +1,4 @@
-"""The tamper-evident audit log (DESIGN §5): one hash-chained JSON line per decision.
+"""The tamper-evident audit log (docs/design.md §7.1): one hash-chained JSON line per decision.
 
 Each replica writes ``<dir>/<replica>/audit-YYYY-MM-DD.jsonl`` (UTC day of the write), one record per line.
 The writer adds three fields to the record it is given:

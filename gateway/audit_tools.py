@@ -41,18 +41,13 @@ from .audit import (
     file_order,
     hmac_key_from_env,
 )
-from .config import AuditConfig
+from .config import METRICS, AuditConfig
+from .errors import UsageError
 
 METERED_DECISIONS = frozenset({"allowed", "clamped", "partial", "spooled", "replayed"})
 TOKEN_METRICS = ("prompt_tokens", "reasoning_tokens", "output_tokens", "generated_tokens")
 SUM_METRICS = (*TOKEN_METRICS, "flops", "k_units")
 GROUP_FIELDS = ("principal", "org", "model", "tier", "decision", "day", "replica", "api", "upstream")
-LEDGER_METRICS = ("requests", "prompt_tokens", "output_tokens", "reasoning_tokens", "generated_tokens",
-                  "flops", "k_units")
-
-
-class UsageError(Exception):
-    """Bad input to a command: reported as one line, exit status 2."""
 
 
 # ------------------------------------------------------------------------------------- discovery
@@ -540,7 +535,7 @@ def audit_totals(paths: Iterable[str | Path], since: float | datetime | None = N
         for w in wins:
             b = bucket_start(w, t)
             for scope, sid in scopes:
-                for metric in LEDGER_METRICS:
+                for metric in METRICS:
                     totals[TotalKey(scope, sid, metric, w, b)] += amounts[metric]
     return dict(totals)
 

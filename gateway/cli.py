@@ -1,4 +1,4 @@
-"""The ``kgate`` command line (DESIGN §8). Command names and options are contracts: keep them stable.
+"""The ``kgate`` command line (docs/design.md §9). Command names and options are contracts: keep them stable.
 
 Each command is a small function; the work lives in the module of its concept. Errors are one line on
 stderr and exit 2 (bad input) or 1 (a check failed) — never a traceback.
@@ -15,13 +15,9 @@ from typing import Any, NoReturn
 import orjson
 
 from .config import ConfigError, default_config_path, load_config
-from .errors import GatewayError
+from .errors import GatewayError, UsageError
 
 AUDIT_COMMANDS = ("verify", "report", "reconcile")
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,13 +58,9 @@ def cmd_meter(args: argparse.Namespace) -> int:
     from .metering import meter_dict, meter_response, parse_request, resolve_path
 
     if args.request_id:
-        from .audit_tools import UsageError as AuditUsageError
         from .audit_tools import charged_usage
 
-        try:
-            _emit(charged_usage(args.request_id, args.audit, args.config))
-        except AuditUsageError as exc:
-            raise UsageError(str(exc)) from None
+        _emit(charged_usage(args.request_id, args.audit, args.config))
         return 0
     missing = [f"--{n}" for n in ("path", "body", "response") if not getattr(args, n)]
     if missing:

@@ -1,4 +1,4 @@
-"""The compute model (DESIGN §1): samples, tokens, K and FLOPs, before and after a request.
+"""The compute model (docs/design.md §1): samples, tokens, K and FLOPs, before and after a request.
 
 Symbols: S samples, P prompt tokens, R reasoning tokens, V visible output tokens, G = R + V,
 N active parameters, V_ref the model's reference answer length.
@@ -10,10 +10,11 @@ N active parameters, V_ref the model's reference answer length.
   generated ≤ S·C. Every provider kgate speaks counts reasoning inside the output cap (Gemini in
   practice too), so R_budget ≤ C.
 - Only limits a provider enforces bound anything: the output cap C (which kgate writes into every forwarded
-  request) and Anthropic's ``thinking.budget_tokens``. What a request *claims* about reasoning — thinking
-  switched off, Gemini's ``thinkingBudget`` (a guide the model may overshoot), an effort — lowers the
-  expected amount (``admission: expected``), never the bound: a provider or chat template that ignores
-  the claim can still spend up to C on reasoning.
+  request) and Anthropic's ``thinking.budget_tokens``. What a request *claims* about reasoning never
+  lowers the bound: thinking switched off (which lowers the expected amount of ``admission: expected``),
+  Gemini's positive ``thinkingBudget`` (a guide the model may overshoot), an effort (the expected amount
+  again, through the model's effort table). A provider or chat template that ignores the claim can still
+  spend up to C on reasoning.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Configuration and policy schema (DESIGN §2, §8).
+"""Configuration and policy schema (docs/design.md §2, §9).
 
 A configuration is one YAML file, or several merged in order (later files add models, tiers, ...).
 Every key is validated by pydantic with ``extra="forbid"``: a misspelled key is an error that names the
@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Metric = Literal[
     "requests", "prompt_tokens", "output_tokens", "reasoning_tokens", "generated_tokens", "flops", "k_units"
 ]
+METRICS: tuple[str, ...] = get_args(Metric)  # the budget metric names, in this order
 WindowName = Literal["1m", "1h", "1d", "7d", "30d", "day", "month"]
 Scope = Literal["principal", "org", "global"]
 Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]

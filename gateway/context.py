@@ -1,4 +1,4 @@
-"""The gateway's per-process state, held in one ``web.AppKey`` (DESIGN §7: no mutable globals)."""
+"""The gateway's per-process state, held in one ``web.AppKey`` (docs/design.md §10: no mutable globals)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Who the callers are: principals, API keys, grants and budget overrides, kept in Redis (DESIGN §2).
+"""Who the callers are: principals, API keys, grants and budget overrides, kept in Redis (docs/design.md §2).
 
 - API keys are stored only as a keyed hash: HMAC-SHA256 under a pepper (``KGATE_KEY_PEPPER`` from the
   environment, else one generated once and kept in the store), never in clear. A key is shown once, at
@@ -23,16 +23,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from .background import cancelled, stop_task
 from .config import Config, PrincipalConfig
+from .store import STORE_ERRORS
 
 log = logging.getLogger("kgate.directory")
 
 KEY_PREFIX = "kgate_"  # issued API keys look like kgate_<43 url-safe chars>
 CACHE_TTL = 1.0  # seconds; the upper bound on staleness when an invalidation message is lost
-STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 STORE_RETRY = 2.0  # seconds after a store error during which lookups answer from what was read before
 # The cache is swept of expired entries whenever it doubles (from at least CACHE_SWEEP_MIN entries), so
 # a flood of distinct unknown keys costs memory for about one TTL's worth of them, never more than

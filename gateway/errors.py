@@ -1,4 +1,4 @@
-"""The error vocabulary and its one mapping to HTTP and to each API's error shape (DESIGN §4, §7).
+"""The error vocabulary and its one mapping to HTTP and to each API's error shape (docs/design.md §4, §10).
 
 Every error the gateway answers with is a :class:`GatewayError`; :func:`render` turns it into the body
 the client's API expects: OpenAI ``{"error": {...}}``, Anthropic ``{"type": "error", "error": {...}}``,
@@ -145,6 +145,11 @@ class ClientClosed(GatewayError):
 class InternalError(GatewayError):
     status = 500
     kind = "internal_error"
+
+
+class UsageError(Exception):
+    """Bad input to a ``kgate`` command (an option, a file, a date): printed as one line, exit status 2.
+    Not a :class:`GatewayError`: it is never an HTTP answer."""
 
 
 def render(err: GatewayError, shape: ErrorShape) -> dict[str, Any]:

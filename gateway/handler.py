@@ -1,4 +1,4 @@
-"""The request handler: DESIGN §4, top to bottom.
+"""The request handler: docs/design.md §4, top to bottom.
 
 identify → parse → bound → per-request caps (reject or clamp) → reserve → forward → meter → settle →
 audit + metrics. Every failure is a :class:`~gateway.errors.GatewayError`, answered in the shape of the
@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import orjson
 from aiohttp import web
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from . import upstream as up
 from .adapters import Adapter
@@ -67,6 +67,7 @@ from .http_client import HttpBroken, HttpTimeout
 from .ledger import BudgetRefused, BudgetSpec, HoldRequest, Reservation, ScopeRef
 from .metering import ParsedRequest, decode_body, parse_request
 from .model_names import renamer
+from .store import STORE_ERRORS
 
 log = logging.getLogger("kgate.handler")
 
@@ -82,10 +83,6 @@ def _request_ids() -> Iterator[str]:
 
 
 _REQUEST_IDS = _request_ids()
-
-STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError, TimeoutError)
-METRICS = ("requests", "prompt_tokens", "output_tokens", "reasoning_tokens", "generated_tokens", "flops",
-           "k_units")
 
 
 @dataclass
@@ -113,6 +110,7 @@ class Outcome:
     store: str = "ok"  # ok | unmetered | spooled | unsettled (the settle failed and could not be spooled)
     upstream_seconds: float = 0.0
     first_byte_seconds: float | None = None  # from sending upstream to the first byte of its answer
+    sent_at: float | None = None  # perf_counter when the request left for the upstream (None: not sent)
     config: Config | None = field(default=None, repr=False)  # the policy snapshot this request runs under
     recorded: bool = False  # the audit record is written (see record)
     released: bool = False  # the hold was voided (nothing generated)
@@ -189,6 +187,18 @@ async def _serve(request: web.Request, gw: Gateway, cfg: Config, adapter: Adapte
         if out.stream:
             return await proxy_stream(request, gw, parsed, reservation, out)
         return await proxy_json(request, gw, parsed, reservation, out)
+    except asyncio.CancelledError:
+        # Cancelled (a shutdown past its drain) after the request went upstream: the provider may finish the
+        # work all the same, so it is charged like any answer whose usage was lost; before, nothing was spent.
+        if out.sent_at is not None and out.measured is None and not out.released:
+            await _charge_unanswered(gw, parsed, reservation, out,
+                                     ShuttingDown("the gateway shut down before the upstream answered"),
+                                     out.sent_at)
+            out.decision, out.status = "partial", 503  # charged: counted in reports and reconcile
+            out.reason = f"the gateway shut down before the upstream answered; {out.reason}"
+        elif reservation is not None and out.measured is None and not out.released:
+            await _release(gw, reservation)
+        raise
     except BaseException:
         if reservation is not None and out.measured is None and not out.released:
             await _release(gw, reservation)
@@ -681,9 +691,11 @@ async def proxy_json(request: web.Request, gw: Gateway, parsed: ParsedRequest, r
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError:
-        await _charge_nothing(gw, reservation, out)
-        raise _counted(gw, target.name, UpstreamError(f"upstream {target.name!r} sent a malformed response",
-                                                      code="upstream_malformed")) from None
+        # A success the gateway cannot read (SSE for a unary call, another encoding) is work done all the
+        # same: charged like any answer whose usage was lost, never released.
+        bad = UpstreamError(f"upstream {target.name!r} sent a malformed response", code="upstream_malformed")
+        await _charge_unanswered(gw, parsed, reservation, out, bad, t0)
+        raise _counted(gw, target.name, bad) from None
     usage = _chargeable(gw, parsed, out, parsed.adapter.usage_from_json(doc, parsed.request))
     measured = measure(usage, parsed.model, parsed.bound)
     out.measured = measured
@@ -727,6 +739,7 @@ async def _send_charging(gw: Gateway, parsed: ParsedRequest, reservation: Reserv
     work done (the upstream may have generated the whole answer, which the client then never saw): see
     :func:`_charge_unanswered`."""
     assert gw.session is not None
+    out.sent_at = t0
     try:
         return await up.send(gw.session, target, path, payload, headers)
     except UpstreamTimeout as err:

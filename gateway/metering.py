@@ -113,7 +113,7 @@ def meter_response(parsed: ParsedRequest, raw: bytes) -> Measured:
 
 
 def estimate_dict(parsed: ParsedRequest) -> dict[str, Any]:
-    """The ``kgate estimate`` object (DESIGN §8)."""
+    """The ``kgate estimate`` object (docs/design.md §9)."""
     b = parsed.bound
     return {
         "samples": b.samples,
@@ -129,5 +129,5 @@ def estimate_dict(parsed: ParsedRequest) -> dict[str, Any]:
 
 
 def meter_dict(parsed: ParsedRequest, measured: Measured) -> dict[str, Any]:
-    """The ``kgate meter`` object (DESIGN §8)."""
+    """The ``kgate meter`` object (docs/design.md §9)."""
     return {**measured.as_dict(), "model": parsed.model_name, "api": parsed.adapter.api}

@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §5): every series kgate exports, and one cheap method per event.
+"""Prometheus metrics (docs/design.md §7.2): every series kgate exports, and one cheap method per event.
 
 A :class:`Metrics` owns its own :class:`CollectorRegistry` (never the process-global one) so that tests
 can build many apps in one process. Names follow Prometheus conventions: prefix ``kgate_``, base units
@@ -135,7 +135,7 @@ class Metrics:
             "kgate_tokens_total", "Tokens by kind: prompt (once per request unless the model does not "
             "share prefill), reasoning and visible output (all samples).", ("model", "tier", "kind"))
         self._flops = self._counter(
-            "kgate_flops_total", "Forward-pass FLOPs of served requests (compute model, DESIGN §1).",
+            "kgate_flops_total", "Forward-pass FLOPs of served requests (compute model, docs/design.md §1).",
             ("model", "tier"))
         self._k = self._histogram(
             "kgate_request_k", "Compute multiple K per served request: G / max(V/S, V_ref).",

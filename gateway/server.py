@@ -1,4 +1,4 @@
-"""Running kgate as a process: ``kgate serve`` and ``kgate simulate`` (DESIGN §6).
+"""Running kgate as a process: ``kgate serve`` and ``kgate simulate`` (docs/design.md §8).
 
 ``serve`` listens for clients and, separately, for the admin API; SIGTERM (or SIGINT) drains: stop
 accepting, let in-flight requests finish up to ``server.drain_seconds`` (a second signal ends the wait),

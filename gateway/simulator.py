@@ -1,4 +1,4 @@
-"""``kgate simulate``: a fake upstream model server speaking the five wire formats (DESIGN §6, §8).
+"""``kgate simulate``: a fake upstream model server speaking the five wire formats (docs/design.md §8, §9).
 
 It is what kgate's tests, demo and benchmarks sit in front of — not a mock of kgate. It serves
 ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/responses``, ``/v1/messages`` and

@@ -1,4 +1,4 @@
-"""The simulator's fake model: what a request makes it generate, deterministically (DESIGN §6).
+"""The simulator's fake model: what a request makes it generate, deterministically (docs/design.md §8).
 
 Each API handler turns a request body into a :class:`Plan`: prompt tokens, how many samples are
 generated and returned, and per sample the reasoning and visible tokens and whether the output cap cut

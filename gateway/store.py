@@ -1,4 +1,4 @@
-"""The connection to Redis (DESIGN §6): one URL in, one asyncio client out.
+"""The connection to Redis (docs/design.md §3.5): one URL in, one asyncio client out.
 
 Accepted URLs (ACL ``username:password@`` works in each; percent-encode special characters):
 
@@ -25,11 +25,16 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisClusterException, RedisError
 
-__all__ = ["StoreClient", "close", "connect"]
+__all__ = ["STORE_ERRORS", "StoreClient", "close", "connect"]
 
 log = logging.getLogger(__name__)
 
 StoreClient = Redis | RedisCluster
+# What a store call raises when Redis is unreachable, timed out or answered with an error (redis-py's and
+# resp.py's errors are all RedisError); callers map it to ``on_store_error``. OSError covers TimeoutError
+# (= asyncio.TimeoutError). Not RedisClusterException: once connected, redis-py raises it for a command it
+# cannot route (keys in different slots, bad arguments), i.e. a bug in kgate, not a store failure.
+STORE_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 
 _PLAIN = ("redis://", "rediss://", "unix://")
 _BOOL_ARGS = ("ssl_check_hostname",)

@@ -1,4 +1,4 @@
-"""Calling the model servers: routing, credentials, headers and timeouts (DESIGN §4).
+"""Calling the model servers: routing, credentials, headers and timeouts (docs/design.md §4.2).
 
 The client's credentials never travel upstream: each upstream's own key comes from the environment
 variable its policy names, in the header style of the API being spoken. Hop-by-hop headers and anything

@@ -1,4 +1,4 @@
-"""Budget window arithmetic (DESIGN §2, §3), the Python statement of what the Lua scripts compute.
+"""Budget window arithmetic (docs/design.md §2, §3), the Python statement of what the Lua scripts compute.
 
 The ledger scripts do this arithmetic themselves inside Redis (the clock is Redis ``TIME``); this module
 says the same thing in Python, for validation, documentation and tests that check the scripts against it.

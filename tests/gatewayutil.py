@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import yaml
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.audit import file_order
 from gateway.client_limits import GatewayRunner
 from gateway.config import Config, load_config
 from gateway.context import GATEWAY, Gateway
@@ -118,6 +120,22 @@ async def running_gateway(config: Config, **kw: Any) -> AsyncIterator[RunningGat
         yield RunningGateway(app, runner, f"http://127.0.0.1:{port}")
     finally:
         await _cleanup(runner)
+
+
+def audit_records(where: Path | RunningGateway, *, torn_ok: bool = False) -> list[dict[str, Any]]:
+    """The records of the audit files (``audit-*.jsonl``) under a folder (every replica's), or of one running
+    gateway's replica, each replica's in write order. ``torn_ok``: skip a line that does not parse (the
+    last line of a process killed while writing it) instead of failing."""
+    root = Path(where.gw.config.audit.dir) / where.gw.replica if isinstance(where, RunningGateway) else where
+    out: list[dict[str, Any]] = []
+    for f in sorted(root.rglob("audit-*.jsonl"), key=lambda p: (str(p.parent), file_order(p))):
+        for line in f.read_bytes().splitlines():
+            try:
+                out.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                if not torn_ok:
+                    raise
+    return out
 
 
 CLEANUP_LIMIT = 60.0  # seconds: the app's shutdown is bounded well below this (drain, settles, store close)

@@ -1,4 +1,4 @@
-"""The admin API and grants (issue 5, DESIGN §2, §5), against a real Redis and real gateways.
+"""The admin API and grants (issue 5, docs/design.md §2, §7.3), against a real Redis and real gateways.
 
 Two gateway apps on one Redis play two replicas: a change made through one replica's admin API must be
 enforced by the other within about a second (pub/sub invalidation, the cache TTL as a backstop).
@@ -19,12 +19,11 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from gatewayutil import KEYS, RunningGateway, make_config, running_gateway
+from gatewayutil import KEYS, RunningGateway, audit_records, make_config, running_gateway
 
 from gateway.admin import create_admin_app, parse_duration
 from gateway.config import Config
 from gateway.errors import BadRequest
-from gateway.redis_server import RedisServer
 
 TOKEN = "test-admin-token-3f9a"
 TOKEN_ENV = "KGATE_ADMIN_TOKEN"
@@ -79,14 +78,6 @@ async def replica(config: Config, name: str, config_path: object = None, **kw: A
             await runner.cleanup()
 
 
-def audit_records(audit_dir: Path) -> list[dict[str, Any]]:
-    """Every record of every replica's audit files under ``audit_dir``."""
-    out = []
-    for f in sorted(audit_dir.rglob("*.jsonl")):
-        out += [orjson.loads(line) for line in f.read_bytes().splitlines() if line.strip()]
-    return out
-
-
 async def until(predicate: Any, timeout: float = 3.0, step: float = 0.02) -> float:
     """Poll an async predicate until it is true; returns the seconds it took (fails on timeout)."""
     t0 = time.monotonic()
@@ -99,25 +90,15 @@ async def until(predicate: Any, timeout: float = 3.0, step: float = 0.02) -> flo
 
 
 @pytest.fixture
-async def flushed(redis_srv: RedisServer) -> str:
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    await r.aclose()
-    return redis_srv.url
-
-
-@pytest.fixture
 def token(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     return TOKEN
 
 
 @pytest.fixture
-async def two(flushed: str, tmp_path: Path, token: str) -> AsyncIterator[tuple[Replica, Replica]]:
+async def two(flushed_redis_url: str, tmp_path: Path, token: str) -> AsyncIterator[tuple[Replica, Replica]]:
     """Two replicas of one policy on one Redis, writing audit files into one folder."""
-    cfg = make_config(tmp_path, flushed)
+    cfg = make_config(tmp_path, flushed_redis_url)
     async with replica(cfg, "r1") as a, replica(cfg, "r2") as b:
         yield a, b
 
@@ -143,9 +124,9 @@ async def test_admin_api_needs_its_token(two: tuple[Replica, Replica]) -> None:
 
 
 async def test_admin_api_is_disabled_without_the_environment_variable(
-        flushed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        flushed_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-    async with replica(make_config(tmp_path, flushed), "r1") as a:
+    async with replica(make_config(tmp_path, flushed_redis_url), "r1") as a:
         for token in (TOKEN, "", None):
             status, doc = await a.admin("GET", "/admin/policy", token=token)
             assert status == 403 and f"set {TOKEN_ENV}" in doc["error"]["message"]
@@ -155,8 +136,8 @@ async def test_admin_api_is_disabled_without_the_environment_variable(
 
 
 async def test_token_comes_from_the_variable_the_policy_names(
-        flushed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = make_config(tmp_path, flushed)
+        flushed_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_config(tmp_path, flushed_redis_url)
     cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"admin_token_env": "MY_ADMIN_TOKEN"})})
     monkeypatch.setenv(TOKEN_ENV, TOKEN)  # the default variable is ignored...
     monkeypatch.setenv("MY_ADMIN_TOKEN", "other-token")
@@ -167,7 +148,7 @@ async def test_token_comes_from_the_variable_the_policy_names(
 
 # -------------------------------------------------------------------------------------------- keys
 async def test_created_key_is_shown_once_works_and_is_never_stored_in_clear(
-        two: tuple[Replica, Replica], flushed: str, audit_dir: Path) -> None:
+        two: tuple[Replica, Replica], flushed_redis_url: str, audit_dir: Path) -> None:
     a, b = two
     status, doc = await a.admin("POST", "/admin/keys", {"principal": "pat", "org": "acme", "tier": "basic"})
     assert status == 201, doc
@@ -191,7 +172,7 @@ async def test_created_key_is_shown_once_works_and_is_never_stored_in_clear(
     # Redis holds a keyed hash of the key, never the key
     import redis.asyncio as aioredis
 
-    store = aioredis.from_url(flushed)
+    store = aioredis.from_url(flushed_redis_url)
     try:
         readers = {b"hash": store.hgetall, b"string": store.get, b"set": store.smembers,
                    b"zset": lambda k: store.zrange(k, 0, -1)}
@@ -499,11 +480,12 @@ async def test_every_admin_change_is_an_audit_record_in_a_verifiable_chain(
     assert verify_main([str(audit_dir)]) == 0
 
 
-async def test_overrides_apply_to_principal_scope_budgets_only(flushed: str, tmp_path: Path, token: str) -> None:
+async def test_overrides_apply_to_principal_scope_budgets_only(flushed_redis_url: str, tmp_path: Path,
+                                                              token: str) -> None:
     """An org or global budget is shared: a per-principal override of its limit is refused."""
     budgets = [{"metric": "requests", "window": "1h", "limit": 100},
                {"metric": "requests", "window": "1h", "limit": 1000, "scope": "org"}]
-    async with replica(make_config(tmp_path, flushed, tight={"budgets": budgets}), "r1") as a:
+    async with replica(make_config(tmp_path, flushed_redis_url, tight={"budgets": budgets}), "r1") as a:
         status, doc = await a.admin("PUT", "/admin/overrides/tina/org:requests:1h", {"limit": 5})
         assert status == 400 and "scope org" in doc["error"]["message"]
         status, doc = await a.admin("PUT", "/admin/overrides/tina/principal:requests:1h", {"limit": 1})
@@ -517,12 +499,12 @@ async def test_overrides_apply_to_principal_scope_budgets_only(flushed: str, tmp
 
 
 async def test_an_override_outside_the_principals_tier_is_kept_and_says_it_does_not_apply_yet(
-        flushed: str, tmp_path: Path, token: str) -> None:
+        flushed_redis_url: str, tmp_path: Path, token: str) -> None:
     """alice is in tier basic; principal:requests:1h is a budget of tier tight only. The override is
     stored (it applies once alice is in a tier with that budget) and the answer says it changes nothing
     yet, instead of a silent success that an operator would take for a limit in force."""
     budgets = [{"metric": "requests", "window": "1h", "limit": 100}]
-    async with replica(make_config(tmp_path, flushed, tight={"budgets": budgets}), "r1") as a:
+    async with replica(make_config(tmp_path, flushed_redis_url, tight={"budgets": budgets}), "r1") as a:
         status, doc = await a.admin("PUT", "/admin/overrides/alice/principal:requests:1h", {"limit": 1})
         assert status == 200 and doc["applies_now"] is False
         assert doc["note"] == ("'alice' is in tier 'basic', which has no budget 'principal:requests:1h': the "

@@ -1,4 +1,4 @@
-"""The admin CLI (`kgate keys|principals|grants|usage`, DESIGN §8) against a real Redis and a running gateway.
+"""The admin CLI (`kgate keys|principals|grants|usage`, docs/design.md §9) against a real Redis and a running gateway.
 
 Most commands run through ``gateway.cli.main`` in a worker thread (it calls ``asyncio.run``), a few as a
 real ``python -m gateway`` process to check exactly what a shell sees. The gateway runs in-process on the
@@ -25,22 +25,17 @@ from test_admin import MSG, audit_records, until
 from gateway import admin_cli
 from gateway.cli import main
 from gateway.config import load_config
-from gateway.redis_server import RedisServer, free_port
+from gateway.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-async def env(redis_srv: RedisServer, tmp_path: Path) -> AsyncIterator[tuple[RunningGateway, list[str], Path]]:
+async def env(flushed_redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[RunningGateway, list[str], Path]]:
     """A running gateway, the CLI's common options for its policy and store, and the audit folder."""
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    await r.aclose()
-    policy = write_policy(tmp_path, redis_srv.url)
+    policy = write_policy(tmp_path, flushed_redis_url)
     async with running_gateway(load_config(policy), replica="gw") as g:
-        yield g, ["--config", str(policy), "--store", redis_srv.url], tmp_path / "data" / "audit"
+        yield g, ["--config", str(policy), "--store", flushed_redis_url], tmp_path / "data" / "audit"
 
 
 async def kgate(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

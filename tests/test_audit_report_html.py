@@ -110,6 +110,7 @@ class _Elements(HTMLParser):
             self.titles.append(dict(attrs).get("aria-label", ""))
 
 
+@pytest.mark.slow
 def test_html_renders_in_headless_chromium_with_charts_and_table(audit_dir: Path, tmp_path: Path):
     chromium = _chromium()
     out = _report(tmp_path, "--format", "html", "--by", "principal,model", str(audit_dir))

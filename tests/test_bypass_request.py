@@ -16,7 +16,7 @@ import anthropic
 import openai
 import orjson
 import pytest
-from gatewayutil import KEYS, running_gateway
+from gatewayutil import KEYS, audit_records, running_gateway
 from recording_upstream import RecordingUpstream, config_with_upstream, spend_cap
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -33,8 +33,7 @@ async def post(url: str, body: Any, headers: dict[str, str] | None = None) -> tu
 
 
 def audit(tmp_path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for f in sorted((tmp_path / "data" / "audit").rglob("*.jsonl"))
-            for line in f.read_bytes().splitlines()]
+    return audit_records(tmp_path / "data" / "audit")
 
 
 def gemini_error(doc: Any) -> str:

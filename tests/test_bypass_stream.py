@@ -13,14 +13,13 @@ import asyncio
 import logging
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from gatewayutil import KEYS, RunningGateway, running_gateway
+from gatewayutil import KEYS, RunningGateway, audit_records, running_gateway
 from recording_upstream import (
     Recorded,
     RecordingUpstream,
@@ -47,14 +46,6 @@ REQUESTS = {
     "anthropic.messages": ("/v1/messages", {"model": "reasoner", "stream": True, "max_tokens": 6000,
                                             "messages": [{"role": "user", "content": "prove it"}]}),
 }
-
-
-def audit_records(g: RunningGateway) -> list[dict[str, Any]]:
-    root = Path(g.gw.config.audit.dir) / g.gw.replica
-    out: list[dict[str, Any]] = []
-    for f in sorted(root.glob("audit-*.jsonl")):
-        out += [orjson.loads(line) for line in f.read_bytes().splitlines() if line.strip()]
-    return out
 
 
 async def record_of(g: RunningGateway, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
@@ -321,3 +312,26 @@ async def test_expected_admission_learns_per_principal_with_a_floor(tmp_path, re
             parsed = parse_request(g.gw.config, found[0], found[1], raw)
             held = budget_amounts(parsed, g.gw.config.tiers["tight"], g.gw, "tina")
             assert held["generated_tokens"] >= 256
+
+
+async def test_a_request_cancelled_by_a_shutdown_after_it_went_upstream_is_charged(tmp_path, redis_url):
+    """A shutdown past its drain cancels the requests still in flight (gateway/server.py ``drain``); one that
+    had reached the upstream is charged as work done, not released (it used to be released: charged 0)."""
+    async with RecordingUpstream(hang(3.0)) as up:
+        cfg = config_with_upstream(tmp_path, redis_url, up.url, tight=BIG)
+        async with running_gateway(cfg) as g, aiohttp.ClientSession() as s:
+            body = {**REQUESTS["openai.chat"][1], "stream": False}
+            call = asyncio.create_task(s.post(g.url + "/v1/chat/completions", json=body, headers=headers()))
+            for _ in range(200):  # until the request is at the upstream
+                if up.requests:
+                    break
+                await asyncio.sleep(0.02)
+            assert up.requests and len(g.gw.handlers) == 1
+            handler = next(iter(g.gw.handlers))
+            handler.cancel()  # what the drain does when its time is up
+            await asyncio.wait({handler}, timeout=10)
+            call.cancel()
+            assert await used(g, "tina", "generated_tokens") == 6000
+            rec = [r for r in audit_records(g) if r.get("usage")][-1]
+            assert rec["usage"]["source"] == "bound" and "shut down" in rec["reason"]
+            assert rec["decision"] == "partial"

@@ -1,4 +1,4 @@
-"""`kgate estimate` and `kgate meter` (DESIGN §8): one JSON object on stdout; exit 2 and one line on bad input.
+"""`kgate estimate` and `kgate meter` (docs/design.md §9): one JSON object on stdout; exit 2 and one line on bad input.
 
 Run as a user would: `python -m gateway ...` in a subprocess, on the example policy and on recorded
 payloads that kgate did not write (see tests/payloads/*/README.md).

@@ -1,4 +1,4 @@
-"""The compute model of DESIGN §1: K, FLOPs, admission bounds and clamping."""
+"""The compute model of docs/design.md §1: K, FLOPs, admission bounds and clamping."""
 
 from __future__ import annotations
 

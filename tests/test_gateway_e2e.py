@@ -1,4 +1,4 @@
-"""The gateway end to end: real SDK clients → kgate → the simulator, with a real Redis (DESIGN §4)."""
+"""The gateway end to end: real SDK clients → kgate → the simulator, with a real Redis (docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,14 @@ import anthropic
 import openai
 import orjson
 import pytest
-from gatewayutil import KEYS, make_config, running_gateway
+from gatewayutil import KEYS, audit_records, make_config, running_gateway
 
 from gateway.ledger import ScopeRef
 
 
 @pytest.fixture
-async def gw(redis_srv, tmp_path: Path):
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    await r.aclose()
-    async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
+async def gw(flushed_redis_url: str, tmp_path: Path):
+    async with running_gateway(make_config(tmp_path, flushed_redis_url)) as g:
         yield g
 
 
@@ -205,18 +200,13 @@ async def test_budget_exhausted_is_429_with_retry_after(gw):
 
 
 @pytest.mark.parametrize("scopes", [("principal",), ("principal", "org", "global")])
-async def test_each_request_finds_the_one_before_it_settled(redis_srv, tmp_path: Path, scopes):
+async def test_each_request_finds_the_one_before_it_settled(flushed_redis_url: str, tmp_path: Path, scopes):
     """The answer does not wait for the settle's reply, yet a client's next request must find the previous
     one settled, not still holding its upper bound: the settle leaves first on the same connection. At the
     edge of a budget that decides every answer: each request holds max_tokens = 500 of 1000 and uses 10, so
     exactly 51 fit back to back — and only the first two would if a settle lagged behind its answer."""
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    await r.aclose()
     budgets = [{"metric": "generated_tokens", "window": "1d", "limit": 1000, "scope": s} for s in scopes]
-    async with running_gateway(make_config(tmp_path, redis_srv.url, tight={"budgets": budgets})) as g:
+    async with running_gateway(make_config(tmp_path, flushed_redis_url, tight={"budgets": budgets})) as g:
         async with aiohttp.ClientSession() as s:
             await s.post(g.sim_url + "/_sim/config", json={"output_tokens": 10})
         client = oai(g, "tina")
@@ -357,6 +347,7 @@ async def test_trusted_identity_header_behind_an_authenticating_proxy(redis_srv,
         assert "x-authenticated-user" not in last["headers"], "identity headers are not forwarded"
 
 
+@pytest.mark.slow
 async def test_a_client_trickling_its_body_gets_408(redis_srv, tmp_path: Path):
     cfg = make_config(tmp_path, redis_srv.url, server={"body_timeout_seconds": 0.5})
     async with running_gateway(cfg) as g:
@@ -387,8 +378,7 @@ async def test_a_client_hanging_up_mid_body_is_recorded_not_an_internal_error(
                 break
             await asyncio.sleep(0.02)
         assert (await sim_last(g))["requests_total"] == before, "nothing was forwarded"
-    records = [orjson.loads(line) for f in sorted((tmp_path / "data" / "audit").rglob("*.jsonl"))
-               for line in f.read_bytes().splitlines()]
+    records = audit_records(tmp_path / "data" / "audit")
     assert [(r["status"], r["decision"], r["principal"]) for r in records] == [(499, "failed", "alice")]
     assert "closed the connection" in records[0]["reason"]
     assert not [r for r in caplog.records if r.levelname == "ERROR"], "a hang-up is not an internal error"

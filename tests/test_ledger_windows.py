@@ -35,7 +35,9 @@ async def test_lua_windows_match_python(ledger: Ledger, clock) -> None:
     samples += [rng.uniform(0, 4_102_444_800) for _ in range(40)]
     for t in samples:
         clock.t = t
-        for state in await ledger.state(ALICE, budgets):
+        states = await ledger.state(ALICE, budgets)
+        assert [s.budget.window for s in states] == list(windows.WINDOWS)
+        for state in states:
             assert state.reset_at == windows.fixed_window(state.budget.window, t)[1], (state.budget.window, t)
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
-from gatewayutil import KEYS, make_config, running_gateway
+from gatewayutil import KEYS, audit_records, make_config, running_gateway
 
 METER_KEYS = {"samples", "prompt_tokens", "reasoning_tokens", "output_tokens", "generated_tokens", "k", "flops",
               "source", "model", "api"}
@@ -35,7 +35,7 @@ async def test_meter_by_request_id_gives_what_the_gateway_charged_for_a_stream(r
             request_id = r.headers["x-kgate-request-id"]
             transcript = await r.read()
     audit_dir = tmp_path / "data" / "audit"
-    records = [json.loads(line) for f in sorted(audit_dir.rglob("audit-*.jsonl")) for line in f.open()]
+    records = audit_records(audit_dir)
     charged = next(rec["usage"] for rec in records if rec["request_id"] == request_id)
 
     out = kgate("meter", "--request-id", request_id, "--audit", str(audit_dir))

@@ -4,23 +4,15 @@ record keeps the upstream's (``upstream_model``). The test policy maps ``dense``
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-from typing import Any
 
 import anthropic
 import openai
 import orjson
-from gatewayutil import KEYS, RunningGateway, make_config, running_gateway
+from gatewayutil import KEYS, audit_records, make_config, running_gateway
 
 from gateway.model_names import Renamer
 
 MSG = [{"role": "user", "content": "hi"}]
-
-
-def audit_records(g: RunningGateway) -> list[dict[str, Any]]:
-    root = Path(g.gw.config.audit.dir) / g.gw.replica
-    return [orjson.loads(line) for f in sorted(root.glob("audit-*.jsonl"))
-            for line in f.read_bytes().splitlines() if line.strip()]
 
 
 async def test_answers_name_the_public_model_and_the_record_the_upstream_one(tmp_path, redis_url):

@@ -1,4 +1,4 @@
-"""Two `kgate serve` processes sharing one Redis never overspend a shared budget (issue 4, DESIGN §3)."""
+"""Two `kgate serve` processes sharing one Redis never overspend a shared budget (issue 4, docs/design.md §3)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from gatewayutil import KEYS, policy_dict, wait_ready
+from gatewayutil import KEYS, audit_records, policy_dict, wait_ready
 
 from gateway.redis_server import RedisServer, free_port
 
@@ -74,8 +74,13 @@ async def test_two_gateways_never_overspend(cluster_of_two):
     assert statuses[200] == 37, statuses
     assert statuses[429] == 300 - 37, statuses
 
-    # Both replicas wrote audit chains that verify, and together they record exactly the admitted requests.
+    # Both replicas wrote audit chains that verify, and together they record exactly the admitted requests
+    # (and each refused one, once).
     await asyncio.sleep(0.3)
     from gateway.audit_tools import verify_main
 
     assert verify_main([str(audit_dir)]) == 0
+    records = [r for r in audit_records(audit_dir) if r.get("request_id")]
+    assert len({r["request_id"] for r in records}) == len(records) == 300
+    assert Counter(r["decision"] for r in records) == {"allowed": 37, "denied": 300 - 37}
+    assert Counter(r["replica"] for r in records) == {"replica-0": 150, "replica-1": 150}

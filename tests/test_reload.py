@@ -1,4 +1,4 @@
-"""Policy hot reload (issue 5, DESIGN §2): on file change, on SIGHUP and through the admin API.
+"""Policy hot reload (issue 5, docs/design.md §2): on file change, on SIGHUP and through the admin API.
 
 Validated first, swapped atomically, the old policy kept on error (logged, counted, audited); the version
 in force on /readyz and in every audit record; and no request dropped while the policy is rewritten.
@@ -21,24 +21,20 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from gatewayutil import KEYS, policy_dict, write_policy
-from test_admin import TOKEN, TOKEN_ENV, Replica, audit_records, replica, until
+from gatewayutil import KEYS, audit_records, policy_dict, write_policy
+from test_admin import TOKEN, TOKEN_ENV, Replica, replica, until
 
 from gateway.config import load_config
-from gateway.redis_server import RedisServer, free_port
+from gateway.redis_server import free_port
 from gateway.simulator import SimulatorOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-async def redis_url(redis_srv: RedisServer) -> str:
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    await r.aclose()
-    return redis_srv.url
+def redis_url(flushed_redis_url: str) -> str:
+    """This module's tests share one Redis (``redis_srv``), emptied for each."""
+    return flushed_redis_url
 
 
 def rewrite(path: Path, tmp_path: Path, redis_url: str, **tiers: Any) -> str:
@@ -251,6 +247,7 @@ async def test_a_request_admitted_before_a_reload_keeps_its_upstream(
 
 
 # ------------------------------------------------------------------------------------ reload under load
+@pytest.mark.slow
 async def test_reload_under_load_drops_no_request(redis_url: str, tmp_path: Path) -> None:
     path = write_policy(tmp_path, redis_url)
     limits = {load_config(path).version: 4}

@@ -54,11 +54,9 @@ CHAT = {"model": "dense", "messages": MSG, "max_tokens": 8}
 
 
 @pytest.fixture
-async def redis_url(redis_srv: RedisServer) -> str:
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    await r.aclose()
-    return redis_srv.url
+def redis_url(flushed_redis_url: str) -> str:
+    """This module's tests share one Redis (``redis_srv``), emptied for each."""
+    return flushed_redis_url
 
 
 @pytest.fixture

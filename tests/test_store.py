@@ -46,6 +46,7 @@ async def test_unix_socket_url(tmp_path: Path) -> None:
         await roundtrip(await store.connect(server.url, timeout=2))
 
 
+@pytest.mark.cluster
 async def test_cluster_url(redis_cluster) -> None:
     client = await store.connect(redis_cluster.url, timeout=2)
     assert isinstance(client, RedisCluster)

@@ -1,4 +1,4 @@
-"""Redis unreachable (DESIGN §3, issue 6 item 1): deny answers 503 fast, allow spools and replays once.
+"""Redis unreachable (docs/design.md §6.1, issue 6 item 1): deny answers 503 fast, allow spools and replays once.
 
 Every test owns a Redis on a free loopback port, with ``appendfsync always`` so that a kill -9 loses no
 acknowledged ledger write (what a deployment that kills Redis on purpose should configure too). Redis is
@@ -11,14 +11,14 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from gatewayutil import KEYS, RunningGateway, make_config, running_gateway, scrape
+from gatewayutil import KEYS, RunningGateway, audit_records, make_config, running_gateway, scrape
 
 from gateway.ledger import BudgetSpec, HoldRequest, Ledger, ScopeRef
 from gateway.redis_server import RedisServer
@@ -35,13 +35,8 @@ MSG = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture
-def redis_srv() -> Iterator[RedisServer]:
-    server = RedisServer(port=0, extra_args=["--appendfsync", "always"])
-    server.start_sync()
-    yield server
-    if server.pid is not None:
-        os.kill(server.pid, signal.SIGCONT)  # a test that froze it and failed must not leave it frozen
-    server.cleanup()
+def redis_srv(durable_redis: RedisServer) -> RedisServer:
+    return durable_redis
 
 
 @pytest.fixture
@@ -81,14 +76,6 @@ async def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
-
-
-def audit_records(g: RunningGateway) -> list[dict[str, Any]]:
-    root = Path(g.gw.config.audit.dir) / g.gw.replica
-    out = []
-    for f in sorted(root.glob("audit-*.jsonl")):
-        out += [orjson.loads(line) for line in f.read_bytes().splitlines() if line.strip()]
-    return out
 
 
 def budgets(g: RunningGateway, tier: str) -> list[BudgetSpec]:

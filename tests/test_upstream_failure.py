@@ -1,4 +1,4 @@
-"""Upstream failures (DESIGN §4, issue 6 item 2): each one reaches the client as a clean error in its API's
+"""Upstream failures (docs/design.md §6.2; issue 6 item 2): each one reaches the client as a clean error in its API's
 shape, charges what was generated and nothing more, and is counted in ``kgate_upstream_errors_total``.
 
 Faults come from the simulator's ``x-sim-fault`` header (the gateway forwards ``x-sim-*`` to simulator
@@ -20,11 +20,11 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from gatewayutil import KEYS, RunningGateway, policy_dict, running_gateway, scrape
+from gatewayutil import KEYS, RunningGateway, audit_records, policy_dict, running_gateway, scrape
 
 from gateway.config import load_config
 from gateway.ledger import BudgetSpec, ScopeRef
-from gateway.redis_server import RedisServer, free_port
+from gateway.redis_server import free_port
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -87,13 +87,8 @@ async def rude_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def gw(redis_srv: RedisServer, rude_url: str, tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(redis_srv.url)
-    await r.flushall()
-    await r.aclose()
-    pol = policy_dict(redis_srv.url, tmp_path / "data")
+async def gw(flushed_redis_url: str, rude_url: str, tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    pol = policy_dict(flushed_redis_url, tmp_path / "data")
     pol["upstreams"]["sim"]["read_timeout_seconds"] = READ_TIMEOUT
     pol["upstreams"]["dead"] = {"base_url": f"http://127.0.0.1:{free_port()}", "connect_timeout_seconds": 1}
     pol["upstreams"]["rude"] = {"base_url": rude_url}
@@ -364,10 +359,6 @@ async def test_usage_beyond_any_count_is_charged_as_the_ceiling_and_audited(gw: 
     assert orjson.loads(raw)["choices"][0]["message"]["content"] == "hi"
     gen_used, gen_held, req_used = await charged(gw)
     assert (gen_used, gen_held, req_used) == (2**53, 0, 1)
-    (rec,) = [r for r in _audit_records(Path(gw.gw.config.audit.dir)) if r.get("model") == "boast"]
+    (rec,) = [r for r in audit_records(gw) if r.get("model") == "boast"]
     assert rec["status"] == 200 and rec["store"] == "ok" and rec["decision"] == "allowed"
     assert rec["usage"]["generated_tokens"] == 2**53 and rec["usage"]["overrun"]
-
-
-def _audit_records(audit_dir: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for f in sorted(audit_dir.rglob("*.jsonl")) for line in f.read_bytes().splitlines()]

@@ -8,9 +8,10 @@ Every field an API request carries falls into one of these classes, per API (the
   how much: the output cap C that kgate writes into every forwarded request bounds the generation
   whatever they say, and the provider's usage reports the prompt they add.
 - **provider context**: the prompt is held by the provider (``previous_response_id``, a cached content,
-  a file id, an image by URL): the prompt estimate from the body's size can be wrong by orders of
-  magnitude. A tier refuses them with ``allow_provider_context: false``; a model prices each reference
-  with ``provider_context_prompt_tokens`` (added to the prompt estimate, so ``max_flops`` and budgets see it).
+  a file id, an image by URL, a tool the provider runs itself such as a web search or a page fetch): the
+  prompt estimate from the body's size can be wrong by orders of magnitude. A tier refuses them with
+  ``allow_provider_context: false``; a model prices each reference with ``provider_context_prompt_tokens``
+  (added to the prompt estimate, so ``max_flops`` and budgets see it).
 - **refused**: kgate cannot meter the request with them, whatever the policy says (Responses
   ``background: true`` answers later through another call, which kgate never sees; Gemini ``fields`` /
   ``alt=proto`` remove or re-encode ``usageMetadata``).
@@ -156,13 +157,36 @@ def screen_body(api: str, body: Mapping[str, Any]) -> Screen:
             raise BadRequest("'background': true is not supported through kgate: the answer would arrive "
                              "later through another call, which kgate cannot meter", param="background")
         context += _responses_context(body.get("input"))
+        if body.get("tools"):
+            context += _server_tools(body["tools"], _RESPONSES_CLIENT_TOOLS, ())
     elif api == "openai.chat":
         context += _chat_context(body.get("messages"))
     elif api == "anthropic.messages":
         context += _anthropic_context(body.get("messages"))
+        if body.get("tools"):
+            context += _server_tools(body["tools"], _ANTHROPIC_CUSTOM, _ANTHROPIC_CLIENT_TOOLS)
     if not unknown and not context:
         return CLEAN
     return Screen(tuple(unknown), tuple(context))
+
+
+# Tools the *client* runs (the model only writes the call): anything else in ``tools`` the provider runs
+# itself — a web search, a page fetch, a vector store, code in its container, a remote MCP server — and
+# what it returns joins the prompt at the provider, in a loop the body's size says nothing of: provider
+# context, like Chat's ``web_search_options``. Anthropic's own client tools are versioned (bash_20250124).
+_RESPONSES_CLIENT_TOOLS = frozenset({"function", "custom", "local_shell", "shell", "apply_patch",
+                                     "computer_use_preview", "computer_use", "computer"})
+_ANTHROPIC_CLIENT_TOOLS = ("bash_", "text_editor_", "computer_", "memory_")
+_ANTHROPIC_CUSTOM = frozenset({"custom"})
+_GEMINI_CLIENT_TOOLS = frozenset({"functionDeclarations", "computerUse"})
+
+
+def _server_tools(tools: Any, client: frozenset[str], client_prefixes: tuple[str, ...]) -> list[str]:
+    """``tools[i]`` for each tool whose ``type`` is not a client tool's (a tool without one is a function)."""
+    if type(tools) is not list:
+        return []
+    return [f"tools[{i}]" for i, t in enumerate(tools) if type(t) is dict and t.get("type") is not None
+            and not (isinstance(t["type"], str) and (t["type"] in client or t["type"].startswith(client_prefixes)))]
 
 
 def _screen_gemini(body: Mapping[str, Any]) -> Screen:
@@ -176,6 +200,10 @@ def _screen_gemini(body: Mapping[str, Any]) -> Screen:
                 tc = gen.get(tkey)
                 if isinstance(tc, dict):
                     unknown += [f"{gkey}.{tkey}.{k}" for k in tc if _camel(k) not in GEMINI_THINKING.known]
+    tools = body.get("tools")
+    if type(tools) is list:  # googleSearch, urlContext, codeExecution, fileSearch...: run by Google
+        context += [f"tools[{i}].{k}" for i, t in enumerate(tools) if type(t) is dict
+                    for k in t if _camel(k) not in _GEMINI_CLIENT_TOOLS]
     contents = body.get("contents")
     if isinstance(contents, list):
         for i, content in enumerate(contents):

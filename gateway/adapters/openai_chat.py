@@ -87,6 +87,10 @@ class ChatCompletions(OpenAIAdapter):
             if isinstance(reasoning, dict) and reasoning.get("effort") is not None:  # SGLang's spelling
                 body["reasoning"] = {**reasoning, "effort": target.effort}
                 changes.append(f"reasoning.effort={target.effort}")
+            kwargs = body.get("chat_template_kwargs")
+            if isinstance(kwargs, dict) and kwargs.get("reasoning_effort") is not None:  # the template's
+                body["chat_template_kwargs"] = {**kwargs, "reasoning_effort": target.effort}
+                changes.append(f"chat_template_kwargs.reasoning_effort={target.effort}")
         return changes
 
     def write_bound(self, body: dict[str, Any], req: ComputeRequest, bound: Bound) -> list[str]:
@@ -135,11 +139,19 @@ class ChatCompletions(OpenAIAdapter):
 
 
 def _effort(b: Mapping[str, Any]) -> str | None:
-    """``reasoning_effort``, or SGLang's ``reasoning: {"effort": ...}``; given both, the larger counts (a
-    server reads one of them, and the tier's ``efforts`` must hold for whichever it is)."""
+    """``reasoning_effort``, SGLang's ``reasoning: {"effort": ...}``, or the chat template's own
+    ``chat_template_kwargs.reasoning_effort`` (where vLLM, SGLang and llama.cpp put the top-level one); given
+    several, the largest counts (a server reads one of them, and the tier's ``efforts`` must hold for
+    whichever it is)."""
     top = effort_field(b, "reasoning_effort")
     reasoning = req_obj(b, "reasoning")
     nested = effort_field(reasoning, "effort", param="reasoning.effort") if reasoning is not None else None
+    kwargs = b.get("chat_template_kwargs")
+    if type(kwargs) is dict and kwargs.get("reasoning_effort") is not None:  # rare: off the common path
+        found = [e for e in (top, nested, effort_field(kwargs, "reasoning_effort",
+                                                       param="chat_template_kwargs.reasoning_effort"))
+                 if e is not None]
+        return max(found, key=EFFORT_ORDER.index)
     if top is None or nested is None:
         return top if nested is None else nested
     return max(top, nested, key=EFFORT_ORDER.index)
