@@ -147,9 +147,33 @@ class UpstreamConfig(Strict):
     def _base_url(cls, v: str) -> str:
         if v == "simulator":
             return v
-        if not re.match(r"^https?://[^\s/]+", v):
-            raise ValueError("must be 'simulator' or an http(s):// URL")
+        # No whitespace or control character anywhere: the URL's host and path go into the request line
+        # and the Host header.
+        if not re.fullmatch(r"https?://[^\s/]+\S*", v) or not _header_safe(v):
+            raise ValueError("must be 'simulator' or an http(s):// URL (printable ASCII, no spaces)")
         return v.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if name.lower() in _FRAMING_HEADERS:
+                raise ValueError(f"header {name!r} is set by kgate itself (the request's framing)")
+            if not _header_safe(value):
+                raise ValueError(f"header {name!r}: the value must be printable ASCII (no CR, LF, NUL or "
+                                 "other control character)")
+        return v
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: a header name
+_FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})  # written by gateway.http_client
+
+
+def _header_safe(value: str) -> bool:
+    """Printable ASCII: no CR, LF or NUL (no header injection), nor any other control character."""
+    return value.isascii() and value.isprintable()
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -196,6 +220,15 @@ class BudgetConfig(Strict):
         if self.rolling and self.window in ("day", "month"):
             raise ValueError("calendar windows (day, month) cannot be rolling; use 1d or 30d")
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        # The label goes into RateLimit / RateLimit-Policy headers as a quoted string (RFC 9651 sf-string).
+        if v and not (_header_safe(v) and '"' not in v and "\\" not in v):
+            raise ValueError("a budget name must be printable ASCII without double quotes or backslashes "
+                             "(it is sent in RateLimit headers)")
+        return v
 
     @property
     def label(self) -> str:

@@ -385,7 +385,13 @@ class HttpClient:
         for k, v in headers.items():
             head.append(f"{k}: {v}\r\n")
         head.append("\r\n")
-        data = "".join(head).encode("utf-8", "surrogateescape") + body
+        text = "".join(head)
+        # Every CR and LF must be one of ours (each value's origin checks them; this is the last line):
+        # three scans in C, no regex.
+        lines = len(headers) + 4  # request line, Host, Content-Length, the headers, the blank line
+        if text.count("\n") != lines or text.count("\r") != lines or "\0" in text:
+            raise ValueError("CR, LF or NUL in an upstream request's path or header")
+        data = text.encode("utf-8", "surrogateescape") + body
         deadline = time.monotonic() + timeouts.total
         for attempt in (1, 2):
             conn = (pool.take_idle() if attempt == 1 else None) or await pool.connect(timeouts)

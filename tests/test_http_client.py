@@ -142,3 +142,29 @@ async def test_read_timeout_and_refused_connection():
         await client.post(url, "/", b"{}", {}, T)
     assert info.value.connect
     await client.close()
+
+
+@pytest.mark.parametrize(("path", "headers"), [
+    ("/v1/x", {"x-a": "v\r\nx-injected: 1"}), ("/v1/x", {"x-a": "v\nx"}), ("/v1/x", {"x-a": "v\rx"}),
+    ("/v1/x", {"x-a": "v\x00"}), ("/v1/x", {"x-a\r\nx-injected": "1"}), ("/v1/x HTTP/1.1\r\nx: y\r\n", {}),
+])
+async def test_cr_lf_or_nul_in_a_header_or_the_path_is_refused_before_anything_is_sent(path, headers):
+    """The last line of defence (every value's origin checks them first): nothing is written."""
+    connections = 0
+
+    async def handler(r, w):
+        nonlocal connections
+        connections += 1
+        w.close()
+
+    server, url = await serve(handler)
+    client = HttpClient()
+    try:
+        with pytest.raises(ValueError, match="CR, LF or NUL"):
+            await client.post(url, path, b"{}", headers, T)
+        await asyncio.sleep(0.05)
+        assert connections == 0
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()

@@ -1,4 +1,6 @@
-"""The ledger's semantics against real Redis: 7.x, 6.2 and a 7.x cluster (the ``store_client`` fixture).
+"""The ledger's semantics against real Redis: 7.x, 6.2 and a 7.x cluster (the ``store_client`` fixture), as
+contract tests over both clients the gateway uses: redis-py and, for plain ``redis://``, the pipelined
+client of gateway.resp (ids ``redispy-*`` and ``resp-*``).
 
 Time is injected (``clock``) so lease expiry is tested without sleeping.
 """
@@ -362,3 +364,27 @@ async def test_many_pairs_through_the_pipelined_client(server: str, request, key
         assert await ledger.holds_outstanding() == 1
     finally:
         await client.aclose()
+
+
+async def test_the_case_runs_on_the_client_it_names(store_target, store_client, key_prefix, clock) -> None:
+    """``resp-*`` cases reach Redis through the pipelined client (scripts queued at once), ``redispy-*`` not."""
+    ledger = Ledger(store_client, key_prefix=key_prefix, clock=clock)
+    await ledger.state(ALICE, [REQ])  # connects
+    assert ledger.pipelined_now() is (store_target.kind == "resp")
+
+
+async def test_post_settle_posts_without_waiting_where_pipelined(ledger: Ledger) -> None:
+    """The gateway's settle after an answer (handler.post_usage): queued now on the pipelined client; on
+    redis-py nothing is sent and the caller settles the usual way."""
+    res = await ledger.reserve("r1", [hold(output_tokens=300)], 60)
+    answered: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    if not ledger.post_settle(res, {"output_tokens": 120}, answered.set_result):
+        assert not ledger.pipelined_now() and not answered.done()
+        await ledger.settle(res, {"output_tokens": 120})
+    else:
+        assert await asyncio.wait_for(answered, 5) is None
+        with pytest.raises(ValueError):  # checked before anything is sent
+            ledger.post_settle(res, {"output_tokens": -1}, answered.set_result)
+    s = by_label(await ledger.state(ALICE, [REQ, TOK]))
+    assert (s["req-1h"].used, s["out-1d"].used, s["out-1d"].held) == (1, 120, 0)
+    assert (await ledger.settle(res, {"output_tokens": 120})).repeat

@@ -1,4 +1,4 @@
-"""Concurrent reserves and settles never push a strict budget past its limit (7.x, 6.2, cluster)."""
+"""Concurrent reserves and settles never push a strict budget past its limit (7.x, 6.2, cluster; both clients)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ ACME = ScopeRef("org", "acme")
 
 
 @pytest.fixture
-async def wide_store(any_redis: str):
-    # 500 requests in flight at once need that many connections
-    client = await store_mod.connect(any_redis, timeout=10.0, max_connections=600)
+async def wide_store(store_target):
+    # 500 requests in flight at once need that many connections (redis-py; the pipelined client has one)
+    client = await store_target.connect(timeout=10.0, max_connections=600)
     yield client
     await store_mod.close(client)
 

@@ -11,6 +11,10 @@
 - A client cannot make the gateway call anything but the configured upstream: URL-like model names,
   traversal, ``@host``, absolute-form request targets and Host/Forwarded headers are tried against a
   canary server that must never be called.
+- No header value kgate sends holds CR, LF or NUL (issue 15, item 3): policy headers, base URLs and budget
+  names (sent in RateLimit headers) are refused when the policy loads; an upstream key with a control
+  character in its environment variable is not used; client provider headers and upstream response headers
+  that carry one are dropped; the HTTP client refuses to write any that slips through.
 - Store URLs with an ACL user and password (special characters percent-encoded), and ``rediss://`` against
   a TLS Redis started here, work for the store and for the gateway's ledger.
 """
@@ -647,3 +651,65 @@ async def test_rediss_store_url_with_acl_user(tls_redis: tuple[RedisServer, int,
         states = await g.gw.ledger.state(ScopeRef("principal", "alice"),
                                          [BudgetSpec.from_config(b) for b in g.gw.config.tiers["basic"].budgets])
         assert states[0].used == 1
+
+
+# ------------------------------------------------------------------------- header injection
+BAD_VALUES = ("v\r\nX-Injected: 1", "v\nX-Injected: 1", "v\rX", "v\x00w", "v\x7f", "caf\u00e9")
+
+
+@pytest.mark.parametrize("value", BAD_VALUES)
+def test_policy_headers_base_urls_and_budget_names_with_control_characters_are_refused(value: str) -> None:
+    from pydantic import ValidationError
+
+    from gateway.config import BudgetConfig, UpstreamConfig
+
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        UpstreamConfig(base_url="http://up", headers={"x-tenant": value})
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        BudgetConfig(metric="requests", window="1h", limit=1, name=value)
+    with pytest.raises(ValidationError, match="http"):
+        UpstreamConfig(base_url="http://up/v1" + value)
+
+
+def test_policy_header_names_must_be_tokens_and_not_framing() -> None:
+    from pydantic import ValidationError
+
+    from gateway.config import BudgetConfig, UpstreamConfig
+
+    for name in ("x tenant", "x-a:b", "x-a\r\nx-b", "", "x-\u00e9"):
+        with pytest.raises(ValidationError, match="token"):
+            UpstreamConfig(base_url="http://up", headers={name: "v"})
+    for name in ("Host", "content-length", "Transfer-Encoding"):
+        with pytest.raises(ValidationError, match="framing"):
+            UpstreamConfig(base_url="http://up", headers={name: "v"})
+    for name in ('a"b', "a\\b"):
+        with pytest.raises(ValidationError, match="double quotes"):
+            BudgetConfig(metric="requests", window="1h", limit=1, name=name)
+    ok = UpstreamConfig(base_url="https://up.example/v1/", headers={"X-Tenant": "acme; q=1 (test)"})
+    assert ok.base_url == "https://up.example/v1" and ok.headers == {"X-Tenant": "acme; q=1 (test)"}
+    assert BudgetConfig(metric="requests", window="1h", limit=1, name="team: req/h").label == "team: req/h"
+
+
+@pytest.mark.parametrize("value", BAD_VALUES)
+def test_values_from_outside_with_control_characters_never_go_out(value: str, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from gateway import upstream as up
+    from gateway.config import UpstreamConfig
+
+    # the upstream's key, from the environment (a secret file's trailing newline): not used, not logged
+    monkeypatch.setenv(UPSTREAM_KEY_ENV, "sk-" + value.replace("\x00", "\x01"))  # no NUL in an environment
+    targets = up.Upstreams({"u": UpstreamConfig(base_url="http://up", api_key_env=UPSTREAM_KEY_ENV)}, None)
+    target = targets.get("u")
+    assert target.auth_value is None
+    assert UPSTREAM_KEY_ENV in caplog.text and "sk-v" not in caplog.text
+    # the client's provider headers: dropped, the clean ones kept
+    sent = up.request_headers(target, "anthropic", {"anthropic-beta": value, "accept": "application/json"}, "r1")
+    assert sent == {"content-type": "application/json", "x-request-id": "r1", "accept": "application/json",
+                    "anthropic-version": "2023-06-01"}
+    # the upstream's response headers (any client implementation): dropped, the clean ones kept
+    back = up.response_headers({"content-type": "application/json", "x-request-id": value,
+                                "request-id": "req_1", "set-cookie": "s=1"})
+    assert back == {"content-type": "application/json", "request-id": "req_1"}
+    monkeypatch.setenv(UPSTREAM_KEY_ENV, "sk-clean")
+    assert up.Upstreams({"u": UpstreamConfig(base_url="http://up", api_key_env=UPSTREAM_KEY_ENV)},
+                        None).get("u").auth_value == "sk-clean"
