@@ -7,7 +7,7 @@ with append-only persistence, as ``kgate serve`` runs it. Prints each run and th
     python bench/ledger_bench.py [--runs 5] [--seconds 3] [--concurrency 64] [--client resp|redis-py]
                                  [--tcp] [--no-aof] [--profile]
 
-``--client resp`` sends the scripts through gateway.resp's pipelined client (the gateway's hot path);
+``--client resp`` sends the scripts through gateway.ledger.resp's pipelined client (the gateway's hot path);
 ``redis-py`` through redis.asyncio with its connection pool. ``--profile`` runs one run under cProfile and
 prints where the client's time goes.
 """
@@ -27,9 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway import store
-from gateway.ledger import BudgetSpec, HoldRequest, Ledger, ScopeRef
-from gateway.redis_server import RedisServer
+from gateway.ledger.ledger import BudgetSpec, HoldRequest, Ledger, ScopeRef, store
+from gateway.ledger.redis_server import RedisServer
 
 BUDGETS = (
     BudgetSpec("req-1m", "requests", "1m", False, 1e12),
@@ -78,7 +77,7 @@ async def one_run(ledger: Ledger, seconds: float, concurrency: int, run: int, ad
 
 async def make_client(kind: str, url: str) -> Any:
     if kind == "resp":
-        from gateway.resp import RespClient
+        from gateway.ledger.resp import RespClient
 
         return RespClient.from_url(url, timeout=5.0)
     return await store.connect(url, timeout=5.0, decode_responses=False)

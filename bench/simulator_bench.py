@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 
 def _start(port: int, workers: int) -> subprocess.Popen[bytes]:
-    code = ("import sys; from gateway.simulator import run_simulator, SimulatorOptions; "
+    code = ("import sys; from gateway.simulator.server import run_simulator, SimulatorOptions; "
             f"sys.exit(run_simulator('127.0.0.1:{port}', SimulatorOptions(), workers={workers}))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})

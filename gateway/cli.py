@@ -14,8 +14,8 @@ from typing import Any, NoReturn
 
 import orjson
 
-from .config import ConfigError, default_config_path, load_config
-from .errors import GatewayError, UsageError
+from gateway.engine.errors import GatewayError, UsageError
+from gateway.policy.config import ConfigError, default_config_path, load_config
 
 AUDIT_COMMANDS = ("verify", "report", "reconcile")
 
@@ -43,7 +43,7 @@ def _load(config: str | None) -> Any:
 
 # ---------------------------------------------------------------------------------- estimate and meter
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .metering import estimate_dict, parse_request, resolve_path
+    from gateway.engine.metering import estimate_dict, parse_request, resolve_path
 
     config = _load(args.config)
     adapter, params = resolve_path(args.path)
@@ -55,10 +55,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_meter(args: argparse.Namespace) -> int:
     """``kgate meter``: from a request body and the upstream's answer, or (``--request-id``) from the
     audit record of a request the gateway served, which carries what it charged."""
-    from .metering import meter_dict, meter_response, parse_request, resolve_path
+    from gateway.engine.metering import meter_dict, meter_response, parse_request, resolve_path
 
     if args.request_id:
-        from .audit_tools import charged_usage
+        from gateway.audit.tools import charged_usage
 
         _emit(charged_usage(args.request_id, args.audit, args.config))
         return 0
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", help="'embedded' (default) or a Redis URL (env KGATE_STORE_URL)")
     s.add_argument("--replica-id", help="this replica's id in the audit log and spool (default: "
                    "server.replica_id, else the host name); each replica on one host needs its own")
-    s.set_defaults(func=_lazy("gateway.server", "cmd_serve"))
+    s.set_defaults(func=_lazy("gateway.proxy.server", "cmd_serve"))
 
     s = sub.add_parser(
         "simulate", help="run the upstream model-server simulator",
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which OpenAI-compatible server to mimic on the OpenAI paths (default %(default)s)")
     s.add_argument("--workers", type=int, default=1,
                    help="processes sharing the port (SO_REUSEPORT; default %(default)s)")
-    s.set_defaults(func=_lazy("gateway.server", "cmd_simulate"))
+    s.set_defaults(func=_lazy("gateway.proxy.server", "cmd_simulate"))
 
     for name, func, metered in (("estimate", cmd_estimate, False), ("meter", cmd_meter, True)):
         s = sub.add_parser(name, help=f"{name} the compute of one request (one JSON object on stdout)")
@@ -171,22 +171,22 @@ def _admin_commands(sub: Any) -> None:
     s.add_argument("--principal", required=True)
     s.add_argument("--org", required=True)
     s.add_argument("--tier", required=True)
-    s.set_defaults(func=_lazy("gateway.admin_cli", "keys_create"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "keys_create"))
     s = keys.add_parser("revoke", parents=[common], help="revoke a key by its id")
     s.add_argument("key_id")
-    s.set_defaults(func=_lazy("gateway.admin_cli", "keys_revoke"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "keys_revoke"))
     s = keys.add_parser("list", parents=[common], help="list keys (ids only)")
     s.add_argument("--principal")
-    s.set_defaults(func=_lazy("gateway.admin_cli", "keys_list"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "keys_list"))
 
     pr = sub.add_parser("principals", help="principals").add_subparsers(dest="principals_cmd", required=True,
                                                                        parser_class=_Parser)
     s = pr.add_parser("set-tier", parents=[common], help="assign a principal's tier")
     s.add_argument("principal")
     s.add_argument("tier")
-    s.set_defaults(func=_lazy("gateway.admin_cli", "principals_set_tier"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "principals_set_tier"))
     s = pr.add_parser("list", parents=[common], help="list principals")
-    s.set_defaults(func=_lazy("gateway.admin_cli", "principals_list"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "principals_list"))
 
     gr = sub.add_parser("grants", help="time-bound elevation to a tier").add_subparsers(
         dest="grants_cmd", required=True, parser_class=_Parser)
@@ -196,13 +196,13 @@ def _admin_commands(sub: Any) -> None:
     s.add_argument("--duration", required=True, help="e.g. 30m, 12h, 7d")
     s.add_argument("--approver", required=True)
     s.add_argument("--reason", required=True)
-    s.set_defaults(func=_lazy("gateway.admin_cli", "grants_add"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "grants_add"))
     s = gr.add_parser("list", parents=[common], help="list grants")
     s.add_argument("--principal")
-    s.set_defaults(func=_lazy("gateway.admin_cli", "grants_list"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "grants_list"))
     s = gr.add_parser("revoke", parents=[common], help="revoke a grant")
     s.add_argument("grant_id")
-    s.set_defaults(func=_lazy("gateway.admin_cli", "grants_revoke"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "grants_revoke"))
 
     ov = sub.add_parser("overrides", help="per-principal budget limits").add_subparsers(
         dest="overrides_cmd", required=True, parser_class=_Parser)
@@ -210,15 +210,15 @@ def _admin_commands(sub: Any) -> None:
     s.add_argument("principal")
     s.add_argument("budget", help="the budget's label, e.g. principal:requests:1d")
     s.add_argument("limit", type=float)
-    s.set_defaults(func=_lazy("gateway.admin_cli", "overrides_set"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "overrides_set"))
     s = ov.add_parser("delete", parents=[common], help="back to the tier's limit for one budget")
     s.add_argument("principal")
     s.add_argument("budget")
-    s.set_defaults(func=_lazy("gateway.admin_cli", "overrides_delete"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "overrides_delete"))
 
     s = sub.add_parser("usage", parents=[common], help="a principal's usage and remaining budget")
     s.add_argument("principal")
-    s.set_defaults(func=_lazy("gateway.admin_cli", "usage"))
+    s.set_defaults(func=_lazy("gateway.admin.cli", "usage"))
 
 
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
@@ -237,7 +237,7 @@ def _passthrough(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        mod = importlib.import_module("gateway.reconcile" if name == "reconcile" else "gateway.audit_tools")
+        mod = importlib.import_module("gateway.audit.reconcile" if name == "reconcile" else "gateway.audit.tools")
         func: Callable[[list[str]], int] = getattr(mod, f"{name}_main")
         return func(list(args.rest))
 

@@ -33,8 +33,8 @@ from typing import Any, Literal
 import pytest
 import redis as redis_sync
 
-from gateway import store as store_mod
-from gateway.redis_server import RedisServer, RedisServerError, find_redis_binary, free_port
+from gateway.ledger import store as store_mod
+from gateway.ledger.redis_server import RedisServer, RedisServerError, find_redis_binary, free_port
 
 __all__ = ["Cluster", "FakeClock", "StoreTarget", "free_port"]
 
@@ -120,10 +120,10 @@ _BACKENDS = {"redis7": "redis7", "redis62": "redis62", "cluster": "redis_cluster
 
 @dataclass(frozen=True)
 class StoreTarget:
-    """A Redis and the client kind to reach it with: ``redispy`` (gateway.store.connect, as production does
+    """A Redis and the client kind to reach it with: ``redispy`` (gateway.ledger.store.connect, as production does
     for every URL outside the hot path and for TLS, Sentinel and Cluster) or ``resp`` (what the gateway's
-    ledger gets for a plain ``redis://`` URL: gateway.resp.hot_path_client, i.e. the scripts through the
-    pipelined :class:`~gateway.resp.RespClient`, everything else through redis-py)."""
+    ledger gets for a plain ``redis://`` URL: gateway.ledger.resp.hot_path_client, i.e. the scripts through the
+    pipelined :class:`~gateway.ledger.resp.RespClient`, everything else through redis-py)."""
 
     kind: Literal["redispy", "resp"]
     url: str
@@ -132,7 +132,7 @@ class StoreTarget:
         client = await store_mod.connect(self.url, timeout=timeout, max_connections=max_connections)
         if self.kind == "redispy":
             return client
-        from gateway.resp import HotPathStore, hot_path_client
+        from gateway.ledger.resp import HotPathStore, hot_path_client
 
         wrapped = hot_path_client(client, self.url, timeout=timeout)
         assert isinstance(wrapped, HotPathStore), self.url  # a plain redis:// URL: the production hot path

@@ -17,11 +17,11 @@ import orjson
 import yaml
 from aiohttp import web
 
-from gateway.app import create_app
-from gateway.audit import file_order
-from gateway.client_limits import GatewayRunner
-from gateway.config import Config, load_config
-from gateway.context import GATEWAY, Gateway
+from gateway.audit.log import file_order
+from gateway.policy.config import Config, load_config
+from gateway.proxy.app import create_app
+from gateway.proxy.client_limits import GatewayRunner
+from gateway.proxy.context import GATEWAY, Gateway
 
 KEYS = {
     "alice": "key-alice-basic",      # tier basic: reject over caps
@@ -175,7 +175,7 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, time
 @contextlib.asynccontextmanager
 async def admin_listener(g: RunningGateway) -> AsyncIterator[str]:
     """The admin app of ``g`` on its own loopback port, as ``kgate serve`` runs it; yields its URL."""
-    from gateway.admin import create_admin_app
+    from gateway.admin.api import create_admin_app
 
     runner = web.AppRunner(create_admin_app(g.app), access_log=None)
     await runner.setup()

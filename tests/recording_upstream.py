@@ -26,7 +26,7 @@ import yaml
 from aiohttp import web
 from gatewayutil import policy_dict
 
-from gateway.config import Config, load_config
+from gateway.policy.config import Config, load_config
 
 
 @dataclass

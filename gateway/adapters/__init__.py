@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-from .anthropic_messages import AnthropicMessages
-from .base import Adapter, SSEEvent, SSEParser, StreamMeter
-from .gemini import GeminiGenerateContent
-from .openai_chat import ChatCompletions
-from .openai_completions import Completions
-from .openai_responses import Responses
+from gateway.adapters.anthropic_messages import AnthropicMessages
+from gateway.adapters.base import Adapter, SSEEvent, SSEParser, StreamMeter
+from gateway.adapters.gemini import GeminiGenerateContent
+from gateway.adapters.openai_chat import ChatCompletions
+from gateway.adapters.openai_completions import Completions
+from gateway.adapters.openai_responses import Responses
 
 ADAPTERS: dict[str, Adapter] = {
     a.api: a

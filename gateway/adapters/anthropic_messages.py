@@ -16,9 +16,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..compute import Bound, ClampTarget, ComputeRequest, Usage
-from ..errors import BadRequest, Forbidden
-from .base import (
+from gateway.adapters.base import (
     Adapter,
     SSEEvent,
     StreamMeter,
@@ -30,6 +28,8 @@ from .base import (
     req_str,
     write_cap,
 )
+from gateway.engine.compute import Bound, ClampTarget, ComputeRequest, Usage
+from gateway.engine.errors import BadRequest, Forbidden
 
 EFFORTS: tuple[str, ...] = ("low", "medium", "high", "xhigh", "max")
 THINKING_TYPES: tuple[str, ...] = ("enabled", "adaptive", "disabled")

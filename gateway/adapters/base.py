@@ -4,7 +4,7 @@ An adapter knows one API's request and response format. It never talks to the ne
 handler calls it in this order:
 
 1. :meth:`Adapter.model_name` and :meth:`Adapter.parse`: the request in compute-model terms
-   (:class:`~gateway.compute.ComputeRequest`); raises :class:`~gateway.errors.BadRequest` for bad input.
+   (:class:`~gateway.engine.compute.ComputeRequest`); raises :class:`~gateway.engine.errors.BadRequest` for bad input.
 2. :meth:`Adapter.rewrite`: lower samples / output cap / thinking budget / effort to a clamp target.
 3. :meth:`Adapter.prepare_upstream`: map the model name, make a stream carry usage; returns whether the
    client itself asked for streamed usage (so the extra chunk can be stripped).
@@ -24,8 +24,8 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from ..compute import Bound, ClampTarget, ComputeRequest, Usage
-from ..errors import BadRequest, ErrorShape
+from gateway.engine.compute import Bound, ClampTarget, ComputeRequest, Usage
+from gateway.engine.errors import BadRequest, ErrorShape
 
 
 @dataclass(frozen=True)

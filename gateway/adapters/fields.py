@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
-from ..errors import BadRequest, Forbidden, GatewayError
-from .base import CREDENTIAL_PARAMS
+from gateway.adapters.base import CREDENTIAL_PARAMS
+from gateway.engine.errors import BadRequest, Forbidden, GatewayError
 
 # Sampling knobs vLLM and SGLang add to the OpenAI formats: the cap bounds any generation they cause.
 _SERVER_SAMPLING = frozenset({
@@ -360,7 +360,7 @@ class FieldViolation:
 
 def check_fields(api: str, screen: Screen, tier: Any, query: str, headers: Mapping[str, str]
                  ) -> FieldViolation | None:
-    """Apply the tier's field policy to a parsed request (``tier``: a :class:`~gateway.config.TierConfig`).
+    """Apply the tier's field policy to a parsed request (``tier``: a :class:`~gateway.policy.config.TierConfig`).
 
     Raises for what kgate can never meter (every mode). Returns the violation in ``mode: shadow``;
     raises it in ``mode: enforce``; None when the request may go as it is.

@@ -21,10 +21,8 @@ from urllib.parse import quote
 
 import orjson
 
-from ..compute import Bound, ClampTarget, ComputeRequest, Usage
-from ..errors import BadRequest, Forbidden
-from .anthropic_messages import estimate_tokens, request_object
-from .base import (
+from gateway.adapters.anthropic_messages import estimate_tokens, request_object
+from gateway.adapters.base import (
     Adapter,
     SSEEvent,
     StreamMeter,
@@ -37,6 +35,8 @@ from .base import (
     upstream_query,
     write_cap,
 )
+from gateway.engine.compute import Bound, ClampTarget, ComputeRequest, Usage
+from gateway.engine.errors import BadRequest, Forbidden
 
 LEVELS: tuple[str, ...] = ("minimal", "low", "medium", "high")  # thinkingLevel, lower-cased
 MAX_CANDIDATES = 8  # Gemini's documented range of candidateCount is 1-8

@@ -11,11 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..compute import Bound, ClampTarget, ComputeRequest, Usage
-from ..config import EFFORT_ORDER
-from ..errors import BadRequest
-from .base import StreamMeter, as_ints, req_bool, req_int, req_obj, req_str, write_cap
-from .openai_common import (
+from gateway.adapters.base import StreamMeter, as_ints, req_bool, req_int, req_obj, req_str, write_cap
+from gateway.adapters.openai_common import (
     MAX_N,
     ChoiceStreamMeter,
     OpenAIAdapter,
@@ -33,6 +30,9 @@ from .openai_common import (
     text_tokens,
     usage_from_counts,
 )
+from gateway.engine.compute import Bound, ClampTarget, ComputeRequest, Usage
+from gateway.engine.errors import BadRequest
+from gateway.policy.config import EFFORT_ORDER
 
 _CAP_FIELDS = ("max_completion_tokens", "max_tokens")
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import orjson
 
-from ..compute import ComputeRequest, Usage, UsageSource
-from ..config import EFFORT_ORDER
-from ..errors import BadRequest
-from .base import Adapter, SSEEvent, StreamMeter, nonneg, req_bool, req_int, req_obj, req_str
+from gateway.adapters.base import Adapter, SSEEvent, StreamMeter, nonneg, req_bool, req_int, req_obj, req_str
+from gateway.engine.compute import ComputeRequest, Usage, UsageSource
+from gateway.engine.errors import BadRequest
+from gateway.policy.config import EFFORT_ORDER
 
 MAX_N = 128  # the OpenAI limit on ``n``
 

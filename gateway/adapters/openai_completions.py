@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..compute import Bound, ClampTarget, ComputeRequest, Usage
-from ..errors import BadRequest
-from .base import StreamMeter, as_ints, req_int, write_cap
-from .openai_common import (
+from gateway.adapters.base import StreamMeter, as_ints, req_int, write_cap
+from gateway.adapters.openai_common import (
     MAX_N,
     ChoiceStreamMeter,
     OpenAIAdapter,
@@ -31,6 +29,8 @@ from .openai_common import (
     text_tokens,
     usage_from_counts,
 )
+from gateway.engine.compute import Bound, ClampTarget, ComputeRequest, Usage
+from gateway.engine.errors import BadRequest
 
 DEFAULT_MAX_TOKENS = 16
 

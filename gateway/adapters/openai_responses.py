@@ -14,10 +14,8 @@ from typing import Any
 
 import orjson
 
-from ..compute import Bound, ClampTarget, ComputeRequest, Usage
-from ..errors import BadRequest
-from .base import SSEEvent, StreamMeter, nonneg, req_obj, write_cap
-from .openai_common import (
+from gateway.adapters.base import SSEEvent, StreamMeter, nonneg, req_obj, write_cap
+from gateway.adapters.openai_common import (
     OpenAIAdapter,
     body_object,
     cap_field,
@@ -29,6 +27,8 @@ from .openai_common import (
     text_tokens,
     usage_from_counts,
 )
+from gateway.engine.compute import Bound, ClampTarget, ComputeRequest, Usage
+from gateway.engine.errors import BadRequest
 
 MIN_OUTPUT_TOKENS = 16  # the API refuses a smaller max_output_tokens
 

@@ -1,0 +1,1 @@
+"""The admin API (its own listener) and the same operations from the command line."""

@@ -1,0 +1,258 @@
+"""The admin operations from the command line: the same calls as the admin API, against the store.
+
+With ``store.url: embedded`` the CLI talks to the running gateway's embedded Redis through its socket,
+which it learns from the lock file of the data folder (``<store.data_dir>/kgate.lock``); it never starts a
+Redis of its own over a folder a live process owns. When no gateway runs, it takes that lock itself and
+starts the embedded Redis for the duration of the command (its append-only file keeps the change for the
+gateway's next start); a gateway starting meanwhile waits for nothing: it fails and names this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.admin.api import (
+    _check_budget_label,
+    _check_id,
+    _check_text,
+    _check_tier,
+    admin_record,
+    override_set_result,
+    parse_duration,
+    principal_usage,
+)
+from gateway.engine.errors import BadRequest, NotFound
+from gateway.metrics.series import Metrics
+from gateway.policy.config import default_config_path, load_config
+from gateway.policy.directory import Directory
+from gateway.proxy.context import Gateway
+
+
+@contextlib.asynccontextmanager
+async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
+    """A Gateway with the store, directory, ledger and audit log, for one CLI command."""
+    from gateway.audit.log import AuditLog
+    from gateway.ledger.ledger import Ledger
+    from gateway.ledger.store import connect
+
+    cfg = load_config(args.config or default_config_path())
+    url = args.store or os.environ.get("KGATE_STORE_URL") or cfg.store.url
+    embedded = None
+    if url == "embedded":
+        url, embedded = await _embedded_store(Path(cfg.store.data_dir))
+    try:
+        redis = await connect(url, timeout=cfg.store.timeout_seconds)
+    except ValueError as exc:  # not a store URL: bad input, one line
+        raise BadRequest(str(exc), param="store") from None
+    gw = Gateway(config=cfg, metrics=Metrics(process_metrics=False), replica=f"cli-{socket.gethostname()}")
+    gw.redis = redis
+    gw.directory = Directory(cfg, redis, key_prefix=cfg.store.key_prefix)
+    gw.ledger = Ledger(redis, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry,
+                       record_ttl=cfg.store.record_ttl_seconds)
+    key_env = cfg.audit.hmac_key_env
+    hmac_key = os.environ.get(key_env, "").encode() if key_env else b""
+    gw.audit = AuditLog(cfg.audit.dir, gw.replica, hmac_key=hmac_key or None)
+    await gw.audit.start()
+    try:
+        yield gw
+    finally:
+        await gw.audit.close()
+        with contextlib.suppress(Exception):
+            await redis.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _embedded_store(data_dir: Path) -> tuple[str, Any]:
+    """(URL, the server this command started or None) for the embedded store in ``data_dir``: the socket of
+    the process that owns the folder, else a Redis started here under the folder's lock."""
+    from gateway.ledger.redis_server import DataDirBusy, RedisServer, data_dir_owner
+
+    owner = data_dir_owner(data_dir)
+    if owner is None:
+        server = RedisServer(data_dir=data_dir, port=None, command="kgate (admin command)")
+        try:
+            await server.start()
+            return server.url, server
+        except DataDirBusy as exc:  # a gateway took the folder between the look and the start
+            owner = exc.owner
+    sock = owner.get("socket")
+    if not sock:
+        raise StoreOwnerError(f"{data_dir} is owned by {owner.get('command') or 'another process'} (pid "
+                              f"{owner.get('pid', 'unknown')}) whose store is not up yet; try again in a moment")
+    return f"unix://{sock}", None
+
+
+class StoreOwnerError(OSError):
+    """The data folder's owner has no store socket to talk to (yet)."""
+
+
+def _run(args: argparse.Namespace, op: Callable[[Gateway], Awaitable[Any]]) -> int:
+    from redis.exceptions import RedisError
+
+    from gateway.ledger.redis_server import RedisServerError
+    from gateway.ledger.store import STORE_ERRORS
+
+    async def main() -> Any:
+        async with open_gateway(args) as gw:
+            return await op(gw)
+
+    try:
+        result = asyncio.run(main())
+    except (StoreOwnerError, RedisServerError) as exc:  # RedisServerError: e.g. no redis-server to start
+        print(f"kgate: embedded store: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except STORE_ERRORS as exc:
+        # An unreachable store is no bad input (exit 1, not 2), but still one line, never a traceback.
+        what = "the store" if isinstance(exc, RedisError) else type(exc).__name__
+        print(f"kgate: {what} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
+        return 1
+    if result is not None:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+ACTOR = f"cli:{os.environ.get('USER', 'unknown')}"
+
+
+def keys_create(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        pid, org = _check_id(args.principal, "principal"), _check_id(args.org, "org")
+        tier = _check_tier(gw.config, args.tier)
+        key, key_id = await gw.directory.create_key(pid, org, tier)
+        await admin_record(gw, "key.create", ACTOR, principal=pid, org=org, tier=tier, key_id=key_id)
+        print(f"key id {key_id} for principal {pid} (tier {tier}); the key is shown once:", file=sys.stderr)
+        print(key)
+
+    return _run(args, op)
+
+
+def keys_revoke(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        principal = await gw.directory.revoke_key(_check_id(args.key_id, "key_id"))
+        if principal is None:
+            raise NotFound(f"unknown key id {args.key_id!r}")
+        await admin_record(gw, "key.revoke", ACTOR, principal=principal, key_id=args.key_id)
+        return {"key_id": args.key_id, "revoked": True, "principal": principal}
+
+    return _run(args, op)
+
+
+def keys_list(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        return await gw.directory.list_keys(args.principal and _check_id(args.principal, "principal"))
+
+    return _run(args, op)
+
+
+def principals_set_tier(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        pid = _check_id(args.principal, "principal")
+        tier = _check_tier(gw.config, args.tier)
+        p = await gw.directory.set_principal(pid, tier=tier)
+        await admin_record(gw, "principal.set", ACTOR, principal=pid, tier=tier, org=p.org, enabled=p.enabled)
+        return {"id": p.id, "org": p.org, "tier": p.tier, "enabled": p.enabled}
+
+    return _run(args, op)
+
+
+def principals_list(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        return await gw.directory.list_principals()
+
+    return _run(args, op)
+
+
+def grants_add(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        pid = _check_id(args.principal, "principal")
+        tier = _check_tier(gw.config, args.tier)
+        duration = parse_duration(args.duration)
+        approver, reason = _check_text(args.approver, "approver", 256), _check_text(args.reason, "reason", 1024)
+        if await gw.directory.by_id(pid) is None:
+            raise NotFound(f"unknown principal {pid!r}")
+        g = await gw.directory.add_grant(pid, tier, duration, approver, reason)
+        await admin_record(gw, "grant.add", ACTOR, **g.as_dict())
+        return g.as_dict()
+
+    return _run(args, op)
+
+
+def grants_list(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        principal = args.principal and _check_id(args.principal, "principal")
+        now = time.time()
+        return [{**g.as_dict(), "active": g.active(now)} for g in await gw.directory.list_grants(principal)]
+
+    return _run(args, op)
+
+
+def grants_revoke(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        g = await gw.directory.revoke_grant(_check_id(args.grant_id, "grant_id"))
+        if g is None:
+            raise NotFound(f"unknown grant id {args.grant_id!r}")
+        await admin_record(gw, "grant.revoke", ACTOR, **g.as_dict())
+        return g.as_dict()
+
+    return _run(args, op)
+
+
+def usage(args: argparse.Namespace) -> int:
+    async def op(gw: Gateway) -> Any:
+        return await principal_usage(gw, _check_id(args.principal, "principal"))
+
+    return _run(args, op)
+
+
+def overrides_set(args: argparse.Namespace) -> int:
+    """A per-principal limit for one of its tier's principal-scope budgets (by label)."""
+
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        pid = _check_id(args.principal, "principal")
+        label = _check_budget_label(gw.config, args.budget)
+        if not 0 <= args.limit < math.inf:  # argparse's float() also takes "nan" and "inf"
+            raise BadRequest("'limit' must be a non-negative number", param="limit")
+        await gw.directory.set_override(pid, label, float(args.limit))
+        await admin_record(gw, "override.set", ACTOR, principal=pid, budget=label, limit=float(args.limit))
+        result = await override_set_result(gw, pid, label, float(args.limit))
+        if not result["applies_now"]:
+            print(f"kgate: warning: {result['note']}", file=sys.stderr)
+        return result
+
+    return _run(args, op)
+
+
+def overrides_delete(args: argparse.Namespace) -> int:
+    """Back to the tier's limit for one budget."""
+
+    async def op(gw: Gateway) -> Any:
+        assert gw.directory is not None
+        pid = _check_id(args.principal, "principal")
+        await gw.directory.set_override(pid, args.budget, None)
+        await admin_record(gw, "override.delete", ACTOR, principal=pid, budget=args.budget)
+        return {"principal": pid, "budget": args.budget, "limit": None}
+
+    return _run(args, op)

@@ -1,0 +1,1 @@
+"""The tamper-evident audit log and the tools that read it: verify, report, reconcile."""

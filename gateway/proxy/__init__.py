@@ -1,0 +1,1 @@
+"""The aiohttp transport: the app, its request handler, the upstream client and the server process."""

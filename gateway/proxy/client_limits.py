@@ -1,0 +1,153 @@
+"""Limits on client connections that aiohttp does not have: a header timeout (issue 13, item 8).
+
+aiohttp times out neither a request head that trickles in nor (by default, for an hour) a connection
+that says nothing: 200 connections sending a header byte now and then held their sockets for as long as
+they liked. Here a connection must deliver a complete request head within ``server.header_timeout_seconds``
+of its opening (its first request) or of the first byte of a later head; otherwise it gets a 408 and is
+closed. Between requests an idle keep-alive connection is kept ``server.keepalive_timeout_seconds``
+(aiohttp's own timer, which also closes a connection whose head is still incomplete by then).
+
+How: :class:`GatewayRunner` is an ``AppRunner`` whose server makes :class:`GuardedRequestHandler`
+protocols. A request whose head arrives in one read (nearly all of them) costs no timer: one is armed only
+at a connection's start and when a read leaves a head incomplete, and is cancelled when the head is whole.
+A plain ``AppRunner`` still gets the keep-alive timeout (through the app's ``handler_args``), not this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import socket
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.proxy.context import GATEWAY, Gateway
+
+log = logging.getLogger("kgate.client_limits")
+
+TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's connection protocol plus a deadline for each request head (see the module's docstring)."""
+
+    __slots__ = ("_gw", "_head_timer", "_header_timeout")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, gateway: Gateway, **kwargs: Any):
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._gw = gateway
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()  # the first head is due from the connection's start: saying nothing is no way to stay
+
+    def data_received(self, data: bytes) -> None:
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:  # a head is whole (its body, if any, has its own timeout)
+            timer = self._head_timer  # inlined _disarm: this runs on every read
+            if timer is not None:
+                timer.cancel()
+                self._head_timer = None
+        elif data and self._head_timer is None and self._awaiting_head():
+            self._arm()  # the first bytes of a later head on a kept-alive connection
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _awaiting_head(self) -> bool:
+        """Idle between requests (not handling one, whose body bytes these would be)."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._upgraded
+
+    def _arm(self) -> None:
+        self._head_timer = self._loop.call_later(self._header_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _expired(self) -> None:
+        self._head_timer = None
+        if self._force_close or self.transport is None:
+            return
+        log.debug("closing a connection whose request head did not arrive within %g s", self._header_timeout)
+        self._gw.metrics.observe_error("header_timeout")
+        self.transport.write(TIMEOUT_ANSWER)
+        self.force_close()  # closes the transport once the 408 is flushed
+
+
+class GuardedServer(web.Server):
+    """An aiohttp ``Server`` whose connections are :class:`GuardedRequestHandler`; the limits are read from
+    the gateway's policy in force when a connection opens (a reload applies to new connections)."""
+
+    _kgate: Gateway
+
+    def __call__(self) -> RequestHandler:
+        server = self._kgate.config.server
+        kwargs = {**self._kwargs, "keepalive_timeout": server.keepalive_timeout_seconds}
+        return GuardedRequestHandler(self, loop=self._loop, header_timeout=server.header_timeout_seconds,
+                                     gateway=self._kgate, **kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` for an app of :func:`gateway.proxy.app.create_app`, with the client limits above."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Re-class the server the base class built rather than rebuild it: that keeps aiohttp's own
+        # assembly of its arguments (handler_args, access log, debug) whatever its version does there.
+        server.__class__ = GuardedServer
+        assert isinstance(server, GuardedServer)
+        server._kgate = self.app[GATEWAY]
+        return server
+
+
+# ------------------------------------------------------------------------------------- trusted peers
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_sources(sources: tuple[str, ...]) -> tuple[tuple[Network, ...], bool]:
+    """``server.trusted_identity_sources`` (validated by the config) as networks, and whether ``unix`` is one."""
+    nets = tuple(ipaddress.ip_network(s, strict=False) for s in sources if s != "unix")
+    return nets, "unix" in sources
+
+
+def untrusted_peer(request: web.Request, sources: tuple[str, ...]) -> str | None:
+    """None when the TCP peer of ``request``'s connection is inside one of ``sources``; otherwise the peer,
+    named for the refusal and the audit record.
+
+    The peer is the connection's own address, never a forwarded-for header (which the client writes). An
+    IPv4 peer on a dual-stack socket (``::ffff:10.0.0.1``) is matched as IPv4. A Unix-socket peer (an app
+    mounted by a server on a socket) is trusted only when ``sources`` holds ``unix``: whoever may connect
+    to the socket, by its file permissions, may then name any principal.
+    """
+    nets, unix_ok = _parse_sources(sources)
+    transport = request.transport
+    if transport is None:
+        return "a closed connection"
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == getattr(socket, "AF_UNIX", None):
+        return None if unix_ok else "a Unix socket"
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple) or not peer:
+        return "an unknown peer"
+    try:
+        addr = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return str(peer[0])[:64]
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return None if any(addr in net for net in nets) else str(addr)
+
+
+__all__ = ["GatewayRunner", "GuardedRequestHandler", "GuardedServer", "untrusted_peer"]

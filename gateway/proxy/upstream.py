@@ -1,0 +1,137 @@
+"""Calling the model servers: routing, credentials, headers and timeouts (docs/design.md §4.2).
+
+The client's credentials never travel upstream: each upstream's own key comes from the environment
+variable its policy names, in the header style of the API being spoken. Hop-by-hop headers and anything
+not on an allowlist are dropped in both directions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.engine.errors import UpstreamError, UpstreamTimeout
+from gateway.policy.config import UpstreamConfig
+from gateway.proxy.http_client import HttpBroken, HttpClient, HttpTimeout, HttpTooLarge, Response, Timeouts
+
+log = logging.getLogger(__name__)
+
+# Client headers that carry meaning for the provider and nothing about the caller's identity.
+FORWARD_REQUEST_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta", "accept")
+MAX_FORWARDED_VALUE = 1024  # characters; provider headers (versions, beta flags) are far shorter
+# Upstream response headers worth passing back (request ids help a client open a support ticket).
+FORWARD_RESPONSE_HEADERS = ("content-type", "x-request-id", "request-id", "openai-processing-ms",
+                            "anthropic-organization-id")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    base_url: str
+    config: UpstreamConfig
+    timeout: Timeouts
+    auth_value: str | None  # the upstream's own key, from the environment
+
+
+class Upstreams:
+    """The configured upstreams, resolved to URLs (the simulator's when ``base_url: simulator``)."""
+
+    def __init__(self, upstreams: Mapping[str, UpstreamConfig], simulator_url: str | None):
+        self._targets: dict[str, Target] = {}
+        for name, cfg in upstreams.items():
+            base = simulator_url if cfg.base_url == "simulator" else cfg.base_url
+            if base is None:
+                continue
+            key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+            if key is not None and not (key.isascii() and key.isprintable()):
+                # A key read from a file often ends in a newline: sent as is, it would end the header
+                # early. Refused (the upstream then answers 401, upstream_auth), never sent nor logged.
+                log.error("upstream %r: the key in $%s holds a control character (a trailing newline?) or "
+                          "non-ASCII; it is not used", name, cfg.api_key_env)
+                key = None
+            timeout = Timeouts(connect=cfg.connect_timeout_seconds, read=cfg.read_timeout_seconds,
+                               total=cfg.total_timeout_seconds)
+            self._targets[name] = Target(name, base.rstrip("/"), cfg, timeout, key)
+
+    def get(self, name: str) -> Target:
+        target = self._targets.get(name)
+        if target is None:
+            raise UpstreamError(f"upstream {name!r} is not available")
+        return target
+
+
+def request_headers(target: Target, api_shape: str, client: Mapping[str, str], request_id: str) -> dict[str, str]:
+    """The headers sent upstream: content type, the upstream's own credentials, a few provider headers."""
+    h = {"content-type": "application/json", "x-request-id": request_id, **provider_headers(client)}
+    if api_shape == "anthropic" and "anthropic-version" not in h:
+        h["anthropic-version"] = "2023-06-01"
+    if target.auth_value:
+        if api_shape == "anthropic":
+            h["x-api-key"] = target.auth_value
+        elif api_shape == "gemini":
+            h["x-goog-api-key"] = target.auth_value
+        else:
+            h["authorization"] = f"Bearer {target.auth_value}"
+    if target.config.base_url == "simulator":
+        # The built-in simulator takes test-control headers (x-sim-fault, ...); real upstreams never see them.
+        for k, v in client.items():
+            if k.lower().startswith("x-sim-") and _clean(v):
+                h[k.lower()] = v
+    for k, v in target.config.headers.items():
+        h[k.lower()] = v
+    return h
+
+
+def provider_headers(client: Mapping[str, str]) -> dict[str, str]:
+    """The client's provider headers that travel upstream (beta flags among them: the tier's field policy,
+    gateway/adapters/fields.py, decides whether a request carrying them goes at all)."""
+    h = {}
+    for name in FORWARD_REQUEST_HEADERS:
+        v = client.get(name)
+        if v is not None and _clean(v):
+            h[name] = v
+    return h
+
+
+def _clean(value: str) -> bool:
+    """A header value safe to forward: printable ASCII (so no CR, LF or NUL: no header injection; and no
+    other control or non-ASCII bytes, which no provider header carries) of sane length."""
+    return len(value) <= MAX_FORWARDED_VALUE and value.isascii() and value.isprintable()
+
+
+def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    """The upstream's headers passed back to the client: the allowlisted ones whose value is safe to send
+    (the httptools parser already refuses CR, LF and NUL in a value; this holds for any client)."""
+    return {k: v for k in FORWARD_RESPONSE_HEADERS if (v := upstream.get(k)) is not None and _clean(v)}
+
+
+async def send(client: HttpClient, target: Target, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
+    """POST to the upstream; connection failures and timeouts become UpstreamError / UpstreamTimeout."""
+    try:
+        return await client.post(target.base_url, path, body, headers, target.timeout)
+    except HttpTimeout as exc:
+        if not exc.sent:
+            raise UpstreamTimeout(f"connecting to upstream {target.name!r} timed out",
+                                  code="upstream_connect_timeout") from None
+        raise UpstreamTimeout(f"upstream {target.name!r} did not answer in time") from None
+    except HttpBroken as exc:
+        if exc.connect:
+            raise UpstreamError(f"cannot connect to upstream {target.name!r}", code="upstream_unreachable") from None
+        raise UpstreamError(f"upstream {target.name!r} failed before answering") from None
+
+
+async def read_body(target: Target, resp: Response) -> bytes:
+    """The whole response body; failures while reading it become UpstreamError / UpstreamTimeout, and a body
+    over the upstream's ``max_response_bytes`` an UpstreamError ``upstream_too_large`` (the upstream did
+    the work: the caller charges it like any failure after sending)."""
+    try:
+        return await resp.read(target.config.max_response_bytes)
+    except HttpTooLarge:
+        raise UpstreamError(f"upstream {target.name!r} sent an answer larger than its max_response_bytes "
+                            f"({target.config.max_response_bytes})", code="upstream_too_large") from None
+    except HttpTimeout:
+        raise UpstreamTimeout(f"upstream {target.name!r} timed out while sending its answer") from None
+    except HttpBroken:
+        raise UpstreamError(f"upstream {target.name!r} broke off its answer") from None

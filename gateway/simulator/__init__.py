@@ -1,0 +1,1 @@
+"""``kgate simulate``: a fake model server speaking the five provider wire formats."""

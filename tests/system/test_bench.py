@@ -1,0 +1,104 @@
+"""The gateway benchmark script runs end to end (briefly, with its Python load generator) and reports every
+case, so the README's command keeps working. Its figures are not checked here: timing belongs to the
+benchmark, not to the test suite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gateway_bench_runs_every_case(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gateway_bench.py"), "--duration", "0.5", "--runs", "1",
+         "--connections", "1,4", "--load", "python", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    cases = {f"{t}/{m}/c{c}" for t in ("simulator", "gateway") for m in ("json", "stream") for c in (1, 4)}
+    assert set(doc["results"]) == cases
+    for name, r in doc["results"].items():
+        assert r["rps"] > 0 and r["non2xx"] == 0, (name, r)
+        assert r["cpu_us"] > 0, (name, r)
+    assert set(doc["ratios"]) == {"json/c1", "json/c4", "stream/c1", "stream/c4"}
+    assert doc["ttfb_gateway_ms"] > 0 and doc["ttfb_direct_ms"] > 0
+    assert "throughput gateway/simulator" in proc.stdout
+    # no 32-connection case was run: only the latency targets are judged
+    assert [t["target"].split(":")[0] for t in doc["targets"]] == [
+        "added p50 latency at 1 connection < 1 ms", "first streamed byte within 1 ms of direct"]
+    assert "targets (2-core machine, one gateway process):" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gateway_bench_compares_two_checkouts_taking_turns(tmp_path: Path) -> None:
+    """``--compare DIR``: a second gateway (here the same checkout) in the same alternation, with its rows
+    and its ratio beside the gateway's."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gateway_bench.py"), "--duration", "0.5", "--runs", "2",
+         "--connections", "1", "--load", "python", "--compare", str(ROOT), "--json-out", str(out)],
+        capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert {"baseline/json/c1", "baseline/stream/c1", "gateway/json/c1"} <= set(doc["results"])
+    assert {"baseline/json/c1", "baseline/stream/c1", "json/c1"} <= set(doc["ratios"])
+    assert f"baseline ({ROOT})" in proc.stdout
+
+
+def test_target_verdicts_judge_each_target() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gateway_bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    results = {"simulator/json/c32": {"rps": 12_000.0, "p50_ms": 2.5},
+               "gateway/json/c32": {"rps": 2_900.0, "p50_ms": 10.0},
+               "simulator/json/c1": {"rps": 5_000.0, "p50_ms": 0.18},
+               "gateway/json/c1": {"rps": 800.0, "p50_ms": 1.17}}
+    verdicts = gateway_bench.target_verdicts(results, {"json/c32": 2_900 / 12_000}, 1.01)
+    assert [met for _, met in verdicts] == [True, False, True, False]
+    assert verdicts[1][0] == "kgate >= 25% of the simulator's throughput there: 24.2%"
+    assert verdicts[2][0] == "added p50 latency at 1 connection < 1 ms: 0.990 ms"
+    results["simulator/json/c32"]["rps"] = 9_000.0
+    verdicts = gateway_bench.target_verdicts(results, {"json/c32": 0.3}, 0.5)
+    assert [met for _, met in verdicts] == [False, True, True, True]
+
+
+@pytest.mark.slow
+def test_gateway_bench_with_the_embedded_store_setup(tmp_path: Path) -> None:
+    """``--store embedded``: the Redis on a unix socket with append-only persistence, as kgate serve runs it."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gateway_bench.py"), "--duration", "0.5", "--runs", "1",
+         "--connections", "1", "--load", "python", "--store", "embedded", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "redis: unix socket, append-only" in proc.stdout
+    doc = json.loads(out.read_text())
+    for name, r in doc["results"].items():
+        assert r["rps"] > 0 and r["non2xx"] == 0, (name, r)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instruction_count_reports_the_gateway_and_its_redis() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "instructions.py"), "--requests", "40", "--concurrency", "2"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split("  ")[0].strip(): line.split() for line in proc.stdout.splitlines()
+            if line.startswith(("kgate simulate", "kgate serve"))}
+    assert set(rows) == {"kgate simulate", "kgate serve"}, proc.stdout
+    gateway = rows["kgate serve"]
+    # instructions per request, the ratio to the simulator, and the Redis' instructions per request
+    assert int(gateway[2].replace(",", "")) > 0 and float(gateway[3]) > 1
+    assert int(gateway[4].replace(",", "")) > 0
