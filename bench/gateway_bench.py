@@ -38,7 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.ledger.redis_server import RedisServer, redis_version  # noqa: E402
+from gateway.ledger.redis_binary import redis_version  # noqa: E402
+from gateway.ledger.redis_server import RedisServer  # noqa: E402
 
 KEY = "bench-key-0123456789"
 BODY = {"model": "dense", "messages": [{"role": "user", "content": "Say something short."}], "max_tokens": 16}

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway_bench import BODY, KEY, ROOT, STREAM_BODY, free_port, policy, wait_ready
 
-from gateway.ledger.redis_server import find_redis_binary
+from gateway.ledger.redis_binary import find_redis_binary
 
 
 def _request(body: dict) -> bytes:

@@ -58,7 +58,7 @@ def cmd_meter(args: argparse.Namespace) -> int:
     from gateway.engine.metering import meter_dict, meter_response, parse_request, resolve_path
 
     if args.request_id:
-        from gateway.audit.tools import charged_usage
+        from gateway.audit.records import charged_usage
 
         _emit(charged_usage(args.request_id, args.audit, args.config))
         return 0
@@ -237,7 +237,7 @@ def _passthrough(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        mod = importlib.import_module("gateway.audit.reconcile" if name == "reconcile" else "gateway.audit.tools")
+        mod = importlib.import_module(f"gateway.audit.{name}")  # verify, report, reconcile
         func: Callable[[list[str]], int] = getattr(mod, f"{name}_main")
         return func(list(args.rest))
 

@@ -34,7 +34,8 @@ import pytest
 import redis as redis_sync
 
 from gateway.ledger import store as store_mod
-from gateway.ledger.redis_server import RedisServer, RedisServerError, find_redis_binary, free_port
+from gateway.ledger.redis_binary import RedisServerError, find_redis_binary, free_port
+from gateway.ledger.redis_server import RedisServer
 
 __all__ = ["Cluster", "FakeClock", "StoreTarget", "free_port"]
 

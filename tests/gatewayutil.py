@@ -17,7 +17,7 @@ import orjson
 import yaml
 from aiohttp import web
 
-from gateway.audit.log import file_order
+from gateway.audit.files import file_order
 from gateway.policy.config import Config, load_config
 from gateway.proxy.app import create_app
 from gateway.proxy.client_limits import GatewayRunner

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 from gateway.adapters.anthropic_messages import AnthropicMessages
-from gateway.adapters.base import Adapter, SSEEvent, SSEParser, StreamMeter
+from gateway.adapters.base import Adapter, StreamMeter
 from gateway.adapters.gemini import GeminiGenerateContent
 from gateway.adapters.openai_chat import ChatCompletions
 from gateway.adapters.openai_completions import Completions
 from gateway.adapters.openai_responses import Responses
+from gateway.adapters.sse import SSEEvent, SSEParser
 
 ADAPTERS: dict[str, Adapter] = {
     a.api: a

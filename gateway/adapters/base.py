@@ -1,4 +1,4 @@
-"""What every wire-format adapter provides, and the SSE framing they share.
+"""What every wire-format adapter provides (the SSE framing they share is :mod:`gateway.adapters.sse`).
 
 An adapter knows one API's request and response format. It never talks to the network; the request
 handler calls it in this order:
@@ -15,109 +15,16 @@ handler calls it in this order:
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import unquote_plus
 
 import orjson
 
+from gateway.adapters.sse import SSEEvent, SSEParser
 from gateway.engine.compute import Bound, ClampTarget, ComputeRequest, Usage
 from gateway.engine.errors import BadRequest, ErrorShape
-
-
-@dataclass(frozen=True)
-class SSEEvent:
-    """One server-sent event: its raw bytes (forwarded unchanged), its ``event:`` name and ``data:``."""
-
-    raw: bytes
-    event: str | None
-    data: str | None
-
-    def json(self) -> Any:
-        """The data as JSON, or None when it is absent, ``[DONE]`` or not JSON."""
-        if not self.data or self.data == "[DONE]":
-            return None
-        try:
-            return orjson.loads(self.data)
-        except orjson.JSONDecodeError:
-            return None
-
-
-class SSEParser:
-    """Splits a byte stream into events at blank lines; keeps a partial event until it is complete.
-
-    Each event keeps its raw bytes exactly as the upstream sent them (LF, CRLF or CR line ends: Gemini
-    and Vertex send CRLF), and where the chunks were cut never changes the events.
-    """
-
-    __slots__ = ("_buf",)
-
-    def __init__(self) -> None:
-        self._buf = b""
-
-    def feed(self, chunk: bytes) -> Iterator[SSEEvent]:
-        buf = self._buf + chunk if self._buf else chunk
-        start = 0
-        if b"\r" not in buf:  # the common case: LF only
-            while True:
-                end = buf.find(b"\n\n", start)
-                if end < 0:
-                    break
-                raw = buf[start:end + 2]
-                start = end + 2
-                ev = parse_event(raw)
-                if ev is not None:
-                    yield ev
-        else:
-            for m in _BLANK_LINE.finditer(buf):
-                if m.end() == len(buf) and buf.endswith(b"\r"):
-                    break  # a CR at the end may be the first half of a CRLF: wait for the next byte
-                raw = buf[start:m.end()]
-                start = m.end()
-                ev = parse_event(raw)
-                if ev is not None:
-                    yield ev
-        self._buf = buf[start:]
-
-    def flush(self) -> Iterator[SSEEvent]:
-        """What is left when the stream ends (an event without its closing blank line), bytes unchanged."""
-        rest, self._buf = self._buf, b""
-        if rest:
-            ev = parse_event(rest)
-            if ev is not None:
-                yield ev
-
-    @property
-    def pending(self) -> bytes:
-        return self._buf
-
-
-# Two line ends in a row, each LF, CRLF or CR; longer alternatives first so a CRLF is never cut in two.
-_BLANK_LINE = re.compile(rb"\r\n\r\n|\r\n\n|\n\r\n|\r\r\n|\n\n|\r\r|\r\n\r|\n\r")
-
-
-def parse_event(raw: bytes) -> SSEEvent | None:
-    name: str | None = None
-    data_lines: list[str] = []
-    text = raw.decode("utf-8", errors="replace")
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    for line in text.split("\n"):
-        if not line or line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if field == "event":
-            name = value
-        elif field == "data":
-            data_lines.append(value)
-    if name is None and not data_lines:
-        return SSEEvent(raw=raw, event=None, data=None)
-    return SSEEvent(raw=raw, event=name, data="\n".join(data_lines) if data_lines else None)
 
 
 class StreamMeter(ABC):
@@ -269,39 +176,35 @@ def as_ints(obj: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | N
     return {**obj, **{k: int(obj[k]) for k in floats}}
 
 
-def req_bool(body: Mapping[str, Any], key: str, *, default: bool = False, param: str | None = None) -> bool:
-    name = param or key
-    if key not in body or body[key] is None:
-        return default
-    v = body[key]
-    if not isinstance(v, bool):
-        raise BadRequest(f"'{name}' must be a boolean, got {type(v).__name__}", param=name)
+def _typed(body: Mapping[str, Any], key: str, name: str, kind: type, what: str) -> Any:
+    """``body[key]``, refused unless it is a ``kind`` (``what`` names it in the error); None when the field
+    is absent or null."""
+    v = body.get(key)
+    if v is not None and not isinstance(v, kind):
+        raise BadRequest(f"'{name}' must be {what}, got {type(v).__name__}", param=name)
     return v
+
+
+def req_bool(body: Mapping[str, Any], key: str, *, default: bool = False, param: str | None = None) -> bool:
+    v = _typed(body, key, param or key, bool, "a boolean")
+    return default if v is None else v
 
 
 def req_str(body: Mapping[str, Any], key: str, *, required: bool = False, choices: tuple[str, ...] | None = None,
             param: str | None = None) -> str | None:
     name = param or key
-    if key not in body or body[key] is None:
+    v: str | None = _typed(body, key, name, str, "a string")
+    if v is None:
         if required:
             raise BadRequest(f"'{name}' is required", param=name)
         return None
-    v = body[key]
-    if not isinstance(v, str):
-        raise BadRequest(f"'{name}' must be a string, got {type(v).__name__}", param=name)
     if choices is not None and v not in choices:
         raise BadRequest(f"'{name}' must be one of {', '.join(choices)}; got {v[:64]!r}", param=name)
     return v
 
 
 def req_obj(body: Mapping[str, Any], key: str, *, param: str | None = None) -> Mapping[str, Any] | None:
-    name = param or key
-    if key not in body or body[key] is None:
-        return None
-    v = body[key]
-    if not isinstance(v, dict):
-        raise BadRequest(f"'{name}' must be an object, got {type(v).__name__}", param=name)
-    return v
+    return _typed(body, key, param or key, dict, "an object")
 
 
 def json_size(obj: Any) -> int:

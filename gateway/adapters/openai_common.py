@@ -20,7 +20,8 @@ from typing import Any
 
 import orjson
 
-from gateway.adapters.base import Adapter, SSEEvent, StreamMeter, nonneg, req_bool, req_int, req_obj, req_str
+from gateway.adapters.base import Adapter, StreamMeter, nonneg, req_bool, req_int, req_obj, req_str
+from gateway.adapters.sse import SSEEvent
 from gateway.engine.compute import ComputeRequest, Usage, UsageSource
 from gateway.engine.errors import BadRequest
 from gateway.policy.config import EFFORT_ORDER

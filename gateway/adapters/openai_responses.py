@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.adapters.base import SSEEvent, StreamMeter, nonneg, req_obj, write_cap
+from gateway.adapters.base import StreamMeter, nonneg, req_obj, write_cap
 from gateway.adapters.openai_common import (
     OpenAIAdapter,
     body_object,
@@ -27,6 +27,7 @@ from gateway.adapters.openai_common import (
     text_tokens,
     usage_from_counts,
 )
+from gateway.adapters.sse import SSEEvent
 from gateway.engine.compute import Bound, ClampTarget, ComputeRequest, Usage
 from gateway.engine.errors import BadRequest
 

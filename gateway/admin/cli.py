@@ -23,16 +23,8 @@ from typing import Any
 
 import orjson
 
-from gateway.admin.api import (
-    _check_budget_label,
-    _check_id,
-    _check_text,
-    _check_tier,
-    admin_record,
-    override_set_result,
-    parse_duration,
-    principal_usage,
-)
+from gateway.admin import ops
+from gateway.admin.ops import check_budget_label, check_id, check_tier
 from gateway.engine.errors import BadRequest, NotFound
 from gateway.metrics.series import Metrics
 from gateway.policy.config import default_config_path, load_config
@@ -78,7 +70,8 @@ async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
 async def _embedded_store(data_dir: Path) -> tuple[str, Any]:
     """(URL, the server this command started or None) for the embedded store in ``data_dir``: the socket of
     the process that owns the folder, else a Redis started here under the folder's lock."""
-    from gateway.ledger.redis_server import DataDirBusy, RedisServer, data_dir_owner
+    from gateway.ledger.data_dir_lock import DataDirBusy, data_dir_owner
+    from gateway.ledger.redis_server import RedisServer
 
     owner = data_dir_owner(data_dir)
     if owner is None:
@@ -102,7 +95,8 @@ class StoreOwnerError(OSError):
 def _run(args: argparse.Namespace, op: Callable[[Gateway], Awaitable[Any]]) -> int:
     from redis.exceptions import RedisError
 
-    from gateway.ledger.redis_server import RedisServerError
+    from gateway.ledger.errors import StoreError
+    from gateway.ledger.redis_binary import RedisServerError
     from gateway.ledger.store import STORE_ERRORS
 
     async def main() -> Any:
@@ -116,7 +110,8 @@ def _run(args: argparse.Namespace, op: Callable[[Gateway], Awaitable[Any]]) -> i
         return 1
     except STORE_ERRORS as exc:
         # An unreachable store is no bad input (exit 1, not 2), but still one line, never a traceback.
-        what = "the store" if isinstance(exc, RedisError) else type(exc).__name__
+        # StoreError: the directory's and the ledger's wrapping of a client's error.
+        what = "the store" if isinstance(exc, (RedisError, StoreError)) else type(exc).__name__
         print(f"kgate: {what} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
               file=sys.stderr)
         return 1
@@ -130,45 +125,30 @@ ACTOR = f"cli:{os.environ.get('USER', 'unknown')}"
 
 def keys_create(args: argparse.Namespace) -> int:
     async def op(gw: Gateway) -> Any:
-        assert gw.directory is not None
-        pid, org = _check_id(args.principal, "principal"), _check_id(args.org, "org")
-        tier = _check_tier(gw.config, args.tier)
-        key, key_id = await gw.directory.create_key(pid, org, tier)
-        await admin_record(gw, "key.create", ACTOR, principal=pid, org=org, tier=tier, key_id=key_id)
-        print(f"key id {key_id} for principal {pid} (tier {tier}); the key is shown once:", file=sys.stderr)
-        print(key)
+        k = await ops.create_key(gw, ACTOR, args.principal, args.org, args.tier)
+        print(f"key id {k['key_id']} for principal {k['principal']} (tier {k['tier']}); the key is shown once:",
+              file=sys.stderr)
+        print(k["key"])
 
     return _run(args, op)
 
 
 def keys_revoke(args: argparse.Namespace) -> int:
-    async def op(gw: Gateway) -> Any:
-        assert gw.directory is not None
-        principal = await gw.directory.revoke_key(_check_id(args.key_id, "key_id"))
-        if principal is None:
-            raise NotFound(f"unknown key id {args.key_id!r}")
-        await admin_record(gw, "key.revoke", ACTOR, principal=principal, key_id=args.key_id)
-        return {"key_id": args.key_id, "revoked": True, "principal": principal}
-
-    return _run(args, op)
+    return _run(args, lambda gw: ops.revoke_key(gw, ACTOR, args.key_id))
 
 
 def keys_list(args: argparse.Namespace) -> int:
     async def op(gw: Gateway) -> Any:
         assert gw.directory is not None
-        return await gw.directory.list_keys(args.principal and _check_id(args.principal, "principal"))
+        return await gw.directory.list_keys(args.principal and check_id(args.principal, "principal"))
 
     return _run(args, op)
 
 
 def principals_set_tier(args: argparse.Namespace) -> int:
     async def op(gw: Gateway) -> Any:
-        assert gw.directory is not None
-        pid = _check_id(args.principal, "principal")
-        tier = _check_tier(gw.config, args.tier)
-        p = await gw.directory.set_principal(pid, tier=tier)
-        await admin_record(gw, "principal.set", ACTOR, principal=pid, tier=tier, org=p.org, enabled=p.enabled)
-        return {"id": p.id, "org": p.org, "tier": p.tier, "enabled": p.enabled}
+        pid = check_id(args.principal, "principal")
+        return await ops.set_principal(gw, ACTOR, pid, tier=check_tier(gw.config, args.tier))
 
     return _run(args, op)
 
@@ -183,15 +163,7 @@ def principals_list(args: argparse.Namespace) -> int:
 
 def grants_add(args: argparse.Namespace) -> int:
     async def op(gw: Gateway) -> Any:
-        assert gw.directory is not None
-        pid = _check_id(args.principal, "principal")
-        tier = _check_tier(gw.config, args.tier)
-        duration = parse_duration(args.duration)
-        approver, reason = _check_text(args.approver, "approver", 256), _check_text(args.reason, "reason", 1024)
-        if await gw.directory.by_id(pid) is None:
-            raise NotFound(f"unknown principal {pid!r}")
-        g = await gw.directory.add_grant(pid, tier, duration, approver, reason)
-        await admin_record(gw, "grant.add", ACTOR, **g.as_dict())
+        g = await ops.add_grant(gw, ACTOR, args.principal, args.tier, args.duration, args.approver, args.reason)
         return g.as_dict()
 
     return _run(args, op)
@@ -200,7 +172,7 @@ def grants_add(args: argparse.Namespace) -> int:
 def grants_list(args: argparse.Namespace) -> int:
     async def op(gw: Gateway) -> Any:
         assert gw.directory is not None
-        principal = args.principal and _check_id(args.principal, "principal")
+        principal = args.principal and check_id(args.principal, "principal")
         now = time.time()
         return [{**g.as_dict(), "active": g.active(now)} for g in await gw.directory.list_grants(principal)]
 
@@ -209,11 +181,9 @@ def grants_list(args: argparse.Namespace) -> int:
 
 def grants_revoke(args: argparse.Namespace) -> int:
     async def op(gw: Gateway) -> Any:
-        assert gw.directory is not None
-        g = await gw.directory.revoke_grant(_check_id(args.grant_id, "grant_id"))
+        g = await ops.revoke_grant(gw, ACTOR, args.grant_id)
         if g is None:
             raise NotFound(f"unknown grant id {args.grant_id!r}")
-        await admin_record(gw, "grant.revoke", ACTOR, **g.as_dict())
         return g.as_dict()
 
     return _run(args, op)
@@ -221,7 +191,7 @@ def grants_revoke(args: argparse.Namespace) -> int:
 
 def usage(args: argparse.Namespace) -> int:
     async def op(gw: Gateway) -> Any:
-        return await principal_usage(gw, _check_id(args.principal, "principal"))
+        return await ops.principal_usage(gw, check_id(args.principal, "principal"))
 
     return _run(args, op)
 
@@ -230,14 +200,11 @@ def overrides_set(args: argparse.Namespace) -> int:
     """A per-principal limit for one of its tier's principal-scope budgets (by label)."""
 
     async def op(gw: Gateway) -> Any:
-        assert gw.directory is not None
-        pid = _check_id(args.principal, "principal")
-        label = _check_budget_label(gw.config, args.budget)
+        pid = check_id(args.principal, "principal")
+        label = check_budget_label(gw.config, args.budget)
         if not 0 <= args.limit < math.inf:  # argparse's float() also takes "nan" and "inf"
             raise BadRequest("'limit' must be a non-negative number", param="limit")
-        await gw.directory.set_override(pid, label, float(args.limit))
-        await admin_record(gw, "override.set", ACTOR, principal=pid, budget=label, limit=float(args.limit))
-        result = await override_set_result(gw, pid, label, float(args.limit))
+        result = await ops.set_override(gw, ACTOR, pid, label, float(args.limit))
         if not result["applies_now"]:
             print(f"kgate: warning: {result['note']}", file=sys.stderr)
         return result
@@ -247,12 +214,4 @@ def overrides_set(args: argparse.Namespace) -> int:
 
 def overrides_delete(args: argparse.Namespace) -> int:
     """Back to the tier's limit for one budget."""
-
-    async def op(gw: Gateway) -> Any:
-        assert gw.directory is not None
-        pid = _check_id(args.principal, "principal")
-        await gw.directory.set_override(pid, args.budget, None)
-        await admin_record(gw, "override.delete", ACTOR, principal=pid, budget=args.budget)
-        return {"principal": pid, "budget": args.budget, "limit": None}
-
-    return _run(args, op)
+    return _run(args, lambda gw: ops.delete_override(gw, ACTOR, args.principal, args.budget))

@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from html import escape
-from typing import Any
 
-from gateway.audit.tools import Report, report_columns
+from gateway.audit.report import Report, cell, report_columns
 
 # Per-request K, in powers of two: "how many standard answers' worth" is read on a log scale.
 K_BINS: tuple[tuple[float, float, str], ...] = (
@@ -86,24 +85,16 @@ def k_histogram(values: list[float]) -> list[tuple[str, float]]:
     return [(label, float(c)) for (_, _, label), c in zip(K_BINS, counts, strict=True)]
 
 
-def _fmt(value: Any, column: str) -> str:
-    if column == "flops":
-        return f"{value:.4g}"
-    if column == "k_units":
-        return f"{value:.2f}"
-    return escape(str(value))
-
-
 def _table(report: Report) -> str:
     cols = report_columns(report)
     keys = set(report.by)
     head = "".join(f"<th>{escape(c)}</th>" for c in cols)
     rows = []
     for r in report.rows:
-        cells = "".join(f'<td{"" if c in keys else " class=n"}>{_fmt(r[c], c)}</td>' for c in cols)
+        cells = "".join(f'<td{"" if c in keys else " class=n"}>{escape(cell(r[c], c))}</td>' for c in cols)
         rows.append(f"<tr>{cells}</tr>")
     total = "".join("<td>TOTAL</td>" if i == 0 else "<td></td>" for i in range(len(report.by)))
-    total += "".join(f"<td class=n>{_fmt(report.total[c], c)}</td>" for c in cols[len(report.by):])
+    total += "".join(f"<td class=n>{escape(cell(report.total[c], c))}</td>" for c in cols[len(report.by):])
     rows.append(f'<tr class="total">{total}</tr>')
     # Wider than a window with all its columns: the table scrolls sideways, the page does not.
     return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'

@@ -20,16 +20,65 @@ import argparse
 import asyncio
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-from gateway.audit.tools import METERED_DECISIONS, iter_records, usage_amounts
-from gateway.policy.config import default_config_path, load_config
-from gateway.policy.windows import fixed_window, slice_seconds, window_length
+from gateway.audit.records import METERED_DECISIONS, Metered, iter_records, usage_amounts
+from gateway.policy.config import METRICS, default_config_path, load_config
+from gateway.policy.windows import WINDOWS, fixed_window, slice_seconds, window_length
 
 REL_TOL = 1e-6
+
+
+class TotalKey(NamedTuple):
+    scope: str  # principal | org | global
+    id: str  # the principal or org id; "" for global
+    metric: str
+    window: str
+    bucket: int  # the window's start, epoch seconds (UTC)
+
+
+def bucket_start(window: str, ts: float) -> int:
+    """Start of the fixed window holding ``ts``, exactly as the ledger buckets it (gateway.policy.windows)."""
+    if window not in WINDOWS:
+        raise ValueError(f"unknown window {window!r}")
+    return int(fixed_window(window, ts)[0])
+
+
+def audit_totals(paths: Iterable[str | Path], since: float | datetime | None = None,
+                 until: float | datetime | None = None, *,
+                 windows: Iterable[str] = ("day",)) -> dict[TotalKey, float]:
+    """Usage totals from the audit log, keyed by (scope, id, metric, window, bucket start).
+
+    Sums ``usage`` of metered decisions (:data:`METERED_DECISIONS`) once per request id, at the record's
+    ``ts``, into the principal's, the org's and the global totals, for every ledger metric and each window
+    in ``windows``. Records without a parsable ``ts`` are skipped. This is what the ledger should hold,
+    up to requests that straddle a bucket boundary (the ledger buckets by Redis time at reservation).
+    """
+    lo = since.timestamp() if isinstance(since, datetime) else since
+    hi = until.timestamp() if isinstance(until, datetime) else until
+    wins = tuple(windows)
+    for w in wins:
+        bucket_start(w, 0)  # validate early
+    metered = Metered()
+    totals: dict[TotalKey, float] = defaultdict(float)
+    for t, rec in iter_records(paths, lo, hi):
+        if t is None or not metered(rec):
+            continue
+        amounts = usage_amounts(rec)
+        scopes = (("principal", str(rec.get("principal") or "")), ("org", str(rec.get("org") or "")),
+                  ("global", ""))
+        for w in wins:
+            b = bucket_start(w, t)
+            for scope, sid in scopes:
+                for metric in METRICS:
+                    totals[TotalKey(scope, sid, metric, w, b)] += amounts[metric]
+    return dict(totals)
 
 
 def _parser() -> argparse.ArgumentParser:

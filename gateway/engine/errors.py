@@ -20,6 +20,10 @@ class GatewayError(Exception):
     openai_type: ClassVar[str] = "server_error"
     anthropic_type: ClassVar[str] = "api_error"
     gemini_status: ClassVar[str] = "INTERNAL"
+    # The audit decision of a request that ends with this error: "denied" when policy (or the caller's own
+    # mistake) refused it, "failed" when something went wrong on the way. A failure after the upstream did
+    # work is recorded as "partial" instead (it is charged): see gateway.engine.record.decision_of.
+    decision: ClassVar[str] = "failed"
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
                  headers: dict[str, str] | None = None, detail: dict[str, Any] | None = None):
@@ -32,6 +36,7 @@ class GatewayError(Exception):
 
 
 class BadRequest(GatewayError):
+    decision = "denied"
     status = 400
     kind = "bad_request"
     openai_type = "invalid_request_error"
@@ -40,6 +45,7 @@ class BadRequest(GatewayError):
 
 
 class Unauthenticated(GatewayError):
+    decision = "denied"
     status = 401
     kind = "unauthenticated"
     openai_type = "authentication_error"
@@ -50,6 +56,7 @@ class Unauthenticated(GatewayError):
 class Forbidden(GatewayError):
     """The caller is known but not entitled: a model outside its tier, or a per-request cap."""
 
+    decision = "denied"
     status = 403
     kind = "forbidden"
     openai_type = "permission_error"
@@ -58,6 +65,7 @@ class Forbidden(GatewayError):
 
 
 class NotFound(GatewayError):
+    decision = "denied"
     status = 404
     kind = "not_found"
     openai_type = "invalid_request_error"
@@ -84,6 +92,7 @@ class RequestTimeout(GatewayError):
 
 
 class PayloadTooLarge(GatewayError):
+    decision = "denied"
     status = 413
     kind = "payload_too_large"
     openai_type = "invalid_request_error"
@@ -92,6 +101,7 @@ class PayloadTooLarge(GatewayError):
 
 
 class BudgetExceeded(GatewayError):
+    decision = "denied"
     status = 429
     kind = "budget_exceeded"
     openai_type = "rate_limit_error"
@@ -100,6 +110,7 @@ class BudgetExceeded(GatewayError):
 
 
 class StoreUnavailable(GatewayError):
+    decision = "denied"
     status = 503
     kind = "store_unavailable"
     openai_type = "server_error"

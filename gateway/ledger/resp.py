@@ -6,14 +6,14 @@ cost of a proxied request. This client keeps **one connection per replica** and 
 written at once, its reply future waits in a FIFO, and hiredis parses replies as they arrive. There is no
 pool to exhaust, so a burst of concurrent requests queues on the socket instead of failing.
 
-It speaks only what the hot path needs: ``EVALSHA`` (through :meth:`register_script`, the same call shape
-as redis-py's script objects; each registered script is loaded on every new connection, and again on
-``NOSCRIPT``) and plain commands. A script call queues its command at once when connected, so scripts
-reach Redis in the order they were called. Errors are redis-py's exception classes, so callers handle
-both clients alike. A watchdog fails the connection (and every command waiting on it) when the oldest
-command has waited longer than ``timeout``; the next command reconnects. Standalone Redis over TCP or a
-unix socket, optional AUTH and database; TLS, Sentinel and Cluster use redis-py (see
-:func:`hot_path_client`).
+It speaks only what the hot path needs: the ledger's :class:`~gateway.ledger.scripts.ScriptStore`
+(``EVALSHA`` through :meth:`register_script`; each registered script is loaded on every new connection, and
+again on ``NOSCRIPT``) and plain commands. A script call queues its command at once when connected, so
+scripts reach Redis in the order they were called. Errors are redis-py's exception classes, as redis-py's
+own (the ledger turns both into :class:`~gateway.ledger.errors.StoreError`). A watchdog fails the
+connection (and every command waiting on it) when the oldest command has waited longer than ``timeout``;
+the next command reconnects. Standalone Redis over TCP or a unix socket, optional AUTH and database; TLS,
+Sentinel and Cluster use redis-py (see :func:`hot_path_client`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ import hashlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.ledger.codec import Arg
+from gateway.ledger.scripts import RedisPyClient, RedisPyStore, ScriptStore
 
 
 class _Protocol(asyncio.Protocol):
@@ -229,11 +232,15 @@ class RespClient:
         proto = self._live() or await self._connect()
         return await self._queue(proto, args)
 
-    # ---------------------------------------------------------------------------------- redis-py shape
+    # -------------------------------------------------------------------- the ledger's ScriptStore
     def register_script(self, script: str) -> _Script:
         registered = _Script(self, script)
         self._scripts[registered.sha] = script
         return registered
+
+    async def zcards(self, keys: Sequence[str]) -> list[int]:
+        """``ZCARD`` of each key, pipelined like every command here."""
+        return [int(n) for n in await asyncio.gather(*(self.execute_command("ZCARD", k) for k in keys))]
 
     async def script_load(self, script: str) -> str:
         sha = await self.execute_command("SCRIPT", "LOAD", script)
@@ -255,7 +262,7 @@ class _Script:
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
 
-    def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = (), client: Any = None) -> Awaitable[Any]:
+    def __call__(self, keys: Sequence[str] = (), args: Sequence[Arg] = ()) -> Awaitable[Any]:
         """Run the script; await the result for its reply. Unlike redis-py's, the command is queued by this
         call itself when the connection is up, not when the result is first awaited: scripts leave in the
         order they were called, which lets a caller send one now and collect its reply later."""
@@ -264,7 +271,7 @@ class _Script:
         # connected (the common case): queued now; else queued when awaited, once a connection is open
         return self._reply(self.client._queue(proto, cmd) if proto is not None else None, cmd)
 
-    def send(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> asyncio.Future[Any] | None:
+    def send(self, keys: Sequence[str] = (), args: Sequence[Arg] = ()) -> asyncio.Future[Any] | None:
         """Queue the script now and return the future of its reply, without a coroutine around it; None
         (nothing sent) when the connection is not up. No NOSCRIPT retry here: the scripts are loaded with
         every new connection, but a ``SCRIPT FLUSH`` since then, or a load refused at connect (a Redis
@@ -273,6 +280,9 @@ class _Script:
         if proto is None:
             return None
         return self.client._queue(proto, ("EVALSHA", self.sha, len(keys), *keys, *args))
+
+    async def load(self) -> None:
+        self.sha = await self.client.script_load(self.script)
 
     async def _reply(self, queued: asyncio.Future[Any] | None, cmd: tuple[Any, ...]) -> Any:
         try:
@@ -283,10 +293,11 @@ class _Script:
 
 
 class HotPathStore:
-    """redis-py for everything, except the scripts, which go through the pipelined :class:`RespClient`."""
+    """The gateway's ledger store for a plain ``redis://`` or ``unix://`` URL: the scripts through the pipelined
+    :class:`RespClient`, lease counts through redis-py (one pipeline round trip). Closing it closes both."""
 
-    def __init__(self, redis: Any, fast: RespClient):
-        self._redis = redis
+    def __init__(self, redis: RedisPyClient, fast: RespClient):
+        self._redis = RedisPyStore(redis)
         self._fast = fast
 
     def register_script(self, script: str) -> _Script:
@@ -296,16 +307,22 @@ class HotPathStore:
     def connected(self) -> bool:
         return self._fast.connected
 
+    async def zcards(self, keys: Sequence[str]) -> list[int]:
+        return await self._redis.zcards(keys)
+
     async def aclose(self) -> None:
         await self._fast.aclose()
-        await self._redis.aclose()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._redis, name)
+        await self._redis.redis.aclose()
 
 
-def hot_path_client(redis: Any, url: str, *, timeout: float) -> Any:
-    """Wrap a redis-py client so that ledger scripts use the pipelined client where it applies."""
+def hot_path_client(redis: RedisPyClient, url: str, *, timeout: float) -> HotPathStore | RedisPyClient:
+    """The ledger's store for ``url``: a :class:`HotPathStore` where the pipelined client applies, else the
+    redis-py client itself (the ledger adapts it: :func:`gateway.ledger.scripts.as_script_store`)."""
     if url.startswith(("redis://", "unix://")):
         return HotPathStore(redis, RespClient.from_url(url, timeout=timeout))
     return redis
+
+
+if TYPE_CHECKING:  # mypy checks here that each client is a ScriptStore, as the ledger needs
+    def _script_store(client: RespClient | HotPathStore | RedisPyStore) -> ScriptStore:
+        return client

@@ -141,6 +141,8 @@ class UpstreamConfig(Strict):
     # hidden reasoning is charged), for at most this long and this many bytes; then the bound is charged.
     disconnect_drain_seconds: Annotated[float, Field(ge=0)] = 60.0
     disconnect_drain_bytes: NonNegInt = 16 * 1024 * 1024
+    # The HTTP client that calls it: the lean httptools one, or aiohttp's client (a fallback that behaves alike).
+    client: Literal["native", "aiohttp"] = "native"
 
     @field_validator("base_url")
     @classmethod

@@ -13,19 +13,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
 import os
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
-from typing import Any
-
-from redis.exceptions import ConnectionError as RedisConnectionError
+from typing import Any, ParamSpec, TypeVar
 
 from gateway.background import cancelled, stop_task
-from gateway.ledger.store import STORE_ERRORS
+from gateway.ledger.errors import STORE_FAILURES, StoreError, store_error
 from gateway.policy.config import Config, PrincipalConfig
 
 log = logging.getLogger("kgate.directory")
@@ -76,8 +76,26 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _store_call(method: Callable[_P, Awaitable[_T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """A change or listing that raises :class:`StoreError` for a store failure. (Lookups, on the request path,
+    convert where they meet the store, in ``_cached`` and ``_keyed_hash``: no wrapper to pay for.)"""
+    @functools.wraps(method)
+    async def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(*args, **kwargs)
+        except STORE_FAILURES as exc:
+            raise store_error(exc) from exc
+    return call
+
+
 class Directory:
-    """Principals and keys from the configuration and from Redis, with a per-replica cache."""
+    """Principals and keys from the configuration and from Redis, with a per-replica cache. A store that
+    fails makes the public coroutines raise :class:`~gateway.ledger.errors.StoreError` (the client's
+    exception as its cause), except where they answer from what was read before."""
 
     def __init__(self, config: Config, redis: Any | None, *, key_prefix: str = "kgate",
                  clock: Any = time.time):
@@ -119,7 +137,7 @@ class Directory:
                 return None
             try:
                 override = await self._stored_principal(static.id)
-            except STORE_ERRORS:
+            except StoreError:
                 override = None  # the store is away and nothing was read before: the configuration's word
             tier = override.tier if override else static.tier
             enabled = override.enabled if override else True
@@ -195,6 +213,7 @@ class Directory:
         return {_s(k): float(_s(v)) for k, v in (rec or {}).items()}
 
     # ---------------------------------------------------------------------------------------- changes
+    @_store_call
     async def create_key(self, principal_id: str, org: str, tier: str) -> tuple[str, str]:
         """Issue a key for a principal (creating or updating the principal); returns (key, key_id)."""
         redis = self._need_redis()
@@ -211,6 +230,7 @@ class Directory:
         await self._publish(f"principal:{principal_id}")
         return key, key_id
 
+    @_store_call
     async def revoke_key(self, key_id: str) -> str | None:
         """Revoke a key by id; returns its principal, or None when the id is unknown."""
         redis = self._need_redis()
@@ -223,6 +243,7 @@ class Directory:
         await self._publish(f"key:{keyed_s}")
         return _s(principal) if principal is not None else None
 
+    @_store_call
     async def list_keys(self, principal_id: str | None = None) -> list[dict[str, Any]]:
         redis = self._need_redis()
         principals = [principal_id] if principal_id else sorted(await self.list_principal_ids())
@@ -236,6 +257,7 @@ class Directory:
                             "revoked": r.get("revoked") == "1"})
         return out
 
+    @_store_call
     async def list_principals(self) -> list[dict[str, Any]]:
         """Every principal (configuration and store), as the admin API and CLI show them."""
         out = []
@@ -245,12 +267,14 @@ class Directory:
                 out.append({"id": p.id, "org": p.org, "tier": p.tier, "enabled": p.enabled, "source": p.source})
         return out
 
+    @_store_call
     async def list_principal_ids(self) -> set[str]:
         ids = set(self._static_by_id)
         if self._redis is not None:
             ids |= {_s(x) for x in await self._redis.smembers(f"{self._p}:principals")}
         return ids
 
+    @_store_call
     async def set_principal(self, principal_id: str, *, tier: str | None = None, org: str | None = None,
                             enabled: bool | None = None) -> Principal:
         redis = self._need_redis()
@@ -266,6 +290,7 @@ class Directory:
         return Principal(principal_id, mapping["org"], mapping["tier"], enabled=mapping["enabled"] == "1",
                          source="store")
 
+    @_store_call
     async def add_grant(self, principal_id: str, tier: str, duration_s: float, approver: str,
                         reason: str) -> Grant:
         redis = self._need_redis()
@@ -280,6 +305,7 @@ class Directory:
         await self._publish(f"grants:{principal_id}")
         return g
 
+    @_store_call
     async def revoke_grant(self, grant_id: str) -> Grant | None:
         redis = self._need_redis()
         g = await self.grant(grant_id)
@@ -290,6 +316,7 @@ class Directory:
         await self._publish(f"grants:{g.principal}")
         return Grant(**{**g.as_dict(), "revoked": True})
 
+    @_store_call
     async def list_grants(self, principal_id: str | None = None, *, include_expired: bool = False) -> list[Grant]:
         redis = self._need_redis()
         pids = [principal_id] if principal_id else sorted(
@@ -304,6 +331,7 @@ class Directory:
                     out.append(g)
         return out
 
+    @_store_call
     async def set_override(self, principal_id: str, budget_label: str, limit: float | None) -> None:
         redis = self._need_redis()
         if limit is None:
@@ -322,7 +350,7 @@ class Directory:
         if now < self._store_down_until:
             if key in self._last:
                 return self._last[key]
-            raise RedisConnectionError("the store failed moments ago; not asking it again yet")
+            raise StoreError("the store failed moments ago; not asking it again yet")
         inflight = self._inflight.get(key)
         if inflight is not None:
             return await asyncio.shield(inflight)
@@ -330,15 +358,16 @@ class Directory:
         self._inflight[key] = fut
         try:
             value = await fetch()
-        except STORE_ERRORS as exc:
+        except STORE_FAILURES as exc:
             self._store_down_until = time.monotonic() + STORE_RETRY
             if key in self._last:
                 value = self._last[key]
                 fut.set_result(value)
                 return value
-            fut.set_exception(exc)
+            error = store_error(exc)
+            fut.set_exception(error)
             fut.exception()
-            raise
+            raise error from exc
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 fut.cancel()
@@ -413,8 +442,11 @@ class Directory:
                 self._pepper = env.encode()
             else:
                 redis = self._need_redis()
-                await redis.set(f"{self._p}:pepper", secrets.token_hex(32), nx=True)
-                raw = await redis.get(f"{self._p}:pepper")
+                try:
+                    await redis.set(f"{self._p}:pepper", secrets.token_hex(32), nx=True)
+                    raw = await redis.get(f"{self._p}:pepper")
+                except STORE_FAILURES as exc:
+                    raise store_error(exc) from exc
                 self._pepper = raw if isinstance(raw, bytes) else str(raw).encode()
         assert self._pepper is not None
         return hmac.new(self._pepper, key.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()

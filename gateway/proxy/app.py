@@ -21,11 +21,12 @@ from aiohttp import web
 from gateway.adapters import ROUTES, adapter_for_path
 from gateway.background import cancelled, stop_task
 from gateway.engine.errors import GatewayError, MethodNotAllowed, NotFound, render, shape_for_path
+from gateway.engine.flow import Engine
 from gateway.metrics.series import Metrics
 from gateway.policy.config import Config
 from gateway.policy.directory import Directory, sha256_hex
-from gateway.proxy.context import GATEWAY, Gateway
-from gateway.proxy.handler import Outcome, api_handler, effective_tier, identify
+from gateway.proxy.context import ENGINE, GATEWAY, Gateway
+from gateway.proxy.handler import api_handler, call_of
 from gateway.proxy.upstream import Upstreams
 
 log = logging.getLogger("kgate.app")
@@ -46,6 +47,7 @@ def create_app(config: Config, *, store_url: str | None = None, replica: str | N
     app = web.Application(client_max_size=config.server.max_body_bytes,
                           handler_args={"keepalive_timeout": config.server.keepalive_timeout_seconds})
     app[GATEWAY] = gw
+    app[ENGINE] = Engine(gw)
     app[_AUDIT_DIR] = audit_dir or config.audit.dir
     app[_SIM_OPTS] = simulator_options
     app.cleanup_ctx.extend([_simulator_ctx, _store_ctx, _session_ctx, _audit_ctx, _spool_ctx, _watch_ctx,
@@ -138,13 +140,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
-    from gateway.proxy.http_client import HttpClient
+    from gateway.proxy.upstream import UpstreamClients
 
     gw = app[GATEWAY]
-    gw.session = HttpClient()
+    clients = UpstreamClients()  # one client per kind in use (upstreams.<name>.client), closed together
+    gw.session = clients
     gw.upstreams = Upstreams(gw.config.upstreams, gw.simulator_url)
     yield
-    await gw.session.close()
+    await clients.close()
 
 
 async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -278,8 +281,7 @@ async def list_models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     cfg = gw.config
     try:
-        principal = await identify(request, gw, cfg)
-        _, tier = await effective_tier(gw, cfg, principal, Outcome(request_id="", api="models", started=0.0))
+        _, _, tier = await request.app[ENGINE].caller(call_of(request, None, {}))
     except GatewayError as err:
         return _error(request, err)
     data = [{"id": name, "object": "model", "owned_by": "kgate", "created": 0,

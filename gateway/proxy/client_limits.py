@@ -16,8 +16,6 @@ A plain ``AppRunner`` still gets the keep-alive timeout (through the app's ``han
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
 import logging
 import socket
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.engine.identity import untrusted
 from gateway.proxy.context import GATEWAY, Gateway
 
 log = logging.getLogger("kgate.client_limits")
@@ -112,42 +111,21 @@ class GatewayRunner(web.AppRunner):
 
 
 # ------------------------------------------------------------------------------------- trusted peers
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_sources(sources: tuple[str, ...]) -> tuple[tuple[Network, ...], bool]:
-    """``server.trusted_identity_sources`` (validated by the config) as networks, and whether ``unix`` is one."""
-    nets = tuple(ipaddress.ip_network(s, strict=False) for s in sources if s != "unix")
-    return nets, "unix" in sources
+def peer_address(request: web.Request) -> str:
+    """The TCP peer of ``request``'s connection as :attr:`gateway.engine.request.Call.peer` names it: an IP
+    address, ``unix`` for a Unix socket, ``closed`` or ``unknown``."""
+    transport = request.transport
+    if transport is None:
+        return "closed"
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == getattr(socket, "AF_UNIX", None):
+        return "unix"
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple) or not peer:
+        return "unknown"
+    return str(peer[0])
 
 
 def untrusted_peer(request: web.Request, sources: tuple[str, ...]) -> str | None:
-    """None when the TCP peer of ``request``'s connection is inside one of ``sources``; otherwise the peer,
-    named for the refusal and the audit record.
-
-    The peer is the connection's own address, never a forwarded-for header (which the client writes). An
-    IPv4 peer on a dual-stack socket (``::ffff:10.0.0.1``) is matched as IPv4. A Unix-socket peer (an app
-    mounted by a server on a socket) is trusted only when ``sources`` holds ``unix``: whoever may connect
-    to the socket, by its file permissions, may then name any principal.
-    """
-    nets, unix_ok = _parse_sources(sources)
-    transport = request.transport
-    if transport is None:
-        return "a closed connection"
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family == getattr(socket, "AF_UNIX", None):
-        return None if unix_ok else "a Unix socket"
-    peer = transport.get_extra_info("peername")
-    if not isinstance(peer, tuple) or not peer:
-        return "an unknown peer"
-    try:
-        addr = ipaddress.ip_address(peer[0])
-    except ValueError:
-        return str(peer[0])[:64]
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return None if any(addr in net for net in nets) else str(addr)
-
-
-__all__ = ["GatewayRunner", "GuardedRequestHandler", "GuardedServer", "untrusted_peer"]
+    """None when the peer of ``request``'s connection is inside ``sources``; else the peer, named."""
+    return untrusted(peer_address(request), sources)

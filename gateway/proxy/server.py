@@ -112,7 +112,8 @@ def _bind_line(exc: OSError, what: str, listen: str, change: str) -> str:
 def _own_data_dir(data_dir: str, listen: str, admin_listen: str) -> DataDirLock:
     """The embedded store's folder, locked for this process before anything starts (its Redis joins the
     lock), so that a second ``kgate serve`` here stops before touching the first one's socket or files."""
-    from gateway.ledger.redis_server import DataDirBusy, DataDirLock, RedisServerError, find_redis_binary
+    from gateway.ledger.data_dir_lock import DataDirBusy, DataDirLock
+    from gateway.ledger.redis_binary import RedisServerError, find_redis_binary
 
     try:
         find_redis_binary()  # no redis-server: say what to install before anything starts
@@ -135,7 +136,8 @@ def _busy_line(exc: Any) -> str:
 def _startup_failure(exc: BaseException, data_dir: str) -> str | None:
     """The one line for an expected start-up failure raised inside the app; None for anything else."""
     from gateway.audit.log import AuditError
-    from gateway.ledger.redis_server import DataDirBusy, RedisServerError
+    from gateway.ledger.data_dir_lock import DataDirBusy
+    from gateway.ledger.redis_binary import RedisServerError
 
     if isinstance(exc, DataDirBusy):
         return _busy_line(exc)

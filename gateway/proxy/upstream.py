@@ -3,6 +3,9 @@
 The client's credentials never travel upstream: each upstream's own key comes from the environment
 variable its policy names, in the header style of the API being spoken. Hop-by-hop headers and anything
 not on an allowlist are dropped in both directions.
+
+Each upstream is called through the client its policy names (``client: native | aiohttp``, see
+:mod:`gateway.proxy.upstream_client`); :class:`UpstreamClients` holds one of each kind in use.
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ from dataclasses import dataclass
 
 from gateway.engine.errors import UpstreamError, UpstreamTimeout
 from gateway.policy.config import UpstreamConfig
-from gateway.proxy.http_client import HttpBroken, HttpClient, HttpTimeout, HttpTooLarge, Response, Timeouts
+from gateway.proxy.aiohttp_client import AiohttpClient
+from gateway.proxy.http_client import HttpClient
+from gateway.proxy.upstream_client import (
+    HttpBroken,
+    HttpTimeout,
+    HttpTooLarge,
+    Timeouts,
+    UpstreamClient,
+    UpstreamResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +36,46 @@ MAX_FORWARDED_VALUE = 1024  # characters; provider headers (versions, beta flags
 # Upstream response headers worth passing back (request ids help a client open a support ticket).
 FORWARD_RESPONSE_HEADERS = ("content-type", "x-request-id", "request-id", "openai-processing-ms",
                             "anthropic-organization-id")
+
+
+Response = UpstreamResponse  # what ``send`` returns, by the name the handler knows
+
+
+class UpstreamClients:
+    """One client of each kind in use (built at its first request), for all upstreams; closed together.
+
+    An :class:`UpstreamClient` itself, which sends through the native client: :func:`send` picks the
+    target's own kind.
+    """
+
+    def __init__(self) -> None:
+        self._clients: dict[str, UpstreamClient] = {}
+
+    @property
+    def built(self) -> tuple[str, ...]:
+        """The kinds built so far."""
+        return tuple(self._clients)
+
+    def get(self, kind: str) -> UpstreamClient:
+        client = self._clients.get(kind)
+        if client is None:
+            if kind == "native":
+                client = HttpClient()
+            elif kind == "aiohttp":
+                client = AiohttpClient()
+            else:
+                raise ValueError(f"no upstream client of kind {kind!r}")
+            self._clients[kind] = client
+        return client
+
+    async def post(self, base_url: str, path: str, body: bytes, headers: Mapping[str, str],
+                   timeouts: Timeouts) -> UpstreamResponse:
+        return await self.get("native").post(base_url, path, body, headers, timeouts)
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.close()
 
 
 @dataclass(frozen=True)
@@ -107,8 +159,12 @@ def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k in FORWARD_RESPONSE_HEADERS if (v := upstream.get(k)) is not None and _clean(v)}
 
 
-async def send(client: HttpClient, target: Target, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
-    """POST to the upstream; connection failures and timeouts become UpstreamError / UpstreamTimeout."""
+async def send(client: UpstreamClient, target: Target, path: str, body: bytes,
+               headers: Mapping[str, str]) -> UpstreamResponse:
+    """POST to the upstream (through the client of the target's kind when ``client`` is the gateway's
+    :class:`UpstreamClients`); connection failures and timeouts become UpstreamError / UpstreamTimeout."""
+    if isinstance(client, UpstreamClients):
+        client = client.get(target.config.client)
     try:
         return await client.post(target.base_url, path, body, headers, target.timeout)
     except HttpTimeout as exc:
@@ -122,7 +178,7 @@ async def send(client: HttpClient, target: Target, path: str, body: bytes, heade
         raise UpstreamError(f"upstream {target.name!r} failed before answering") from None
 
 
-async def read_body(target: Target, resp: Response) -> bytes:
+async def read_body(target: Target, resp: UpstreamResponse) -> bytes:
     """The whole response body; failures while reading it become UpstreamError / UpstreamTimeout, and a body
     over the upstream's ``max_response_bytes`` an UpstreamError ``upstream_too_large`` (the upstream did
     the work: the caller charges it like any failure after sending)."""

@@ -21,7 +21,8 @@ import pytest
 from aiohttp import web
 from gatewayutil import KEYS, RunningGateway, audit_records, make_config, running_gateway
 
-from gateway.admin.api import create_admin_app, parse_duration
+from gateway.admin.api import create_admin_app
+from gateway.admin.ops import parse_duration
 from gateway.engine.errors import BadRequest
 from gateway.policy.config import Config
 
@@ -475,7 +476,7 @@ async def test_every_admin_change_is_an_audit_record_in_a_verifiable_chain(
     assert {x["replica"] for x in records} == {"r1", "r2"}
     assert k["key"] not in orjson.dumps(records).decode()
 
-    from gateway.audit.tools import verify_main
+    from gateway.audit.verify import verify_main
 
     assert verify_main([str(audit_dir)]) == 0
 

@@ -24,7 +24,7 @@ from test_admin import MSG, audit_records, until
 
 from gateway.admin import cli as admin_cli
 from gateway.cli import main
-from gateway.ledger.redis_server import free_port
+from gateway.ledger.redis_binary import free_port
 from gateway.policy.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,8 +19,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.audit.log import GENESIS, MAC_NAME, AuditError, AuditLog, canonical, chain_hash, hmac_key_from_env
-from gateway.audit.tools import verify, verify_main
+from gateway.audit.chain import GENESIS, MAC_NAME, AuditError, canonical, chain_hash, hmac_key_from_env
+from gateway.audit.log import AuditLog
+from gateway.audit.verify import verify, verify_main
 
 DAY1 = datetime(2025, 3, 1, 10, 0, tzinfo=UTC).timestamp()
 DAY = 86400.0

@@ -36,7 +36,7 @@ from recording_upstream import config_with_upstream, huge_answer, recording, spe
 from yarl import URL
 
 from gateway.ledger.ledger import BudgetSpec, ScopeRef
-from gateway.ledger.redis_server import free_port
+from gateway.ledger.redis_binary import free_port
 from gateway.policy.config import ConfigError
 from gateway.proxy.client_limits import GatewayRunner, untrusted_peer
 

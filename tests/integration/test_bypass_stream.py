@@ -30,9 +30,9 @@ from recording_upstream import (
 )
 
 from gateway.adapters import adapter_for_path
+from gateway.engine.budgets import budget_amounts
 from gateway.engine.metering import parse_request
 from gateway.ledger.ledger import BudgetSpec, ScopeRef
-from gateway.proxy.handler import budget_amounts
 
 BIG = {"models": "*", "max_k": 64,
        "budgets": [{"metric": "generated_tokens", "window": "1d", "limit": 10_000_000},

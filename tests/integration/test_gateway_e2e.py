@@ -389,7 +389,7 @@ async def test_audit_fsync_mode_serves_and_keeps_a_valid_chain(redis_srv, tmp_pa
     import yaml
     from gatewayutil import policy_dict
 
-    from gateway.audit.tools import verify
+    from gateway.audit.verify import verify
     from gateway.policy.config import load_config
 
     pol = policy_dict(redis_srv.url, tmp_path / "data")

@@ -12,6 +12,7 @@ import math
 
 import pytest
 
+from gateway.ledger import store as store_mod
 from gateway.ledger.ledger import (
     BudgetRefused,
     BudgetSpec,
@@ -238,14 +239,18 @@ async def test_expired_lease_frees_room_for_others(ledger: Ledger, clock) -> Non
     await ledger.reserve("r4", [hold(output_tokens=100)], 60)  # ...but the 100 left is usable again
 
 
-async def test_finished_ids_are_forgotten_after_record_ttl(store_client, key_prefix, clock) -> None:
+async def test_finished_ids_are_forgotten_after_record_ttl(store_target, store_client, key_prefix, clock) -> None:
     ledger = Ledger(store_client, key_prefix=key_prefix, clock=clock, record_ttl=60)
     res = await ledger.reserve("r1", [hold()], 30)
     await ledger.settle(res, {"output_tokens": 1})
-    clock.advance(61)
-    await ledger.state(ALICE, [TOK])  # reaps
-    rec = await store_client.hget(ledger.key_base(ALICE) + ":rec", "r1")
-    assert rec is None
+    raw = await store_mod.connect(store_target.url, timeout=5)  # the ledger's store runs scripts only
+    try:
+        assert await raw.hget(ledger.key_base(ALICE) + ":rec", "r1") == "S"
+        clock.advance(61)
+        await ledger.state(ALICE, [TOK])  # reaps
+        assert await raw.hget(ledger.key_base(ALICE) + ":rec", "r1") is None
+    finally:
+        await store_mod.close(raw)
 
 
 async def test_multi_scope_refusal_rolls_back_earlier_holds(ledger: Ledger) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from gateway.ledger.redis_server import RedisServer, RedisServerError, find_redis_binary, free_port, redis_version
+from gateway.ledger.redis_binary import RedisServerError, find_redis_binary, free_port, redis_version
+from gateway.ledger.redis_server import RedisServer
 
 
 def client(server: RedisServer) -> redis_sync.Redis:

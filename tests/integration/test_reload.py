@@ -24,7 +24,7 @@ import yaml
 from gatewayutil import KEYS, audit_records, policy_dict, write_policy
 from test_admin import TOKEN, TOKEN_ENV, Replica, replica, until
 
-from gateway.ledger.redis_server import free_port
+from gateway.ledger.redis_binary import free_port
 from gateway.policy.config import load_config
 from gateway.simulator.server import SimulatorOptions
 

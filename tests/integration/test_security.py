@@ -47,7 +47,8 @@ from gateway.admin import api as admin_mod
 from gateway.admin.api import create_admin_app
 from gateway.ledger import store as store_mod
 from gateway.ledger.ledger import BudgetSpec, ScopeRef
-from gateway.ledger.redis_server import RedisServer, find_redis_binary, free_port
+from gateway.ledger.redis_binary import find_redis_binary, free_port
+from gateway.ledger.redis_server import RedisServer
 from gateway.policy.config import Config, load_config
 from gateway.policy.directory import KEY_PREFIX, Directory
 

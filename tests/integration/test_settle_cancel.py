@@ -14,11 +14,13 @@ import redis.asyncio as aioredis
 from gatewayutil import KEYS, make_config, running_gateway
 
 from gateway.adapters import adapter_for_path
+from gateway.engine.budgets import budget_amounts, budget_holds
 from gateway.engine.compute import measure
 from gateway.engine.metering import parse_request
+from gateway.engine.request import Admission, Ending, Facts, Forward
+from gateway.engine.settlement import post_usage, settle_to_the_end
 from gateway.ledger.ledger import BudgetSpec, Ledger, Reservation, ScopeRef
 from gateway.ledger.store import connect
-from gateway.proxy.handler import Outcome, budget_amounts, budget_holds, post_usage, settle_to_the_end
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ async def running(redis_srv, tmp_path: Path):
 
 
 async def _one_request(g, rid: str):
-    """A request of tina's reserved by hand, as the handler would: (parsed, reservation, out, measured, the
+    """A request of tina's reserved by hand, as the engine would: (its admission, the measured usage, the
     requests budget). Her budgets are on 1h and 1d windows: a check right after a settle is not at risk of
     a window turning in between, as it would be for a 1m window every minute."""
     gw, cfg = g.gw, g.gw.config
@@ -48,24 +50,24 @@ async def _one_request(g, rid: str):
     parsed = parse_request(cfg, found[0], found[1], raw)
     holds = budget_holds(tier, principal, {}, budget_amounts(parsed, tier, gw))
     reservation = await gw.ledger.reserve(rid, holds, 60)
-    out = Outcome(request_id=rid, api="openai.chat", started=0.0, config=cfg,
-                  principal=principal, tier=principal.tier, model="dense")
+    facts = Facts(rid, "openai.chat", 0.0, cfg, principal=principal, tier=principal.tier, model="dense")
+    adm = Admission(facts, tier, parsed, reservation, Forward("sim", "/v1/chat/completions", raw, False), Ending())
     usage = parsed.adapter.usage_from_json(
         {"choices": [{"message": {"content": "x"}}],
          "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}, parsed.request)
     measured = measure(usage, parsed.model, parsed.bound)
-    out.measured = measured
-    return parsed, reservation, out, measured, [b for b in holds[0].budgets if b.metric == "requests"]
+    adm.ending.measured = measured
+    return adm, measured, [b for b in holds[0].budgets if b.metric == "requests"]
 
 
 async def test_a_settle_cut_short_by_cancellation_still_posts_once(running) -> None:
     g, r = running
     gw = g.gw
     assert gw.ledger is not None
-    parsed, reservation, out, measured, budgets = await _one_request(g, "req-cancelled")
+    adm, measured, budgets = await _one_request(g, "req-cancelled")
 
     await r.execute_command("CLIENT", "PAUSE", "400", "ALL")  # the settle's script waits in Redis
-    task = asyncio.create_task(settle_to_the_end(gw, parsed, reservation, out, measured))
+    task = asyncio.create_task(settle_to_the_end(gw, adm, measured))
     await asyncio.sleep(0.1)
     task.cancel()
     try:
@@ -86,11 +88,11 @@ async def test_a_shutdown_waits_for_the_settles_sent_after_answers(redis_srv, tm
     await r.flushall()
     async with running_gateway(make_config(tmp_path, redis_srv.url)) as g:
         gw = g.gw
-        parsed, reservation, out, measured, budgets = await _one_request(g, "req-answered")
+        adm, measured, budgets = await _one_request(g, "req-answered")
         await r.execute_command("CLIENT", "PAUSE", "400", "ALL")  # the reply comes after the shutdown began
-        assert post_usage(gw, parsed, reservation, out, measured)
+        assert post_usage(gw, adm, measured)
         assert gw.settling == 1
-    assert out.store == "ok" and gw.settling == 0
+    assert adm.ending.store == "ok" and gw.settling == 0
     client = await connect(redis_srv.url, timeout=2)
     (state,) = await Ledger(client).state(ScopeRef("principal", "tina"), budgets)
     assert (state.used, state.held) == (1, 0), "posted once, hold released"
@@ -105,9 +107,9 @@ async def test_a_settle_sent_after_the_answer_runs_before_any_later_script(runni
     in between (as a request arriving next would), finds the request settled, not still holding."""
     g, _ = running
     gw = g.gw
-    parsed, reservation, out, measured, budgets = await _one_request(g, "req-ordered")
+    adm, measured, budgets = await _one_request(g, "req-ordered")
     assert gw.ledger is not None and gw.ledger.pipelined_now()
-    assert post_usage(gw, parsed, reservation, out, measured)
+    assert post_usage(gw, adm, measured)
     (state,) = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
     assert (state.used, state.held) == (1, 0)
 
@@ -120,11 +122,13 @@ async def test_usage_the_ledger_cannot_post_leaves_the_hold_and_says_so(running)
     g, _ = running
     gw = g.gw
     assert gw.ledger is not None
-    parsed, reservation, out, measured, _ = await _one_request(g, "req-infinite")
+    adm, measured, _ = await _one_request(g, "req-infinite")
+    reservation = adm.reservation
+    assert reservation is not None
     budgets = list(reservation.holds[0].budgets)  # generated_tokens, requests
     infinite = dataclasses.replace(measured.usage, output_tokens=float("inf"))
-    assert post_usage(gw, parsed, reservation, out, dataclasses.replace(measured, usage=infinite))
-    assert gw.settling == 0 and out.store == "unsettled" and "cannot post" in out.reason
+    assert post_usage(gw, adm, dataclasses.replace(measured, usage=infinite))
+    assert gw.settling == 0 and adm.ending.store == "unsettled" and "cannot post" in adm.ending.reason
     gen, req = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
     assert (gen.used, gen.held, req.used, req.held) == (0, 8, 0, 1)
 
@@ -157,14 +161,14 @@ async def test_a_posted_settle_that_meets_noscript_is_settled_again_not_spooled(
     g, r = running
     gw = g.gw
     assert gw.ledger is not None
-    parsed, reservation, out, measured, budgets = await _one_request(g, "req-noscript")
+    adm, measured, budgets = await _one_request(g, "req-noscript")
     await r.script_flush()
-    assert post_usage(gw, parsed, reservation, out, measured)
+    assert post_usage(gw, adm, measured)
     for _ in range(100):
         if gw.settling == 0 and not gw.detached:
             break
         await asyncio.sleep(0.02)
-    assert out.store == "ok" and gw.settling == 0 and not gw.detached
+    assert adm.ending.store == "ok" and gw.settling == 0 and not gw.detached
     (state,) = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
     assert (state.used, state.held) == (1, 0)
     assert gw.spool is not None and gw.spool.depth()[0] == 0

@@ -19,9 +19,10 @@ import pytest
 from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
 
-from gateway.adapters.base import SSEParser
+from gateway.adapters.sse import SSEParser
+from gateway.simulator.faults import parse_fault
 from gateway.simulator.model import EFFORT_TOKENS, THINKING_BUDGET_FRACTION
-from gateway.simulator.server import SimulatorOptions, parse_fault, run_simulator, start_simulator
+from gateway.simulator.server import SimulatorOptions, run_simulator, start_simulator
 
 V = 8  # visible tokens per sample in these tests
 CHAT = "/v1/chat/completions"

@@ -13,7 +13,8 @@ import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.ledger import store
-from gateway.ledger.redis_server import RedisServer, find_redis_binary, free_port
+from gateway.ledger.redis_binary import find_redis_binary, free_port
+from gateway.ledger.redis_server import RedisServer
 
 
 async def roundtrip(client: store.StoreClient) -> None:

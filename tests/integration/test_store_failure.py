@@ -259,7 +259,7 @@ async def test_settle_that_fails_after_the_answer_is_recorded_again_and_replayed
     fate is known. Redis freezes while the upstream works: the client still gets its answer and its record;
     the settle, written but never answered, times out and goes to the spool, and a second record of the
     same request says so; the replay adds a third. The usage counts once, in the ledger and in the report."""
-    from gateway.audit.tools import report_rows
+    from gateway.audit.report import report_rows
 
     async with aiohttp.ClientSession() as s:
         await s.post(gw.sim_url + "/_sim/config", json={"latency_ms": 800, "output_tokens": 12})

@@ -23,7 +23,7 @@ from aiohttp import web
 from gatewayutil import KEYS, RunningGateway, audit_records, policy_dict, running_gateway, scrape
 
 from gateway.ledger.ledger import BudgetSpec, ScopeRef
-from gateway.ledger.redis_server import free_port
+from gateway.ledger.redis_binary import free_port
 from gateway.policy.config import load_config
 
 CHAT = "/v1/chat/completions"

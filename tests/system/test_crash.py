@@ -6,7 +6,7 @@
 - SIGTERM: the gateway stops accepting, lets the streams in flight finish, settles them, flushes the audit
   log and exits 0.
 
-The process helpers here are shared with tests/test_faults.py.
+The process helpers here are shared with tests/system/test_faults.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import yaml
 from gatewayutil import KEYS, audit_records, policy_dict
 
 from gateway.ledger.ledger import BudgetSpec, Ledger, ScopeRef
-from gateway.ledger.redis_server import RedisServer, free_port
+from gateway.ledger.redis_binary import free_port
+from gateway.ledger.redis_server import RedisServer
 from gateway.ledger.store import connect
 from gateway.simulator.server import SimulatorOptions, start_simulator
 

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from gatewayutil import wait_ready
 
-from gateway.ledger.redis_server import free_port
+from gateway.ledger.redis_binary import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_KEY = "kgate-demo-key"

@@ -39,7 +39,8 @@ from gatewayutil import audit_records, wait_ready
 from test_crash import ROOT, GatewayProcess, Seen, chat, run_cli, send, write_policy
 
 from gateway.ledger.ledger import BudgetSpec, Ledger, ScopeRef
-from gateway.ledger.redis_server import RedisServer, free_port
+from gateway.ledger.redis_binary import free_port
+from gateway.ledger.redis_server import RedisServer
 from gateway.ledger.store import connect
 from gateway.policy.config import load_config
 from gateway.policy.windows import fixed_window

@@ -13,9 +13,10 @@ from pathlib import Path
 import aiohttp
 import openai
 from aiohttp import web
-from gatewayutil import KEYS, make_config, wait_ready
+from gatewayutil import KEYS, audit_records, make_config, wait_ready
 
-from gateway.ledger.redis_server import data_dir_owner, free_port
+from gateway.ledger.data_dir_lock import data_dir_owner
+from gateway.ledger.redis_binary import free_port
 from gateway.proxy.app import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +43,7 @@ async def test_kgate_serve_with_embedded_defaults_works_for_the_demo_key(tmp_pat
         assert float(raw.headers["x-kgate-k-max"]) <= 4
         resp = raw.parse()
         assert len(resp.choices) == 2 and resp.usage.completion_tokens > 0
+        request_id = raw.headers["x-kgate-request-id"]
         # the store is the embedded Redis: this process owns .kgate and its Redis listens on the unix socket
         # it recorded there (under .kgate, or a short temporary folder when that path is too long)
         owner = data_dir_owner(work / ".kgate")
@@ -62,8 +64,11 @@ async def test_kgate_serve_with_embedded_defaults_works_for_the_demo_key(tmp_pat
     # append-only file (appendonly.aof on Redis 6; appendonlydir/appendonly.aof.* on 7)
     aof = b"".join(f.read_bytes() for f in (work / ".kgate").rglob("appendonly*") if f.is_file())
     assert b"kgate:{principal:demo}" in aof, sorted(p.name for p in (work / ".kgate").rglob("*"))
-    # audit records were written and their chain verifies
-    from gateway.audit.tools import verify_main
+    # the request's audit record was written, as the demo principal's clamped request, and the chain verifies
+    records = [r for r in audit_records(work / ".kgate" / "audit") if r.get("request_id")]
+    assert [(r["request_id"], r["principal"], r["decision"]) for r in records] == [
+        (request_id, "demo", "clamped")], records
+    from gateway.audit.verify import verify_main
 
     assert verify_main([str(work / ".kgate" / "audit")]) == 0
 

@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from gateway.audit.log import AuditLog
-from gateway.audit.tools import TotalKey, audit_totals, bucket_start, parse_time, report_main, report_rows
+from gateway.audit.reconcile import TotalKey, audit_totals, bucket_start
+from gateway.audit.report import parse_time, report_main, report_rows
 
 D1 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC).timestamp()
 DAY = 86400.0

@@ -159,7 +159,7 @@ def request_and_usage(draw):
     return m, req, b, Usage(samples=s, prompt_tokens=10, reasoning_tokens=r_total, output_tokens=v_total)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(deadline=None)  # examples: the hypothesis profile (tests/unit/conftest.py)
 @given(request_and_usage())
 def test_k_never_exceeds_k_max(case):
     m, _req, b, usage = case
@@ -169,7 +169,7 @@ def test_k_never_exceeds_k_max(case):
     assert not measured.overrun
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)  # examples: the hypothesis profile (tests/unit/conftest.py)
 @given(request_and_usage(), st.integers(0, 10**6))
 def test_flops_never_exceed_flops_max_for_same_prompt(case, _):
     m, _req, b, usage = case
@@ -199,7 +199,7 @@ def test_evaluated_max_k_gates_unless_beyond_evaluated():
     assert check_caps(req, b, TierConfig(beyond_evaluated=True), m) == []
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)  # examples: the hypothesis profile (tests/unit/conftest.py)
 @given(st.integers(1, 64), st.one_of(st.none(), st.integers(1, 40000)), st.one_of(st.none(), st.integers(0, 40000)),
        st.floats(1, 64), st.one_of(st.none(), st.integers(1, 16)), st.booleans())
 def test_clamp_target_fits_the_caps(s, cap, budget, max_k, max_samples, reasoning):

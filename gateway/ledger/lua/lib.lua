@@ -1,15 +1,44 @@
--- Shared by every ledger script: gateway/ledger.py puts this text in front of each operation's file
+-- Shared by every ledger script: gateway/ledger/ledger.py puts this text in front of each operation's file
 -- (reserve.lua, settle.lua, release.lua, state.lua) and registers the result once.
 --
--- All keys of one scope start with KEYS[1], which carries the scope's {hash tag}, so one script only
--- ever touches one cluster slot:
+-- KEYS[1] is the scope's base, '<prefix>:{<scope>:<id>}', and the only key passed. Every key a script touches
+-- starts with it:
 --   <base>:held                     hash   budget label -> amount held by outstanding leases
 --   <base>:leases                   zset   request id -> lease expiry (held requests only)
---   <base>:rec                      hash   request id -> record: JSON while held or expired,
---                                          'S' once settled, 'R' once released
+--   <base>:rec                      hash   request id -> hold record (JSON, see "Hold records" below) while
+--                                          held or expired, 'S' once settled, 'R' once released
 --   <base>:fin                      zset   request id -> when its record stopped changing (for forgetting)
 --   <base>:u:<window>:<label>:<start>  string  usage of a fixed window starting at <start>
 --   <base>:r:<window>:<label>       hash   rolling window: slice index -> usage
+--
+-- Why the other keys are derived here rather than passed in KEYS, and why that is safe under Redis Cluster:
+-- - They cannot all be passed: a fixed window's key holds its start, computed here from Redis TIME (the
+--   caller does not know the time the script will run at), and an expired lease is charged to, and later
+--   taken back from, whatever window its expiry fell in (the key is kept in the hold record).
+-- - One slot: Redis Cluster hashes only the text between the first '{' and the first '}' after it. The
+--   prefix may not contain braces (Ledger refuses it), the scope name is one of three words, and the id's
+--   braces are percent-encoded (Ledger._base), so the first '{...}' of every key is the base's
+--   '{<scope>:<id>}', whatever follows it (labels may hold braces). Every key of one base is in one slot.
+-- - One base per call: each script receives one scope's base and touches no key that does not start with
+--   it; the keys kept in hold records were built from the same base, in the same record hash.
+-- - Redis routes the call by KEYS[1], to the node serving that slot, and checks every command a script
+--   runs against the slot map (an undeclared key in a slot the node does not serve fails the command).
+--   One caveat, live resharding: the base itself is never a key, so while its slot is being migrated the
+--   source node redirects every call to the importing node (ASK), where the keys not yet moved are absent
+--   (depending on the Redis version a script reads them as empty, under-counting the scope, or fails part
+--   way). Move slots that hold scopes while the gateway is stopped.
+--
+-- Arguments and replies. gateway/ledger/codec.py is the Python side and the only Python code that knows these
+-- positions. Here read_call names the arguments, and replies are built in two places only: report (below)
+-- and reserve.lua. (Appended in place, not through a helper: every Lua function call, and every function
+-- defined here, costs each script call time; a reply helper measured 1% more Redis instructions.)
+--   ARGV  [1] now ('' = Redis TIME)  [2] lease expiry mode 'charge'|'release'  [3] record ttl, seconds
+--         [4] request id ('' for state)  [5] option: reserve lease seconds | settle report '1'|'0' |
+--         release forget '1'|'0' | state ''
+--         [6...] two per budget: '<window> <rolling 1|0> <limit> <label>' (label last: any character), amount
+--   reply {status, now, then used, held, reset_at per budget}; the figures only when the script reports;
+--         a refused reserve: {'refused', now, budget index (1-based), used, held, retry_at}
+--
 -- Numbers cross the script boundary as strings written with 17 significant digits: Redis turns a Lua
 -- number into an integer in replies and into 14 digits in arguments, too coarse for FLOPs (~1e15).
 -- (Whole numbers below 1e15 may go into replies as Lua numbers: see reply_num.) Strings are read as
@@ -87,16 +116,20 @@ local function slice_width(window)
   return LENGTH[window] / SLICES
 end
 
--- Budgets arrive as 2 arguments each from ARGV[first]: the budget, as '<window> <rolling 1|0> <limit>
--- <label>' (the label last, so it may hold any character), and the amount.
-local function read_budgets(first)
+-- A call's arguments (the layout is at the top), by name:
+--   local now, now_s, charge, ttl, request_id, option, budgets = read_call()
+-- now as a number and as text; charge: the lease expiry mode is 'charge'; option: the operation's own, as
+-- text; budgets: { label, window, rolling, limit, amount, amount_s } each. (Values, not a table of them:
+-- these scripts run on every request, and every table or function made here costs Redis time.)
+local function read_call()
   local budgets = {}
-  for i = first, #ARGV, 2 do
+  for i = 6, #ARGV, 2 do
     local window, rolling, limit, label = string.match(ARGV[i], '^(%S+) ([01]) (%S+) (.*)$')
     budgets[#budgets + 1] = { label = label, window = window, rolling = rolling == '1',
                               limit = limit + 0, amount = ARGV[i + 1] + 0, amount_s = ARGV[i + 1] }
   end
-  return budgets
+  local now = clock(ARGV[1])
+  return now, fmt(now), ARGV[2] == 'charge', ARGV[3] + 0, ARGV[4], ARGV[5], budgets
 end
 
 local function fixed_key(base, b, start)
@@ -216,7 +249,19 @@ local function change_held(base, labels, deltas)
   redis.call('HSET', base .. ':held', unpack(args))
 end
 
--- Record budgets are {label, window, rolling, amount[, charged key, charged field]}.
+-- Hold records. STORED FORMAT: a record outlives the code that wrote it (another replica settles the
+-- request, or any replica's script reaps its expired lease, perhaps after an upgrade), so its stored text
+-- keeps the one-letter names and positions it has always had:
+--   JSON { "e": lease expiry, "s": state, "b": [ budget entry, ... ] }, numbers as text
+--   state "s": 'h' held, 'c' charged at its expiry, 'r' released at its expiry
+--   budget entry: [ label, window, rolling '1'|'0', amount, charged key, charged field ], the last two
+--   once an expiry charged the budget (the field '' for a fixed window's string key)
+-- Decision: the stored names stay, and only the arguments (read_call) and replies are named. Renaming
+-- stored fields would break a rolling upgrade: an old replica cannot read new names, whatever a new one
+-- learns to read. The code reads records as stored (rec.e, rec.s, rec.b, r[4]) against this legend, not
+-- through a decoded copy with long names nor through named index constants: both were measured, and each
+-- cost Redis about 3% more instructions per request (tables to allocate; upvalues to bind on every call).
+-- A stored budget entry as add_usage wants a budget:
 local function record_budget(r)
   return { label = r[1], window = r[2], rolling = r[3] == '1' }
 end
@@ -251,7 +296,7 @@ local function reap(base, now, now_s, charge, ttl, forget)
   if #due > 0 then
     for _, rid in ipairs(due) do
       local raw = redis.call('HGET', recs, rid)
-      if raw and string.sub(raw, 1, 1) == '{' then
+      if raw and string.sub(raw, 1, 1) == '{' then  -- a record, not a finished request's 'S' or 'R'
         local rec = cjson.decode(raw)
         release_hold(base, rec)
         local expiry = rec.e + 0
@@ -285,15 +330,14 @@ local function labels_of(budgets)
   return labels
 end
 
--- The reply: {status, now, then used, held, reset_at for each budget}.
+-- The reply with every budget's figures as they are now.
 local function report(status, base, budgets, now, now_s)
   local out = { status, now_s }
   local held = read_held(base, labels_of(budgets))
   for i, b in ipairs(budgets) do
     local used, reset_at = usage(base, b, now)
-    out[#out + 1] = reply_num(used)
-    out[#out + 1] = reply_num(held[i])
-    out[#out + 1] = reply_num(reset_at)
+    local n = #out  -- budget i's figures: used, held, reset_at
+    out[n + 1], out[n + 2], out[n + 3] = reply_num(used), reply_num(held[i]), reply_num(reset_at)
   end
   return out
 end

@@ -4,16 +4,12 @@
 -- With `forget` (rolling back a reserve that another scope refused, or that failed) the record is
 -- deleted instead of marked: the request is as if never reserved here, and a later settle (shadow
 -- mode, spool replay) posts its usage.
--- KEYS[1] scope base
--- ARGV: now ('' = Redis TIME), request id, lease expiry mode, record ttl seconds, forget ('1'|'0')
+-- KEYS[1] scope base; ARGV as lib.lua says, option = forget ('1'|'0'), no budgets.
 -- Reply: {outcome, now}; outcome 'released', 'unknown' or 'repeat'.
 local base = KEYS[1]
-local now = clock(ARGV[1])
-local now_s = fmt(now)
-local rid = ARGV[2]
-local ttl = ARGV[4] + 0
-local forget = ARGV[5] == '1'
-reap(base, now, now_s, ARGV[3] == 'charge', ttl, true)
+local now, now_s, charge, ttl, rid, option = read_call()
+local forget = option == '1'
+reap(base, now, now_s, charge, ttl, true)
 
 local raw = redis.call('HGET', base .. ':rec', rid)
 if raw == 'S' or raw == 'R' then

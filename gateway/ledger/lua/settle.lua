@@ -1,20 +1,14 @@
 -- settle: end a request with its actual usage. Releases the hold (or takes back the charge a lease
 -- expiry made) and adds the actual to the current windows. Idempotent per request id.
--- KEYS[1] scope base
--- ARGV: now ('' = Redis TIME), request id, lease expiry mode, record ttl seconds, report ('1'|'0'),
---       then per budget: budget ('<window> <rolling> <limit> <label>'), actual
+-- KEYS[1] scope base; ARGV as lib.lua says, option = report ('1'|'0'), each budget's amount = its actual.
 -- Reply: {outcome, now, used, held, reset_at ...} (with report '0' only {outcome, now}: the gateway's
 -- request path does not read the state, and reading it back costs Redis a third of this script);
 -- outcome 'applied' (a hold or an expired hold was found), 'posted' (no record: the actual is added all
 -- the same, e.g. usage replayed from a spool) or 'repeat' (already settled or released: nothing changed).
 local base = KEYS[1]
-local now = clock(ARGV[1])
-local now_s = fmt(now)
-local rid = ARGV[2]
-local ttl = ARGV[4] + 0
-local want_report = ARGV[5] == '1'
-local budgets = read_budgets(6)
-reap(base, now, now_s, ARGV[3] == 'charge', ttl, true)
+local now, now_s, charge, ttl, rid, option, budgets = read_call()
+local want_report = option == '1'
+reap(base, now, now_s, charge, ttl, true)
 
 local raw = redis.call('HGET', base .. ':rec', rid)
 if raw == 'S' or raw == 'R' then

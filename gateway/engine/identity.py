@@ -1,0 +1,117 @@
+"""Who is calling, and under which tier (docs/design.md §4 steps 1 and 4).
+
+The caller is named by a trusted header (behind an authenticating proxy) or by an API key; its tier is its
+own, or the tier of its active grant. A header sent from outside ``server.trusted_identity_sources`` is
+refused, never ignored: a caller who sends it expects to be someone, and must learn it is not believed.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from dataclasses import replace
+
+from gateway.engine.errors import Forbidden, StoreUnavailable, Unauthenticated
+from gateway.engine.request import Call, Facts
+from gateway.engine.state import Gateway
+from gateway.ledger.errors import StoreError
+from gateway.policy.config import Config, TierConfig
+from gateway.policy.directory import Principal
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def api_key(call: Call) -> str | None:
+    auth = call.headers.get("Authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return call.headers.get("x-api-key") or call.headers.get("x-goog-api-key") or (
+        call.query.get("key") if "/v1beta/" in call.path else None)
+
+
+async def identify(gw: Gateway, cfg: Config, call: Call) -> Principal:
+    """The caller: a trusted header (from a trusted peer), else an API key."""
+    assert gw.directory is not None
+    header = cfg.server.trusted_identity_header
+    if header and header in call.headers:
+        peer = untrusted(call.peer(), cfg.server.trusted_identity_sources)
+        if peer is not None:
+            raise Unauthenticated(f"the identity header {header!r} is accepted only from the gateway's trusted "
+                                  f"proxies, not from {peer}", code="untrusted_identity_header")
+    try:
+        if header and call.headers.get(header):
+            principal = await gw.directory.by_id(call.headers[header].strip())
+            if principal is None or not principal.enabled:
+                raise Unauthenticated("the identity in the trusted header is not a known principal")
+            return replace(principal, source="header")
+        key = api_key(call)
+        if not key:
+            raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>', 'x-api-key' or "
+                                  "'x-goog-api-key'", code="missing_api_key")
+        principal = await gw.directory.by_key(key)
+    except StoreError:
+        gw.metrics.store_error("identify")
+        raise StoreUnavailable("the key store is unreachable; try again shortly") from None
+    if principal is None:
+        raise Unauthenticated("invalid API key", code="invalid_api_key")
+    return principal
+
+
+async def effective_tier(gw: Gateway, cfg: Config, principal: Principal,
+                         facts: Facts | None = None) -> tuple[str, TierConfig]:
+    """The principal's tier, or the tier of its active grant (noted in ``facts``)."""
+    assert gw.directory is not None
+    name = principal.tier
+    try:
+        grant = await gw.directory.active_grant(principal.id)
+    except StoreError:
+        grant = None  # a store outage must not elevate anyone; the principal's own tier applies
+    if grant is not None and grant.tier in cfg.tiers:
+        name = grant.tier
+        if facts is not None:
+            facts.grant = grant.id
+    tier = cfg.tiers.get(name)
+    if tier is None:
+        raise Forbidden(f"tier {name!r} is not defined in the policy in force", code="unknown_tier")
+    return name, tier
+
+
+def authorize_model(tier: TierConfig, model: str) -> None:
+    if tier.models != "*" and model not in tier.models:
+        raise Forbidden(f"model {model!r} is not available to your tier", code="model_not_allowed",
+                        detail={"rule": "model"})
+
+
+# ------------------------------------------------------------------------------------- trusted peers
+@functools.lru_cache(maxsize=8)
+def _parse_sources(sources: tuple[str, ...]) -> tuple[tuple[Network, ...], bool]:
+    """``server.trusted_identity_sources`` (validated by the config) as networks, and whether ``unix`` is one."""
+    nets = tuple(ipaddress.ip_network(s, strict=False) for s in sources if s != "unix")
+    return nets, "unix" in sources
+
+
+def untrusted(peer: str, sources: tuple[str, ...]) -> str | None:
+    """None when ``peer`` (a :attr:`Call.peer` answer) is inside one of ``sources``; otherwise the peer,
+    named for the refusal and the audit record.
+
+    The peer is the connection's own address, never a forwarded-for header (which the client writes). An
+    IPv4 peer on a dual-stack socket (``::ffff:10.0.0.1``) is matched as IPv4. A Unix-socket peer is trusted
+    only when ``sources`` holds ``unix``: whoever may connect to the socket, by its file permissions, may
+    then name any principal.
+    """
+    nets, unix_ok = _parse_sources(sources)
+    if peer == "closed":
+        return "a closed connection"
+    if peer == "unix":
+        return None if unix_ok else "a Unix socket"
+    if peer in ("unknown", ""):
+        return "an unknown peer"
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer[:64]
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return None if any(addr in net for net in nets) else str(addr)

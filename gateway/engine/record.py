@@ -1,0 +1,99 @@
+"""The end of every request: its audit record and its metrics (docs/design.md §4 step 13, §7).
+
+:func:`record` writes the record and waits until the OS has it; a transport calls it (through
+:meth:`gateway.engine.Engine.conclude`) before the answer's last byte, so a client that saw an answer can
+count on its record surviving a crash. :func:`observe` runs for every request, whatever happened: metrics,
+and the record if nothing wrote it yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from gateway.engine.errors import GatewayError
+from gateway.engine.request import Ending, Facts
+from gateway.engine.state import Gateway
+from gateway.policy.config import Config
+
+log = logging.getLogger("kgate.engine")
+
+
+def error_ending(gw: Gateway, facts: Facts, err: GatewayError, ending: Ending | None = None) -> Ending:
+    """The ending of a request that ends with ``err``: the decision is the error's own, ``partial`` when the
+    request was charged (the upstream did work the client never saw), and the error is counted."""
+    end = ending if ending is not None else Ending(store=facts.store)
+    end.status = err.status
+    # A failure after the upstream did its work keeps the note on what it was charged.
+    end.reason = f"{err.message}; {end.reason}" if end.measured is not None and end.reason else err.message
+    end.rule = err.detail.get("rule", end.rule if end.rule is not None else facts.rule)
+    end.decision = "partial" if end.measured is not None and err.decision == "failed" else err.decision
+    gw.metrics.observe_error(err)
+    return end
+
+
+def observe(gw: Gateway, facts: Facts, ending: Ending) -> None:
+    """Metrics for every request, and its audit record if none was written (no waiting)."""
+    cfg = facts.config
+    elapsed = time.perf_counter() - facts.started
+    model = facts.model if facts.model in cfg.models else "unknown"
+    ex = ending.exchange
+    evaluated = cfg.models[model].evaluated_max_k if model in cfg.models else None
+    gw.metrics.observe_request(model=model, tier=facts.tier or "none", api=facts.api, decision=ending.decision,
+                               usage=ending.measured, overhead_s=elapsed - ex.upstream_seconds,
+                               evaluated_max_k=evaluated, would_deny=facts.would_deny,
+                               rule=ending.rule if ending.rule is not None else facts.rule)
+    if ex.upstream_seconds and facts.upstream:
+        gw.metrics.observe_upstream(facts.upstream, ex.upstream_seconds, first_byte_s=ex.first_byte_seconds)
+    if gw.audit is not None and not ending.recorded:
+        ending.recorded = True
+        gw.audit.write_nowait(audit_record(gw, facts, ending, elapsed))
+
+
+async def record(gw: Gateway, facts: Facts, ending: Ending, *, again: bool = False) -> None:
+    """Write the audit record and wait until the OS has it. ``again``: a second record of a request whose
+    usage went elsewhere than its first record says (a settle that failed after the answer)."""
+    if gw.audit is None or (ending.recorded and not again):
+        return
+    ending.recorded = True
+    try:
+        await gw.audit.write(audit_record(gw, facts, ending, time.perf_counter() - facts.started))
+    except Exception:  # counted in the writer's write_errors; the client still gets its answer
+        log.exception("audit record of request %s could not be written", facts.request_id)
+
+
+def _upstream_model(cfg: Config, model: str | None) -> str | None:
+    m = cfg.models.get(model) if model else None
+    return None if m is None else (m.upstream_model or model)
+
+
+def audit_record(gw: Gateway, facts: Facts, ending: Ending, elapsed: float) -> dict[str, Any]:
+    p, cfg, measured = facts.principal, facts.config, ending.measured
+    return {
+        "ts": time.time(),
+        "request_id": facts.request_id,
+        "replica": gw.replica,
+        "principal": p.id if p else None,
+        "org": p.org if p else None,
+        "key_id": p.key_id if p else None,
+        "tier": facts.tier,
+        "grant": facts.grant,
+        "model": facts.model if facts.model in cfg.models else None,
+        "upstream": facts.upstream,
+        "upstream_model": _upstream_model(cfg, facts.model),
+        "api": facts.api,
+        "stream": facts.stream,
+        "bound": facts.bound.as_dict() if facts.bound else None,
+        "usage": {**measured.as_dict(), "overrun": measured.overrun} if measured else None,
+        "decision": ending.decision,
+        "reason": ending.reason,
+        "rule": ending.rule if ending.rule is not None else facts.rule,
+        "clamped": facts.clamped,
+        "status": ending.status,
+        "latency_ms": round(elapsed * 1000, 3),
+        "policy_sha256": cfg.version,
+        "mode": facts.mode,
+        "would_deny": facts.would_deny,
+        "store": ending.store,
+    }

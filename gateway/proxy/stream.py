@@ -1,0 +1,160 @@
+"""A streamed answer: passed to the client event by event while the engine's meter reads it.
+
+A client that goes away, or stops reading for ``server.write_timeout_seconds``, does not end what the
+upstream spends: the rest of the stream is drained (bounded) for its usage, then charged. A stream that
+breaks, stalls or ends without its final event gets an error event in the API's shape, and is charged
+what was metered (or what ``on_missing_usage`` says).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import cast
+
+from aiohttp import web
+
+from gateway.adapters.base import StreamMeter
+from gateway.engine.errors import GatewayError, InternalError, UpstreamError, UpstreamTimeout, render_stream_error
+from gateway.engine.flow import Engine
+from gateway.engine.model_names import renamer
+from gateway.engine.request import Admission
+from gateway.proxy import upstream as up
+from gateway.proxy.forward import send, upstream_refused
+from gateway.proxy.upstream_client import HttpBroken, HttpTimeout
+
+log = logging.getLogger("kgate.handler")
+_now = time.perf_counter
+
+
+async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> web.StreamResponse:
+    target, resp = await send(request, engine, adm)
+    t0 = adm.ending.exchange.sent_at or 0.0
+    if resp.status >= 400:
+        try:
+            data = await up.read_body(target, resp)
+        except GatewayError:
+            data = b""
+        finally:
+            resp.release()
+        adm.ending.exchange.upstream_seconds = _now() - t0
+        return await upstream_refused(engine, adm, target, resp.status, data, resp.headers)
+    meter = engine.stream_meter(adm)
+    response = web.StreamResponse(status=resp.status, headers={
+        **up.response_headers(resp.headers), **engine.answer_headers(adm),
+        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    failure: GatewayError | None = None
+    client_gone = False
+    named = renamer(adm.parsed.model_name, adm.parsed.model)
+    rename = named.stream() if named is not None else None
+    write_timeout = adm.facts.config.server.write_timeout_seconds
+    ex = adm.ending.exchange
+    transport: asyncio.WriteTransport | None = None
+    try:
+        transport = await _prepare(response, request)
+        if transport is None:
+            client_gone = True
+        else:
+            async for chunk in resp.iter_any():
+                if ex.first_byte_seconds is None:
+                    ex.first_byte_seconds = _now() - t0
+                data = meter.feed(chunk)
+                if data and not await _write(response, transport, rename(data) if rename else data, write_timeout):
+                    client_gone = True
+                    break
+            else:
+                tail = meter.close()
+                if tail and not await _write(response, transport, rename(tail) if rename else tail, write_timeout):
+                    client_gone = True
+        if client_gone:
+            # Keep reading what the upstream generates until its usage arrives: what hidden reasoning the
+            # client no longer waits for was spent all the same (bounded; past the bound, the bound is charged).
+            await _drain(target, resp, meter)
+    except HttpTimeout:
+        failure = UpstreamTimeout(f"upstream {target.name!r} stalled mid-stream")
+    except HttpBroken:
+        failure = UpstreamError(f"upstream {target.name!r} broke off the stream")
+    except asyncio.CancelledError:
+        resp.close()
+        # Not shielded: a second cancellation here reruns the settle in a task of its own.
+        await engine.finish_stream(adm, meter, "client disconnected")
+        raise
+    except Exception:  # a bug of ours mid-stream: the client still gets an error event and the end
+        log.exception("internal error while streaming request %s", adm.facts.request_id)
+        failure = InternalError("internal error while streaming; you are charged only what was generated")
+    finally:
+        if failure is not None or (client_gone and not meter.finished):
+            resp.close()  # cancels the upstream generation: nothing more is spent for a gone client
+        else:
+            resp.release()
+    if not meter.finished and failure is None and not client_gone:
+        failure = UpstreamError(f"upstream {target.name!r} ended the stream early")
+    await engine.finish_stream(adm, meter,
+                               "client disconnected" if client_gone else (failure.message if failure else ""))
+    if failure is not None:
+        if isinstance(failure, (UpstreamError, UpstreamTimeout)):  # not a bug of ours
+            await engine.upstream_failed(adm, failure, working=False)
+        if not client_gone and transport is not None:
+            client_gone = not await _write(response, transport,
+                                           render_stream_error(failure, adm.parsed.adapter.api), write_timeout)
+    if not client_gone:
+        await engine.conclude(adm.facts, adm.ending)
+        try:
+            async with asyncio.timeout(write_timeout):
+                await response.write_eof()
+        except (OSError, TimeoutError):
+            if transport is not None:
+                transport.abort()
+    return response
+
+
+# Below this much unsent data a write cannot block on the client: no timer is needed (the common case).
+_WRITE_BUFFER_SAFE = 1 << 16
+
+
+async def _prepare(response: web.StreamResponse, request: web.Request) -> asyncio.WriteTransport | None:
+    """Send the response's head; the connection's transport, or None when the client has gone away."""
+    try:
+        await response.prepare(request)
+    except (ConnectionError, OSError):
+        return None
+    # Not an isinstance check: uvloop's transports are not asyncio.Transport subclasses.
+    return cast(asyncio.WriteTransport, request.transport)
+
+
+async def _write(response: web.StreamResponse, transport: asyncio.WriteTransport, data: bytes,
+                 timeout: float) -> bool:
+    """Send to the client; False when the client has gone away, or has not taken what was sent for
+    ``timeout`` seconds (a client that stops reading must not pin the request: its connection is dropped
+    and the request is treated as a disconnect)."""
+    try:
+        if transport.get_write_buffer_size() + len(data) <= _WRITE_BUFFER_SAFE:
+            await response.write(data)
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await response.write(data)
+        except TimeoutError:
+            transport.abort()
+            return False
+        return True
+    except (ConnectionError, OSError):  # reset, broken pipe, or a transport that is closing
+        return False
+
+
+async def _drain(target: up.Target, resp: up.Response, meter: StreamMeter) -> None:
+    """Read the rest of a stream whose client has gone, for its usage: until the stream's end, or the
+    upstream's ``disconnect_drain_seconds`` / ``disconnect_drain_bytes``, whichever comes first."""
+    limit, seconds = target.config.disconnect_drain_bytes, target.config.disconnect_drain_seconds
+    size = 0
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in resp.iter_any():
+                meter.feed(chunk)
+                size += len(chunk)
+                if meter.finished or size > limit:
+                    return
+            meter.close()
+    except (TimeoutError, HttpTimeout, HttpBroken):
+        pass  # the usage did not come: the tier's on_missing_usage rule charges the request
