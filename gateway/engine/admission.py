@@ -49,6 +49,8 @@ async def admit(gw: Gateway, facts: Facts, call: Call, read_body: BodyReader | N
     parsed = enforce_caps(parsed, tier, facts)
     facts.bound = parsed.bound
     facts.upstream = parsed.model.upstream
+    if gw.upstreams is not None:  # an upstream the transport cannot reach is refused before anything is held
+        gw.upstreams.get(facts.upstream)
     reservation = await reserve(gw, facts, tier, parsed)
     ending = Ending(reason=facts.reason, rule=facts.rule, store=facts.store)
     adm = Admission(facts, tier, parsed, reservation, _NO_FORWARD, ending)

@@ -22,7 +22,7 @@ class GatewayError(Exception):
     gemini_status: ClassVar[str] = "INTERNAL"
     # The audit decision of a request that ends with this error: "denied" when policy (or the caller's own
     # mistake) refused it, "failed" when something went wrong on the way. A failure after the upstream did
-    # work is recorded as "partial" instead (it is charged): see gateway.engine.record.decision_of.
+    # work is recorded as "partial" instead (it is charged): see gateway.engine.record.error_ending.
     decision: ClassVar[str] = "failed"
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,

@@ -2,8 +2,9 @@
 
 A transport (the aiohttp proxy in ``gateway.proxy``, or a plugin of another gateway) calls, in order:
 
-1. :meth:`Engine.admit` with a :class:`~gateway.engine.request.Call` → an ``Admission`` (send its
-   ``forward`` upstream) or a ``Denial`` (answer its error, then :meth:`Engine.conclude`);
+1. :meth:`Engine.begin`, then :meth:`Engine.admit` with a :class:`~gateway.engine.request.Call` → an
+   ``Admission`` (send its ``forward`` upstream) or a ``Denial`` (answer its error, then
+   :meth:`Engine.conclude`);
 2. :meth:`Engine.sent` when the request leaves, then one of
    - :meth:`Engine.finish_json` with a unary answer, or :meth:`Engine.stream_meter` and
      :meth:`Engine.finish_stream` for a stream: these charge the request and post the settle;
@@ -64,12 +65,16 @@ class Engine:
         self.gw = gw
 
     # ------------------------------------------------------------------------------------ admission
-    async def admit(self, api: str, call: Call, read_body: BodyReader | None = None) -> Admission | Denial:
+    def begin(self, api: str) -> Facts:
+        """A new request of ``api``: its id, its arrival time and the policy snapshot it runs under (a
+        reload never changes a request half-way). The transport holds these facts from the first moment,
+        so that :meth:`done` records the request whatever ends it — a cancellation during admission too."""
+        return Facts(next(_REQUEST_IDS), api, time.perf_counter(), self.gw.config)
+
+    async def admit(self, facts: Facts, call: Call, read_body: BodyReader | None = None) -> Admission | Denial:
         """Identify, parse, bound, check and hold; ``read_body`` is awaited once the caller is known (a
         transport that has the body already puts it in ``call.body``)."""
         gw = self.gw
-        # One policy snapshot per request: a reload never changes a request half-way.
-        facts = Facts(next(_REQUEST_IDS), api, time.perf_counter(), gw.config)
         try:
             if gw.draining:
                 raise ShuttingDown("the gateway is shutting down; retry on another replica")
@@ -100,7 +105,7 @@ class Engine:
     # --------------------------------------------------------------------------------- upstream leg
     def sent(self, adm: Admission) -> float:
         """The request leaves for the upstream now; returns the time (perf_counter)."""
-        t0 = adm.ending.exchange.sent_at = time.perf_counter()
+        t0 = adm.ending.sent_at = time.perf_counter()
         return t0
 
     async def upstream_failed(self, adm: Admission, err: GatewayError, *, working: bool) -> GatewayError:
@@ -165,19 +170,18 @@ class Engine:
         end = adm.ending
         if end.measured is not None:
             return
-        if end.exchange.sent_at is not None:
-            end.exchange.upstream_seconds = time.perf_counter() - end.exchange.sent_at
+        if end.sent_at is not None:
+            end.upstream_seconds = time.perf_counter() - end.sent_at
         usage = settlement.chargeable(self.gw, adm, meter.usage())
         measured = end.measured = measure(usage, adm.parsed.model, adm.parsed.bound)
         await settlement.settle_to_the_end(self.gw, adm, measured)
         end.status = 200
         if problem or meter.error is not None or not meter.finished:
             end.decision = "partial"
-            end.reason = problem or "stream ended without its final event"
+            end.reason = problem or ("upstream sent an error event" if meter.error is not None
+                                     else "stream ended without its final event")
         else:
             end.decision = _decision(adm)
-        if meter.error is not None:
-            end.reason = end.reason or "upstream sent an error event"
         if usage.source != "upstream":
             note = f"no usage from the upstream; charged {settlement.charge_note(measured)}"
             end.reason = f"{end.reason}; {note}" if end.reason else note
@@ -188,7 +192,7 @@ class Engine:
         end = adm.ending
         if end.measured is not None or end.released:
             return
-        if cancelled and end.exchange.sent_at is not None:
+        if cancelled and end.sent_at is not None:
             await settlement.charge_unanswered(self.gw, adm)
             end.decision, end.status = "partial", 503  # charged: counted in reports and reconcile
             end.reason = f"the gateway shut down before the upstream answered; {end.reason}"

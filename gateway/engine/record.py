@@ -38,7 +38,7 @@ def observe(gw: Gateway, facts: Facts, ending: Ending) -> None:
     cfg = facts.config
     elapsed = time.perf_counter() - facts.started
     model = facts.model if facts.model in cfg.models else "unknown"
-    ex = ending.exchange
+    ex = ending
     evaluated = cfg.models[model].evaluated_max_k if model in cfg.models else None
     gw.metrics.observe_request(model=model, tier=facts.tier or "none", api=facts.api, decision=ending.decision,
                                usage=ending.measured, overhead_s=elapsed - ex.upstream_seconds,
@@ -89,7 +89,7 @@ def audit_record(gw: Gateway, facts: Facts, ending: Ending, elapsed: float) -> d
         "decision": ending.decision,
         "reason": ending.reason,
         "rule": ending.rule if ending.rule is not None else facts.rule,
-        "clamped": facts.clamped,
+        "clamped": list(facts.clamped),
         "status": ending.status,
         "latency_ms": round(elapsed * 1000, 3),
         "policy_sha256": cfg.version,

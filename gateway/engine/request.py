@@ -2,15 +2,15 @@
 
 A transport turns its own request into a :class:`Call`; :meth:`gateway.engine.Engine.admit` answers with
 an :class:`Admission` (forward :attr:`Admission.forward` upstream) or a :class:`Denial` (answer its error).
-What the upstream leg looked like is the transport's to measure (:class:`Exchange`); how the request
-ended — charged what, decided how — is the engine's answer, an :class:`Ending`. The audit record and the
+How the request ended — charged what, decided how, and the upstream leg's timings the transport
+measured — is an :class:`Ending`. The audit record and the
 metrics are made from these, never from an HTTP status.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway.engine.errors import GatewayError
@@ -61,7 +61,7 @@ class Facts:
     would_deny: bool = False
     rule: str | None = None
     reason: str = ""  # what shadow mode would have refused
-    clamped: list[str] = field(default_factory=list)
+    clamped: Sequence[str] = ()  # what was lowered (replaced, never changed in place)
     store: str = "ok"  # ok | unmetered | spooled (admitted while the store was away)
 
 
@@ -96,15 +96,6 @@ class Denial:
 
 
 @dataclass(slots=True)
-class Exchange:
-    """The upstream leg, as the transport measured it (perf_counter seconds)."""
-
-    sent_at: float | None = None  # when the request left for the upstream (None: never sent)
-    first_byte_seconds: float | None = None  # from sending to the first byte of the answer
-    upstream_seconds: float = 0.0
-
-
-@dataclass(slots=True)
 class Ending:
     """How a request ended: the audit decision, the status the client got, what it was charged.
 
@@ -120,4 +111,8 @@ class Ending:
     store: str = "ok"  # ok | unmetered | spooled | unsettled
     released: bool = False  # the hold was voided: nothing generated, nothing charged
     recorded: bool = False  # the audit record is written
-    exchange: Exchange = field(default_factory=Exchange)
+    # The upstream leg, as the transport measured it (perf_counter seconds; fields here rather than an
+    # object of their own: two objects per request cost measurably more than one).
+    sent_at: float | None = None  # when the request left for the upstream (None: never sent)
+    first_byte_seconds: float | None = None  # from sending to the first byte of the answer
+    upstream_seconds: float = 0.0

@@ -66,8 +66,8 @@ async def charge_unanswered(gw: Gateway, adm: Admission) -> None:
     large): a provider that finishes its work after kgate gave up still spent it. Charged by the tier's
     ``on_missing_usage`` rule (by default the admission bound), with the reason noted."""
     end, bound = adm.ending, adm.parsed.bound
-    if end.exchange.sent_at is not None:
-        end.exchange.upstream_seconds = time.perf_counter() - end.exchange.sent_at
+    if end.sent_at is not None:
+        end.upstream_seconds = time.perf_counter() - end.sent_at
     seen = Usage(samples=bound.samples, prompt_tokens=bound.prompt_tokens, reasoning_tokens=0,
                  output_tokens=0, source="counted")
     measured = measure(chargeable(gw, adm, seen), adm.parsed.model, bound)

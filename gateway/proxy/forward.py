@@ -38,7 +38,7 @@ async def send(request: web.Request, engine: Engine, adm: Admission) -> tuple[up
 
 async def proxy_json(request: web.Request, engine: Engine, adm: Admission) -> web.Response:
     target, resp = await send(request, engine, adm)
-    ex = adm.ending.exchange
+    ex = adm.ending
     t0 = ex.sent_at or 0.0
     ex.first_byte_seconds = _now() - t0
     try:

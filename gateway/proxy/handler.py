@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 
 import orjson
 from aiohttp import web
@@ -52,24 +53,26 @@ def api_handler(adapter: Adapter, method: str | None = None) -> Callable[[web.Re
 
 
 def call_of(request: web.Request, adapter: Adapter | None, params: dict[str, str]) -> Call:
-    return Call(adapter, params, request.path, request.headers, request.query, request.query_string,
+    qs = request.query_string
+    return Call(adapter, params, request.path, request.headers, request.query if qs else _NO_QUERY, qs,
                 lambda: peer_address(request))
+
+
+_NO_QUERY: Mapping[str, str] = MappingProxyType({})  # most requests have none: nothing to parse
 
 
 async def serve_api(request: web.Request, adapter: Adapter, params: dict[str, str]) -> web.StreamResponse:
     gw, engine = request.app[GATEWAY], request.app[ENGINE]
-    cfg = gw.config
     gw.inflight += 1
     task = asyncio.current_task()
     if task is not None:
         gw.handlers.add(task)
-    facts: Facts | None = None
+    facts = engine.begin(adapter.api)
+    server = facts.config.server
     ending = Ending()
     try:
-        adm = await engine.admit(adapter.api, call_of(request, adapter, params),
-                                 lambda: read_body(request, cfg.server.max_body_bytes,
-                                                   cfg.server.body_timeout_seconds))
-        facts = adm.facts
+        adm = await engine.admit(facts, call_of(request, adapter, params),
+                                 lambda: read_body(request, server.max_body_bytes, server.body_timeout_seconds))
         if isinstance(adm, Denial):
             ending = engine.denied(adm)
             return await _error_response(engine, facts, ending, adm.error, adapter.shape)
@@ -89,8 +92,6 @@ async def serve_api(request: web.Request, adapter: Adapter, params: dict[str, st
             await engine.abandon(adm, cancelled=False)
             raise
     except Exception:
-        if facts is None:  # the engine answers its own failures as denials: this is not reached
-            raise
         log.exception("internal error in request %s", facts.request_id)
         bug = InternalError("internal error; the request was not charged")
         engine.failed(facts, bug, ending)
@@ -99,8 +100,7 @@ async def serve_api(request: web.Request, adapter: Adapter, params: dict[str, st
         gw.inflight -= 1
         if task is not None:
             gw.handlers.discard(task)
-        if facts is not None:
-            engine.done(facts, ending)
+        engine.done(facts, ending)
 
 
 async def read_body(request: web.Request, limit: int, timeout: float = 30.0) -> bytes:

@@ -30,7 +30,7 @@ _now = time.perf_counter
 
 async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> web.StreamResponse:
     target, resp = await send(request, engine, adm)
-    t0 = adm.ending.exchange.sent_at or 0.0
+    t0 = adm.ending.sent_at or 0.0
     if resp.status >= 400:
         try:
             data = await up.read_body(target, resp)
@@ -38,7 +38,7 @@ async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> 
             data = b""
         finally:
             resp.release()
-        adm.ending.exchange.upstream_seconds = _now() - t0
+        adm.ending.upstream_seconds = _now() - t0
         return await upstream_refused(engine, adm, target, resp.status, data, resp.headers)
     meter = engine.stream_meter(adm)
     response = web.StreamResponse(status=resp.status, headers={
@@ -49,7 +49,7 @@ async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> 
     named = renamer(adm.parsed.model_name, adm.parsed.model)
     rename = named.stream() if named is not None else None
     write_timeout = adm.facts.config.server.write_timeout_seconds
-    ex = adm.ending.exchange
+    ex = adm.ending
     transport: asyncio.WriteTransport | None = None
     try:
         transport = await _prepare(response, request)

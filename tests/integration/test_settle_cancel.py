@@ -172,3 +172,33 @@ async def test_a_posted_settle_that_meets_noscript_is_settled_again_not_spooled(
     (state,) = await gw.ledger.state(ScopeRef("principal", "tina"), budgets)
     assert (state.used, state.held) == (1, 0)
     assert gw.spool is not None and gw.spool.depth()[0] == 0
+
+
+async def test_a_request_cancelled_while_it_is_being_admitted_is_still_recorded(running) -> None:
+    """A shutdown past its drain cancels handlers wherever they are, also while a request's body is still
+    arriving: nothing was held, but the request still gets its audit record and its metrics."""
+    from gatewayutil import audit_records
+    from yarl import URL
+
+    g, _ = running
+    gw = g.gw
+    url = URL(g.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEYS["tina"].encode() + b"\r\nContent-Length: 100\r\n\r\n{\"model\"")
+    await writer.drain()
+    for _ in range(200):  # the handler is waiting for the rest of the body
+        if gw.handlers:
+            break
+        await asyncio.sleep(0.01)
+    (task,) = gw.handlers
+    task.cancel()
+    for _ in range(200):
+        if not gw.handlers:
+            break
+        await asyncio.sleep(0.01)
+    writer.close()
+    records = [r for r in audit_records(g) if r.get("api") == "openai.chat"]
+    assert len(records) == 1, records
+    rec = records[0]
+    assert (rec["decision"], rec["principal"], rec["usage"]) == ("failed", "tina", None)

@@ -49,6 +49,10 @@ async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
         await redis.aclose()
 
 
+async def admit(engine: Engine, call: Call) -> Admission | Denial:
+    return await engine.admit(engine.begin("openai.chat"), call)
+
+
 def chat_call(key: str, body: dict[str, Any]) -> Call:
     found = adapter_for_path("/v1/chat/completions")
     assert found is not None
@@ -73,7 +77,7 @@ async def generated(engine: Engine, principal: str = "tina") -> tuple[float, flo
 
 async def test_a_request_is_admitted_forwarded_with_its_cap_metered_settled_and_recorded(engine: Engine,
                                                                                     tmp_path: Path) -> None:
-    adm = await engine.admit("openai.chat", chat_call(KEYS["tina"], {
+    adm = await admit(engine, chat_call(KEYS["tina"], {
         "model": "dense", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}))
     assert isinstance(adm, Admission), adm
     assert adm.facts.principal is not None and adm.facts.principal.id == "tina" and adm.facts.tier == "tight"
@@ -98,7 +102,7 @@ async def test_a_request_is_admitted_forwarded_with_its_cap_metered_settled_and_
 
 
 async def test_a_stream_without_usage_is_charged_its_bound_and_recorded_partial_when_cut(engine: Engine) -> None:
-    adm = await engine.admit("openai.chat", chat_call(KEYS["tina"], {
+    adm = await admit(engine, chat_call(KEYS["tina"], {
         "model": "dense", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": True}))
     assert isinstance(adm, Admission) and adm.facts.stream
     assert orjson.loads(adm.forward.body)["stream_options"] == {"include_usage": True}, "kgate asks for usage"
@@ -112,7 +116,7 @@ async def test_a_stream_without_usage_is_charged_its_bound_and_recorded_partial_
 
 
 async def test_a_timeout_after_sending_is_charged_and_its_decision_comes_from_the_error(engine: Engine) -> None:
-    adm = await engine.admit("openai.chat", chat_call(KEYS["tina"], {
+    adm = await admit(engine, chat_call(KEYS["tina"], {
         "model": "dense", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30}))
     assert isinstance(adm, Admission)
     engine.sent(adm)
@@ -123,12 +127,12 @@ async def test_a_timeout_after_sending_is_charged_and_its_decision_comes_from_th
 
 
 async def test_denials_hold_nothing_and_take_their_decision_from_the_error_type(engine: Engine) -> None:
-    denial = await engine.admit("openai.chat", chat_call("not-a-key", {"model": "dense", "messages": []}))
+    denial = await admit(engine, chat_call("not-a-key", {"model": "dense", "messages": []}))
     assert isinstance(denial, Denial) and isinstance(denial.error, Unauthenticated)
     assert engine.denied(denial).decision == "denied"
 
     big = {"model": "dense", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000}
-    refused = await engine.admit("openai.chat", chat_call(KEYS["tina"], big))  # over the 1000-token budget
+    refused = await admit(engine, chat_call(KEYS["tina"], big))  # over the 1000-token budget
     assert isinstance(refused, Denial) and isinstance(refused.error, BudgetExceeded)
     assert refused.error.headers["RateLimit"].startswith('"principal:generated_tokens:1d";r=1000')
     ending = engine.denied(refused)
@@ -137,7 +141,7 @@ async def test_denials_hold_nothing_and_take_their_decision_from_the_error_type(
 
 
 async def test_an_upstream_error_status_releases_the_hold(engine: Engine) -> None:
-    adm = await engine.admit("openai.chat", chat_call(KEYS["tina"], {
+    adm = await admit(engine, chat_call(KEYS["tina"], {
         "model": "dense", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}))
     assert isinstance(adm, Admission)
     engine.sent(adm)
