@@ -23,7 +23,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 import orjson
 
@@ -200,10 +200,11 @@ class Engine:
             await settlement.release(self.gw, adm)
 
     # ------------------------------------------------------------------------------------- the end
-    async def conclude(self, facts: Facts, ending: Ending) -> None:
-        """Before the answer's last byte: the audit record, written and on disk. The settle was posted (or
-        done) by the finish that charged the request, so it always precedes the record."""
-        await record(self.gw, facts, ending)
+    def conclude(self, facts: Facts, ending: Ending) -> Awaitable[None]:
+        """Before the answer's last byte: the audit record, written and on disk (await it). The settle was
+        posted (or done) by the finish that charged the request, so it always precedes the record. (Not a
+        coroutine of its own: it hands back the record's, one frame less on every request.)"""
+        return record(self.gw, facts, ending)
 
     def done(self, facts: Facts, ending: Ending) -> None:
         """Whatever happened: metrics, and the audit record if none was written."""
