@@ -224,3 +224,17 @@ async def flushed_redis_url(redis_srv: RedisServer) -> str:
     finally:
         await client.aclose()
     return redis_srv.url
+
+
+_KINDS = ("unit", "integration", "system")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test carries the marker of its folder: ``-m unit``, ``-m integration``, ``-m system``."""
+    root = Path(__file__).resolve().parent
+    for item in items:
+        kind = item.path.relative_to(root).parts[0] if item.path.is_relative_to(root) else ""
+        if kind in _KINDS:
+            item.add_marker(getattr(pytest.mark, kind))
+

@@ -192,3 +192,15 @@ async def scrape(g: RunningGateway) -> str:
     async with admin_listener(g) as url, aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
         assert r.status == 200, r.status
         return await r.text()
+
+
+async def record_of(g: RunningGateway, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The audit record of ``request_id`` once it is written (bounded wait; the last, if there are two)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [r for r in audit_records(g) if r["request_id"] == request_id]
+        if found:
+            return found[-1]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no audit record for {request_id} within {timeout} s")
+

@@ -1,20 +1,4 @@
 """tests/integration: the gateway in-process against real Redis servers and subprocesses the tests start.
 
-Every test here carries the ``integration`` marker (``-m integration`` selects the folder).
+Every test here carries the ``integration`` marker (``-m integration`` selects the folder; tests/conftest.py adds it).
 """
-
-from __future__ import annotations
-
-from pathlib import Path
-
-import pytest
-
-HERE = Path(__file__).resolve().parent
-
-
-@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # This hook sees every collected item of the session, not only this folder's.
-    for item in items:
-        if item.path.is_relative_to(HERE):
-            item.add_marker(pytest.mark.integration)

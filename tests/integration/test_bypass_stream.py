@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
-from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from gatewayutil import KEYS, RunningGateway, audit_records, running_gateway
+from gatewayutil import KEYS, RunningGateway, audit_records, record_of, running_gateway
 from recording_upstream import (
     Recorded,
     RecordingUpstream,
@@ -48,15 +46,6 @@ REQUESTS = {
 }
 
 
-async def record_of(g: RunningGateway, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    """The audit record of ``request_id`` once it is written (bounded wait)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [r for r in audit_records(g) if r["request_id"] == request_id]
-        if found:
-            return found[-1]
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no audit record for {request_id} within {timeout} s")
 
 
 async def used(g: RunningGateway, who: str, metric: str) -> float:

@@ -183,7 +183,7 @@ async def test_a_request_cancelled_while_it_is_being_admitted_is_still_recorded(
     g, _ = running
     gw = g.gw
     url = URL(g.url)
-    reader, writer = await asyncio.open_connection(url.host, url.port)
+    _reader, writer = await asyncio.open_connection(url.host, url.port)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Authorization: Bearer " + KEYS["tina"].encode() + b"\r\nContent-Length: 100\r\n\r\n{\"model\"")
     await writer.drain()

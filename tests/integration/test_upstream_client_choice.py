@@ -4,14 +4,12 @@ a client that leaves a stream still ends the upstream's generation once the drai
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from gatewayutil import KEYS, RunningGateway, audit_records, running_gateway
+from gatewayutil import KEYS, record_of, running_gateway
 from recording_upstream import Recorded, RecordingUpstream, config_with_upstream, spend_cap, stream
 
 KINDS = ["native", "aiohttp"]
@@ -36,14 +34,6 @@ def json_or_stream(**stream_options: Any) -> Any:
     return answer
 
 
-async def record_of(g: RunningGateway, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [r for r in audit_records(g) if r["request_id"] == request_id]
-        if found:
-            return found[-1]
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no audit record for {request_id} within {timeout} s")
 
 
 async def test_json_and_streams_pass_the_same_way_through_either_client(tmp_path, redis_url):

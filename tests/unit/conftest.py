@@ -43,14 +43,6 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "unit"))
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # This hook sees every collected item of the session, not only this folder's.
-    for item in items:
-        if item.path.is_relative_to(HERE):
-            item.add_marker(pytest.mark.unit)
-
-
 # ------------------------------------------------------------------------------------- no processes
 class ProcessInUnitTest(RuntimeError):
     """A unit test tried to start a process."""
