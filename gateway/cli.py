@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", help="'embedded' (default) or a Redis URL (env KGATE_STORE_URL)")
     s.add_argument("--replica-id", help="this replica's id in the audit log and spool (default: "
                    "server.replica_id, else the host name); each replica on one host needs its own")
+    s.add_argument("--decision-listen", action="append", metavar="ADDR",
+                   help="serve the decision API for gateway plugins on HOST:PORT or unix:/path (repeatable; "
+                        "default from decision.listen)")
+    s.add_argument("--extproc-listen", metavar="ADDR",
+                   help="serve Envoy's external processor (gRPC) on HOST:PORT (default decision.extproc_listen)")
     s.set_defaults(func=_lazy("gateway.proxy.server", "cmd_serve"))
 
     s = sub.add_parser(

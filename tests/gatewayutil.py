@@ -204,3 +204,22 @@ async def record_of(g: RunningGateway, request_id: str, timeout: float = 15.0) -
         await asyncio.sleep(0.05)
     raise AssertionError(f"no audit record for {request_id} within {timeout} s")
 
+
+
+@contextlib.asynccontextmanager
+async def running_decision(g: RunningGateway, listen: tuple[str, ...] = ("127.0.0.1:0",), *,
+                           extproc: str | None = None, **decision: Any) -> AsyncIterator[Any]:
+    """The decision API (and Envoy's ext_proc when ``extproc`` is given) over a running gateway's engine,
+    as ``kgate serve --decision-listen`` serves it; yields the :class:`PluginListeners` (``.addresses`` holds
+    what was bound; ``127.0.0.1:0`` is resolved to its port in ``.url``)."""
+    from gateway.decision.listeners import start_plugins
+    from gateway.policy.config import DecisionConfig
+    from gateway.proxy.context import ENGINE
+
+    cfg = DecisionConfig(**decision)
+    plugins = await start_plugins(g.app[ENGINE], cfg, listen, extproc)
+    plugins.url = plugins.bound_url()  # type: ignore[attr-defined]
+    try:
+        yield plugins
+    finally:
+        await plugins.close()

@@ -84,6 +84,57 @@ class ServerConfig(Strict):
         return self
 
 
+class DecisionConfig(Strict):
+    """kgate as a plugin of another gateway (docs/plugins.md): the decision API and Envoy's ext_proc."""
+
+    # Listeners of the decision API (HTTP/JSON): HOST:PORT or unix:/path. Empty: not served.
+    listen: tuple[str, ...] = ()
+    # HOST:PORT (or unix:/path) of the Envoy external processor (gRPC). None: not served.
+    extproc_listen: str | None = None
+    # The bearer token callers must send, from this environment variable. Unset: the decision API is served
+    # only on Unix sockets and loopback addresses (or with client certificates, below).
+    token_env: str = "KGATE_DECISION_TOKEN"
+    # How long an admitted request may wait for its final settle before it is charged as unanswered
+    # (on_missing_usage). None: the upstream's total timeout plus store.lease_grace_seconds (the hold's lease).
+    settle_timeout_seconds: PositiveFloat | None = None
+    # TLS for TCP listeners; with tls_client_ca, callers must present a certificate it signed (mTLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listeners(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            parse_listener(item)
+        return v
+
+    @field_validator("extproc_listen")
+    @classmethod
+    def _extproc(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_listener(v)
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> DecisionConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (the listener's own certificate)")
+        return self
+
+
+def parse_listener(value: str) -> tuple[str, int] | str:
+    """``HOST:PORT`` → (host, port); ``unix:/path`` → the socket's path; raises ValueError."""
+    if value.startswith("unix:"):
+        path = value[5:]
+        if not path.startswith("/"):
+            raise ValueError(f"expected unix:/absolute/path, got {value!r}")
+        return path
+    return parse_listen(value)
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (IPv6 as ``[::1]:8080``) → (host, port); raises ValueError."""
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value.strip())
@@ -297,6 +348,7 @@ class Config(Strict):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     tiers: dict[str, TierConfig] = Field(default_factory=dict)
     principals: list[PrincipalConfig] = Field(default_factory=list)
+    decision: DecisionConfig = Field(default_factory=DecisionConfig)
     # Filled by the loader, not by the YAML: where this config came from and its fingerprint.
     source_files: tuple[str, ...] = ()
     version: str = ""

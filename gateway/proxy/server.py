@@ -70,8 +70,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Before anything starts: a busy port says which one it is, with nothing else on the terminal.
         _check_listen(listen, "clients", "--listen HOST:PORT (server.listen)")
         _check_listen(admin_listen, "the admin API", "--admin-listen HOST:PORT (server.admin_listen)")
+        decision = tuple(getattr(args, "decision_listen", None) or config.decision.listen)
+        extproc = getattr(args, "extproc_listen", None) or config.decision.extproc_listen
         _use_uvloop()
-        return asyncio.run(serve(config_path, listen, admin_listen, store, replica=replica))
+        return asyncio.run(serve(config_path, listen, admin_listen, store, replica=replica,
+                                 decision_listen=decision, extproc_listen=extproc))
     except StartupError as exc:
         print(f"kgate: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -164,12 +167,14 @@ def _settle_heap() -> None:
 
 
 async def serve(config_path: object, listen: str, admin_listen: str, store: str, *,
-                replica: str | None = None) -> int:
+                replica: str | None = None, decision_listen: tuple[str, ...] = (),
+                extproc_listen: str | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain; returns the exit code (0 after a drain)."""
     from gateway.admin.api import create_admin_app, reload_policy
+    from gateway.decision.listeners import PluginListeners, start_plugins
     from gateway.proxy.app import create_app
     from gateway.proxy.client_limits import GatewayRunner
-    from gateway.proxy.context import GATEWAY
+    from gateway.proxy.context import ENGINE, GATEWAY
 
     # Signals first: a SIGTERM that arrives while the store or the listeners start up is a request to
     # stop once started, not a reason to die without cleaning up (the default action).
@@ -193,6 +198,7 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str,
     # then is cancelled (and settles what it generated).
     runner = GatewayRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)  # + header timeout
     admin_runner = web.AppRunner(create_admin_app(app, config_path), access_log=None, handle_signals=False)
+    plugins: PluginListeners | None = None
     try:
         await runner.setup()
         host, port = parse_listen(listen)
@@ -202,6 +208,9 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str,
         ahost, aport = parse_listen(admin_listen)
         await _bind(web.TCPSite(admin_runner, ahost, aport, reuse_address=True), "the admin API", admin_listen,
                     "--admin-listen HOST:PORT (server.admin_listen)")
+        if decision_listen or extproc_listen:
+            plugins = await start_plugins(app[ENGINE], config.decision, decision_listen, extproc_listen)
+            log.info("kgate decision API on %s", ", ".join(plugins.addresses))
         log.info("kgate listening on http://%s (admin on http://%s), store %s, policy %s (sha256 %s), "
                  "event loop %s", listen, admin_listen, "embedded" if store == "embedded" else store.split("@")[-1],
                  config_path, config.version[:12], type(loop).__module__.split(".")[0])
@@ -217,9 +226,13 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str,
         await stop.wait()
         loop.remove_signal_handler(signal.SIGHUP)
         await drain(gw, site, force)
+        if plugins is not None:  # admitted requests a plugin still has to settle: as long as the drain allows
+            await plugins.close(grace=config.server.drain_seconds)
     finally:
         # Close in order: the admin API, then the app (its cleanup_ctx settles nothing new, stops the spool,
         # flushes and closes the audit log, then the store). Also after a failed start.
+        if plugins is not None:
+            await plugins.close()
         await admin_runner.cleanup()
         await runner.cleanup()
     log.info("stopped")
