@@ -43,6 +43,7 @@ from typing import Any
 import orjson
 
 from gateway.decision.extproc_wire import Wire, load, read_headers
+from gateway.decision.listeners import is_loopback
 from gateway.decision.service import AdmitInput, Allow, DecisionService, Settled, SettleInput, UnknownRequest
 from gateway.engine.errors import GatewayError, UpstreamError, UpstreamTimeout, render, shape_for_path
 from gateway.policy.config import parse_listener
@@ -61,7 +62,7 @@ async def start_extproc(service: DecisionService, listen: str, token: str | None
         where = parse_listener(listen)
     except ValueError as exc:
         raise StartupError(f"ext_proc listener: {exc}") from None
-    if token is None and not isinstance(where, str) and not _loopback(where[0]):
+    if token is None and not isinstance(where, str) and not is_loopback(where[0]):
         raise StartupError(f"Envoy's external processor on {listen} would be open to the network (its answers "
                            "carry the upstreams' credentials): set the decision token (decision.token_env) and "
                            "send it from Envoy as grpc_service.initial_metadata, or listen on loopback or "
@@ -335,14 +336,3 @@ def _clear_stale_socket(path: str) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -42,7 +42,7 @@ class PluginListeners:
                 if isinstance(where, str):
                     site: web.BaseSite = web.UnixSite(self._runner, where)
                 else:
-                    if token is None and tls is None and not _loopback(where[0]):
+                    if token is None and tls is None and not is_loopback(where[0]):
                         raise StartupError(
                             f"the decision API on {item} would be open to the network: set ${cfg.token_env} "
                             "(a bearer token), or decision.tls_client_ca (client certificates), or listen on "
@@ -100,7 +100,8 @@ async def start_plugins(engine: Engine, cfg: DecisionConfig, listen: tuple[str, 
     return plugins
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """A host name or address that only this machine can reach."""
     if host == "localhost":
         return True
     try:

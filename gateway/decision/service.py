@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -184,10 +185,12 @@ class _Pending:
 class DecisionService:
     """Admit and settle requests that another gateway forwards; one per gateway process, over its engine."""
 
-    def __init__(self, engine: Engine, *, settle_timeout: float | None = None, keep_settled: float = 300.0):
+    def __init__(self, engine: Engine, *, settle_timeout: float | None = None, keep_settled: float = 60.0):
         self.engine = engine
         self._settle_timeout = settle_timeout
-        self.keep_settled = keep_settled  # seconds a settled request's result is kept for a repeated settle
+        # Seconds a settled request's result is kept for a repeated final settle (a plugin's retry comes within
+        # its settle timeout); in arrival order, so expiry pops from the front.
+        self.keep_settled = keep_settled
         self._pending: dict[str, _Pending] = {}
         self._settled: dict[str, tuple[float, Settled]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -454,7 +457,8 @@ class DecisionService:
 
     def _remember(self, result: Settled) -> None:
         now = time.monotonic()
-        self._settled[result.request_id] = (now + self.keep_settled, result)
+        kept = dataclasses.replace(result, passed=b"")  # the bytes were passed on once; a repeat gets none
+        self._settled[result.request_id] = (now + self.keep_settled, kept)
 
     # --------------------------------------------------------------------------------------- expiry
     def settle_timeout_for(self, adm: Admission) -> float:
@@ -484,9 +488,12 @@ class DecisionService:
         """Settle every request whose time is up as unanswered (charged by ``on_missing_usage``); forget
         settled results past ``keep_settled``. Returns how many requests expired."""
         now = time.monotonic() if now is None else now
-        for rid, (until, _) in list(self._settled.items()):
-            if until <= now:
-                del self._settled[rid]
+        settled = self._settled
+        while settled:
+            rid = next(iter(settled))
+            if settled[rid][0] > now:
+                break
+            del settled[rid]
         expired = [p for p in self._pending.values() if p.deadline <= now]
         for p in expired:
             async with p.lock:
