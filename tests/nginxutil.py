@@ -61,11 +61,12 @@ def _lua(value: Any) -> str:
 
 
 def render_config(prefix: Path, *, port: int, upstream: str, decision: str, reuseport: bool = False,
-                  **options: Any) -> str:
+                  workers: int | None = None, log_level: str = "info", **options: Any) -> str:
     """The example configuration (deploy/nginx/nginx.conf) for a test: its listener, upstream, decision API,
     package path and plugin ``options`` replaced (each replacement must apply: the example is what is tested).
     The access log names the worker (``PID STATUS REQUEST-ID``); ``reuseport`` gives each worker its own
-    listening socket, so the kernel spreads connections over both."""
+    listening socket, so the kernel spreads connections over both. ``workers`` replaces the example's
+    ``worker_processes``; ``log_level`` is the error log's (``info``: the plugin's per-request lines too)."""
     text = EXAMPLE.read_text()
 
     def sub(old: str, new: str) -> None:
@@ -86,10 +87,65 @@ def render_config(prefix: Path, *, port: int, upstream: str, decision: str, reus
             text = line.sub(lambda m, new=setting: m.group(1) + new, text, count=1)
         else:
             sub(f"decision = {_lua(decision)},", f"decision = {_lua(decision)},\n            {key} = {_lua(value)},")
-    sub("error_log logs/error.log warn;", "error_log logs/error.log info;")
+    sub("error_log logs/error.log warn;", f"error_log logs/error.log {log_level};")
+    if workers is not None:
+        sub("worker_processes 2;", f"worker_processes {workers};")
     if os.geteuid() == 0:  # workers as root: they reach the test's socket, created 0660 by root
         text = "user root;\n" + text
     return text
+
+
+def render_plain_config(*, port: int, upstream: str, workers: int) -> str:
+    """nginx alone, a plain reverse proxy to ``upstream`` (HOST:PORT) with the example's proxy settings (keep-alive
+    upstream, no buffering) and access log, and no plugin: the baseline the plugin's cost is measured against."""
+    return f"""{"user root;" if os.geteuid() == 0 else ""}
+worker_processes {workers};
+pid logs/nginx.pid;
+error_log logs/error.log warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+    log_format kgate_test '$pid $status $sent_http_x_kgate_request_id';
+    access_log logs/access.log kgate_test;
+    client_body_temp_path body_temp;
+    proxy_temp_path proxy_temp;
+    fastcgi_temp_path fastcgi_temp;
+    uwsgi_temp_path uwsgi_temp;
+    scgi_temp_path scgi_temp;
+    upstream sim {{
+        server {upstream};
+        keepalive 16;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 1m;
+        client_body_buffer_size 1m;
+        location / {{
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_next_upstream off;
+            proxy_connect_timeout 5s;
+            proxy_read_timeout 300s;
+            gzip off;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(prefix: Path, text: str, port: int) -> subprocess.Popen[bytes]:
+    """nginx with configuration ``text`` (listening on ``port``) in ``prefix``, checked with ``nginx -t`` and
+    started in the foreground; returns once it listens. Stop it with :func:`stop`."""
+    proc = _launch(nginx_binary(), prefix, text)
+    try:
+        _wait_port(port, proc, prefix)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
 
 
 @dataclass
@@ -149,18 +205,22 @@ async def running_nginx(prefix: Path, *, upstream: str, decision: str, reuseport
 
 def _start(binary: str, prefix: Path, upstream: str, decision: str, reuseport: bool,
            options: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    text = render_config(prefix, port=port, upstream=upstream, decision=decision, reuseport=reuseport, **options)
+    return _launch(binary, prefix, text), port
+
+
+def _launch(binary: str, prefix: Path, text: str) -> subprocess.Popen[bytes]:
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "logs").mkdir(exist_ok=True)
-    port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(render_config(prefix, port=port, upstream=upstream, decision=decision, reuseport=reuseport,
-                                  **options))
+    conf.write_text(text)
     test = subprocess.run([binary, "-t", "-p", str(prefix), "-c", str(conf)], capture_output=True, text=True,
                           timeout=30, check=False)
     assert test.returncode == 0, test.stderr
     proc = subprocess.Popen([binary, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    return proc, port
+    return proc
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
