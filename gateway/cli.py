@@ -85,6 +85,10 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
             continue
         print(f"{f}: ok ({len(cfg.models)} models, {len(cfg.tiers)} tiers, policy sha256 {cfg.version[:12]})",
               file=sys.stderr)
+        from gateway.evals.binding import evaluation_coverage
+
+        for line in evaluation_coverage(cfg):
+            print(f"{f}: {line}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -224,6 +228,10 @@ def _admin_commands(sub: Any) -> None:
     s = sub.add_parser("usage", parents=[common], help="a principal's usage and remaining budget")
     s.add_argument("principal")
     s.set_defaults(func=_lazy("gateway.admin.cli", "usage"))
+
+    from gateway.evals.commands import add_parsers as add_eval_parsers
+
+    add_eval_parsers(sub, common, _Parser, _lazy)
 
 
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:

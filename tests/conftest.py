@@ -30,6 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+# gRPC (the ext_proc tests) registers fork handlers that restart its poller in a forked child; a child that
+# then closes descriptors before exec (subprocess, as every Redis and nginx here is started) can abort on
+# EBADF (grpc/grpc#43055). Its fork support is for children that go on using gRPC, which none here do.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import pytest
 import redis as redis_sync
 

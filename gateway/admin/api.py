@@ -30,6 +30,7 @@ from gateway.engine.errors import (
     Unauthenticated,
     render,
 )
+from gateway.evals.receipts import load_signer
 from gateway.policy.config import ConfigError, load_config
 from gateway.proxy.context import GATEWAY, Gateway
 
@@ -57,6 +58,9 @@ def create_admin_app(parent: web.Application, config_path: object = None) -> web
     r.add_post("/admin/grants", add_grant)
     r.add_delete("/admin/grants/{grant_id}", revoke_grant)
     r.add_put("/admin/overrides/{principal}/{label}", put_override)
+    from gateway.admin.evals_api import add_routes as add_eval_routes
+
+    add_eval_routes(r)
     r.add_delete("/admin/overrides/{principal}/{label}", delete_override)
     r.add_get("/admin/usage/{principal}", usage)
     r.add_get("/admin/policy", policy)
@@ -241,6 +245,7 @@ async def reload_policy(app: web.Application, config_path: object, *, actor: str
     paths = config_path if config_path is not None else list(old.source_files)
     try:
         new = load_config(paths)  # type: ignore[arg-type]
+        signer = load_signer(new)  # a tier that asks for receipts needs the key before it applies
         if not new.tiers:
             # Most likely a file caught half-written (an empty file is valid YAML): with no tiers every
             # request would be refused, so this is never what the operator meant.
@@ -259,6 +264,7 @@ async def reload_policy(app: web.Application, config_path: object, *, actor: str
     # reachable by name (the new policy's models only name upstreams it defines).
     gw.upstreams = Upstreams({**old.upstreams, **new.upstreams}, gw.simulator_url)
     gw.config = new
+    gw.signer = signer
     if gw.directory is not None:
         gw.directory.reload(new)
     gw.metrics.observe_policy_reload(True, new)

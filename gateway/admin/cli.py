@@ -26,6 +26,7 @@ import orjson
 from gateway.admin import ops
 from gateway.admin.ops import check_budget_label, check_id, check_tier
 from gateway.engine.errors import BadRequest, NotFound
+from gateway.evals.runs import EvalRuns
 from gateway.metrics.series import Metrics
 from gateway.policy.config import default_config_path, load_config
 from gateway.policy.directory import Directory
@@ -51,6 +52,7 @@ async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
     gw = Gateway(config=cfg, metrics=Metrics(process_metrics=False), replica=f"cli-{socket.gethostname()}")
     gw.redis = redis
     gw.directory = Directory(cfg, redis, key_prefix=cfg.store.key_prefix)
+    gw.evals = EvalRuns(gw.directory, redis)
     gw.ledger = Ledger(redis, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry,
                        record_ttl=cfg.store.record_ttl_seconds)
     key_env = cfg.audit.hmac_key_env

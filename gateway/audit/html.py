@@ -1,5 +1,6 @@
 """The HTML form of ``kgate audit report``: one self-contained page (inline CSS and SVG, no scripts, no
-network), with compute over time (FLOPs and K-units), the distribution of K per tier, and the table."""
+network), with compute over time (FLOPs and K-units), the distribution of K per tier, the table, and the
+effective compute per model (rows with flagged answers marked)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import math
 from datetime import UTC, datetime
 from html import escape
 
+from gateway.audit.effective import COLUMNS as EFFECTIVE_COLUMNS
+from gateway.audit.effective import notes as effective_notes
+from gateway.audit.effective import row_cells as effective_cells
 from gateway.audit.report import Report, cell, report_columns
 
 # Per-request K, in powers of two: "how many standard answers' worth" is read on a log scale.
@@ -27,6 +31,7 @@ table{border-collapse:collapse;font-size:12px;margin-top:8px}
 th,td{border:1px solid #d1d9e0;padding:3px 6px;white-space:nowrap}th{background:#f6f8fa;position:sticky;top:0}
 .wide{overflow-x:auto;max-width:100%}
 td.n{text-align:right;font-variant-numeric:tabular-nums}tr.total td{font-weight:bold;background:#f6f8fa}
+tr.flagged td{background:#ffebe9}td.flag{color:#cf222e;font-weight:bold}.notes{margin:6px 0;padding-left:18px}
 svg text{font:11px system-ui,sans-serif;fill:#59636e}svg .title{font-size:12px;fill:#1f2328}
 """
 
@@ -100,6 +105,28 @@ def _table(report: Report) -> str:
     return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
+def _effective(report: Report) -> str:
+    """The effective compute section: one row per model; a row with flagged answers is tinted and says so."""
+    section = report.effective
+    if not section:
+        return ""
+    head = "".join(f"<th>{escape(c)}</th>" for c in EFFECTIVE_COLUMNS)
+    rows = []
+    for row in section["models"]:
+        cells = effective_cells(row)
+        tds = [f"<td>{escape(cells[0])}</td>"]
+        tds += [f"<td class=n>{escape(c)}</td>" for c in cells[1:-1]]
+        flagged = bool(row["flagged"])
+        tds.append(f'<td class="n flag">⚑ {escape(cells[-1])} flagged</td>' if flagged
+                   else f"<td class=n>{escape(cells[-1])}</td>")
+        rows.append(f'<tr class="flagged">{"".join(tds)}</tr>' if flagged else f"<tr>{''.join(tds)}</tr>")
+    if not rows:
+        rows.append(f'<tr><td colspan="{len(EFFECTIVE_COLUMNS)}">No metered answers in this range.</td></tr>')
+    items = "".join(f"<li>{escape(line)}</li>" for line in effective_notes(section))
+    return (f'<div class="wide"><table class="effective"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div><ul class="notes">{items}</ul>')
+
+
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -152,5 +179,10 @@ def render_html(report: Report) -> str:
 <div class="multiples">{hists or "<p>No metered requests in this range.</p>"}</div>
 <h2>Usage by {escape(by)}</h2>
 {_table(report)}
+<h2>Effective compute per model</h2>
+<p class=meta>Per answer: the largest inference FLOPs and K served, next to the model's training FLOPs and the
+compute it was evaluated under (from the policy). Answers above the evaluated bound are allowed for tiers with
+<code>beyond_evaluated</code>; elsewhere they are flagged.</p>
+{_effective(report)}
 </body></html>
 """

@@ -3,6 +3,12 @@
 :func:`report_rows` sums usage grouped by principal, org, model, tier, decision, day, ... (the HTML page is
 :mod:`gateway.audit.html`); :func:`report_main` is the command. Usage is summed over the metered decisions,
 once per request id (:class:`gateway.audit.records.Metered`).
+
+Every format also carries the per-model "effective compute" section (:mod:`gateway.audit.effective`): the
+largest per-answer inference FLOPs and K next to the policy's training FLOPs and evaluated bound, and the
+answers above that bound. The table prints it as a second table after the main one, the JSON under
+``effective_compute``, the HTML page as its own section; the CSV stays the main rows only (one header, one
+kind of row, for the scripts that read it: the section is in the JSON).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import orjson
 
 from gateway.audit.chain import DECISIONS
 from gateway.audit.command import ArgParser, load_audit_config, run_cli
+from gateway.audit.effective import EffectiveCompute, format_section, load_policy
 from gateway.audit.records import SUM_METRICS, TOKEN_METRICS, Metered, ReadStats, iter_records, usage_amounts, utc_date
 from gateway.engine.errors import UsageError
 
@@ -43,6 +50,7 @@ class Report:
     unreadable: int = 0
     first: float | None = None  # the earliest and latest record times read: the period's real dates
     last: float | None = None
+    effective: dict[str, Any] = field(default_factory=dict)  # EffectiveCompute.result(): effective compute
 
 
 # What a report calls a record that has no principal (or no model, tier ...): an admin operation names no
@@ -73,12 +81,14 @@ def _new_row() -> dict[str, Any]:
 
 
 def report_rows(paths: Iterable[str | Path], since: float | None = None, until: float | None = None,
-                by: Iterable[str] = ("principal",)) -> Report:
+                by: Iterable[str] = ("principal",), effective: EffectiveCompute | None = None) -> Report:
     """Aggregate the audit log for ``kgate audit report``.
 
     ``requests`` counts distinct requests (records other than ``admin``, each request id once); token,
-    FLOP and K sums cover metered decisions only; the decision columns count records.
+    FLOP and K sums cover metered decisions only; the decision columns count records. ``effective`` (by
+    default one without a policy) takes each metered answer for the effective compute section.
     """
+    effective = effective if effective is not None else EffectiveCompute()
     by = tuple(by)
     for name in by:
         if name not in GROUP_FIELDS:
@@ -115,6 +125,7 @@ def report_rows(paths: Iterable[str | Path], since: float | None = None, until: 
             for m in SUM_METRICS:
                 target[m] += amounts[m]
         k_by_tier[_group_value(rec, t, "tier")].append(amounts["k_units"])
+        effective.add(rec, amounts["flops"], amounts["k_units"])
         if t is not None:
             points.append((t, amounts["flops"], amounts["k_units"]))
     rows = [groups[k] for k in sorted(groups)]
@@ -122,7 +133,7 @@ def report_rows(paths: Iterable[str | Path], since: float | None = None, until: 
         for m in TOKEN_METRICS:
             row[m] = int(row[m])
     report = Report(by, rows, total, since, until, k_by_tier=dict(k_by_tier), unreadable=stats.unreadable,
-                    first=first, last=last)
+                    first=first, last=last, effective=effective.result())
     _series(report, points)
     return report
 
@@ -172,10 +183,12 @@ def format_table(report: Report) -> str:
     out = [line(cols), line(["-" * w for w in widths])]
     out += [line(r) for r in body[:-1]]
     out += [line(["-" * w for w in widths]), line(body[-1])]
-    return "\n".join(out) + "\n"
+    main = "\n".join(out) + "\n"
+    return main + format_section(report.effective) if report.effective else main
 
 
 def format_csv(report: Report) -> str:
+    """The main rows (not the total, not the effective compute section: that is in the JSON)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=report_columns(report), lineterminator="\n")
     writer.writeheader()
@@ -190,7 +203,7 @@ def _iso(ts: float | None) -> str | None:
 
 def format_json(report: Report) -> str:
     doc = {"from": _iso(report.since), "to": _iso(report.until), "by": list(report.by),
-           "rows": report.rows, "total": report.total}
+           "rows": report.rows, "total": report.total, "effective_compute": report.effective}
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
 
 
@@ -218,7 +231,8 @@ def parse_time(text: str, *, end: bool = False) -> float:
 
 
 def report_main(args: list[str]) -> int:
-    """``kgate audit report [--from T] [--to T] [--by FIELDS] [--format table|csv|json|html] [PATH...]``."""
+    """``kgate audit report [--from T] [--to T] [--by FIELDS] [--format table|csv|json|html] [--config FILE]
+    [PATH...]``."""
     return run_cli("kgate audit report", _report_main, args)
 
 
@@ -232,7 +246,9 @@ def _report_main(args: list[str]) -> int:
     p.add_argument("--by", default="principal", metavar="FIELDS",
                    help=f"comma-separated grouping, from: {', '.join(GROUP_FIELDS)} (default: principal)")
     p.add_argument("--format", default="table", choices=("table", "csv", "json", "html"))
-    p.add_argument("--config", help="configuration file (for audit.dir)")
+    p.add_argument("--config", help="configuration file: audit.dir, and the policy whose training FLOPs and "
+                                     "evaluated bounds the effective compute section shows (default: "
+                                     "KGATE_CONFIG, else the example policy, when it exists)")
     p.add_argument("--output", "-o", metavar="FILE",
                    help="write to FILE ('-': standard output). Default: standard output, except for html, which "
                         "goes to kgate-audit-report-FROM--TO.html (its path is printed)")
@@ -244,10 +260,11 @@ def _report_main(args: list[str]) -> int:
     by = [b.strip() for b in ns.by.split(",") if b.strip()]
     if not by:
         raise UsageError("--by needs at least one field")
-    paths = ns.paths or [load_audit_config(ns.config).dir]
+    policy, origin, note = load_policy(ns.config)
+    paths = ns.paths or [policy.audit.dir if policy is not None else load_audit_config(ns.config).dir]
     if not ns.paths and not Path(paths[0]).exists():
         raise UsageError(f"audit directory {paths[0]} does not exist (give PATH or --config)")
-    report = report_rows(paths, since, until, by)
+    report = report_rows(paths, since, until, by, EffectiveCompute(policy, origin, note))
     if ns.format == "html":
         from gateway.audit.html import render_html
 

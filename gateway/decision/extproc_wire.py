@@ -16,6 +16,7 @@ imported only when the processor starts, so kgate runs without them. Field seman
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,6 +28,10 @@ INSTALL_HINT = "Envoy's external processor needs grpcio and xds-protos: pip inst
 def load() -> tuple[Any, Any, Any, Any, Any]:
     """(grpc, grpc.aio, external_processor_pb2, external_processor_pb2_grpc, processing_mode_pb2), or a
     :class:`StartupError` naming the extra to install."""
+    # gRPC's fork support restarts its poller in a forked child; a child that closes descriptors before
+    # exec (subprocess: the embedded redis-server) can then abort on EBADF (grpc/grpc#43055). kgate never
+    # uses gRPC in a child, so it is off unless the operator set it.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     try:
         import grpc
         import grpc.aio

@@ -20,166 +20,53 @@ The admitted requests wait here, in this process's memory: a settle must reach t
 (the plugins call one local kgate, over a Unix socket or loopback). Repeating a final settle answers the
 same result (idempotent by request id); a settle for an id this process does not hold is
 :class:`UnknownRequest`.
+
+The messages are in :mod:`gateway.decision.messages`, the table of waiting requests and its sweeper in
+:mod:`gateway.decision.pending`, the mapping of an ending to its charge in :mod:`gateway.decision.charge`;
+their public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.adapters.base import StreamMeter
+from gateway.decision.charge import charge
+from gateway.decision.messages import (
+    CREDENTIAL_HEADERS,
+    OUTCOMES,
+    AdmitInput,
+    Allow,
+    Deny,
+    Settled,
+    SettleInput,
+    UnknownRequest,
+)
+from gateway.decision.pending import Pending, PendingRequests
 from gateway.engine.errors import (
     BadRequest,
     GatewayError,
     InternalError,
     MethodNotAllowed,
     PayloadTooLarge,
-    UpstreamError,
-    UpstreamTimeout,
     render,
     shape_for_path,
 )
 from gateway.engine.flow import Engine
 from gateway.engine.metering import resolve_path
-from gateway.engine.model_names import Renamer, renamer
+from gateway.engine.model_names import renamer
 from gateway.engine.request import Admission, Call, Denial, Ending, Facts
 from gateway.proxy import upstream as up
 
+__all__ = ["CREDENTIAL_HEADERS", "OUTCOMES", "AdmitInput", "Allow", "DecisionService", "Deny", "SettleInput",
+           "Settled", "UnknownRequest"]
+
 log = logging.getLogger("kgate.decision")
-
-# How the exchange with the upstream ended, as the calling gateway saw it (``SettleInput.outcome``).
-OUTCOMES = ("complete", "client_disconnected", "upstream_timeout", "upstream_broken", "upstream_unreachable",
-            "not_sent")
-
-# Client headers that carry a caller's credentials: never sent upstream (the gateway's own key is).
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key", "proxy-authorization",
-                      "cookie")
-
-
-class UnknownRequest(LookupError):
-    """A settle for a request id this process does not hold (never admitted here, or already expired)."""
-
-
-@dataclass(frozen=True, slots=True)
-class AdmitInput:
-    """The client's request as the calling gateway received it."""
-
-    method: str
-    path: str  # the path with its query string, as the client sent it
-    headers: Mapping[str, str]  # any case
-    body: bytes
-    peer: str = "unknown"  # the client's address as the gateway saw it ("unix" for a Unix socket)
-
-
-@dataclass(frozen=True, slots=True)
-class Allow:
-    """Send ``body`` to ``path`` on upstream ``upstream``, with ``upstream_headers`` instead of the client's
-    (its credentials removed, the upstream's own added); add ``response_headers`` to the answer."""
-
-    request_id: str
-    upstream: str
-    upstream_url: str | None  # the upstream's base URL as kgate knows it (None: the gateway routes itself)
-    path: str
-    body: bytes
-    upstream_headers: dict[str, str]
-    remove_headers: tuple[str, ...]
-    response_headers: dict[str, str]
-    stream: bool
-    strip_usage: bool  # kgate asked for streamed usage the client did not: drop the usage-only event
-    rename: tuple[tuple[bytes, bytes], ...]  # plain byte replacements: the upstream's model name → the public
-    model: str
-    api: str
-    k_max: float
-    flops_max: float
-    samples: int
-    clamped: tuple[str, ...]
-    fail_open: bool  # the caller's tier serves when the store is away (on_store_error: allow)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"decision": "allow", "request_id": self.request_id, "upstream": self.upstream,
-                "upstream_url": self.upstream_url, "path": self.path, "body": self.body.decode(),
-                "upstream_headers": self.upstream_headers, "remove_headers": list(self.remove_headers),
-                "response_headers": self.response_headers, "stream": self.stream,
-                "strip_usage": self.strip_usage,
-                "rename": [[old.decode(), new.decode()] for old, new in self.rename],
-                "model": self.model, "api": self.api, "k_max": self.k_max, "flops_max": self.flops_max,
-                "samples": self.samples, "clamped": list(self.clamped), "fail_open": self.fail_open}
-
-
-@dataclass(frozen=True, slots=True)
-class Deny:
-    """Answer the client this, instead of forwarding (already recorded in the audit log)."""
-
-    request_id: str
-    status: int
-    headers: dict[str, str]
-    body: bytes  # JSON, in the client's API's error shape
-    code: str
-    fail_open: bool
-
-    def as_json(self) -> dict[str, Any]:
-        return {"decision": "deny", "request_id": self.request_id, "status": self.status,
-                "headers": self.headers, "body": self.body.decode(), "code": self.code,
-                "fail_open": self.fail_open}
-
-
-@dataclass(frozen=True, slots=True)
-class SettleInput:
-    """The next part of what the upstream answered. ``data`` starts at byte ``offset`` of the answer's body;
-    ``usage`` (the provider's usage object, in its API's shape) may stand in for the body of a unary answer."""
-
-    status: int | None = None  # the upstream's HTTP status, once known
-    data: bytes = b""
-    offset: int = 0
-    final: bool = False
-    usage: dict[str, Any] | None = None
-    outcome: str = "complete"
-
-
-@dataclass(slots=True)
-class Settled:
-    """Where a request stands after a settle call."""
-
-    request_id: str
-    state: str  # "metering" (more to come) | "settled"
-    received: int  # body bytes taken so far, in order
-    passed: bytes = b""  # a stream's bytes to pass to the client, for an in-process caller (usage stripped)
-    decision: str | None = None
-    status: int | None = None
-    reason: str = ""
-    charged: dict[str, Any] | None = None  # K, FLOPs, tokens (kgate meter's object) once settled
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "state": self.state, "received": self.received,
-                "decision": self.decision, "status": self.status, "reason": self.reason,
-                "charged": self.charged, "headers": self.headers}
-
-
-@dataclass(slots=True, eq=False)
-class _Pending:
-    """An admitted request waiting for its answer."""
-
-    adm: Admission
-    deadline: float  # monotonic
-    meter: StreamMeter | None
-    renamer: Renamer | None
-    status: int | None = None
-    received: int = 0
-    body: list[bytes] = field(default_factory=list)  # a unary answer's bytes, in order
-    early: dict[int, bytes] = field(default_factory=dict)  # segments that arrived before their turn
-    early_bytes: int = 0
-    result: Settled | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class DecisionService:
@@ -189,13 +76,9 @@ class DecisionService:
         self.engine = engine
         self._settle_timeout = settle_timeout
         # Seconds a settled request's result is kept for a repeated final settle (a plugin's retry comes within
-        # its settle timeout); in arrival order, so expiry pops from the front.
+        # its settle timeout).
         self.keep_settled = keep_settled
-        self._pending: dict[str, _Pending] = {}
-        self._settled: dict[str, tuple[float, Settled]] = {}
-        self._sweeper: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()  # set whenever no admitted request waits
-        self._idle.set()
+        self._waiting = PendingRequests(self.expire)
 
     # ----------------------------------------------------------------------------------------- admit
     async def admit(self, req: AdmitInput) -> Allow | Deny:
@@ -240,14 +123,12 @@ class DecisionService:
                 return self._deny(facts, err, adapter.shape, adm.tier.on_store_error == "allow")
             engine.sent(adm)
             meter = engine.stream_meter(adm) if facts.stream else None
-            self._idle.clear()
-            self._pending[facts.request_id] = _Pending(
+            self._waiting.add(facts.request_id, Pending(
                 adm, time.monotonic() + self.settle_timeout_for(adm), meter,
-                renamer(adm.parsed.model_name, adm.parsed.model))
-            self._start_sweeper()
+                renamer(adm.parsed.model_name, adm.parsed.model)))
             return allow
         except asyncio.CancelledError:  # the calling gateway hung up while the request was being admitted
-            if facts.request_id not in self._pending:
+            if facts.request_id not in self._waiting:
                 if isinstance(adm, Admission):
                     await engine.abandon(adm, cancelled=False)
                 engine.done(facts, ending)
@@ -301,18 +182,18 @@ class DecisionService:
             raise BadRequest(f"outcome must be one of {', '.join(OUTCOMES)}", param="outcome")
         if part.offset < 0:
             raise BadRequest("offset must not be negative", param="offset")
-        p = self._pending.get(request_id)
+        p = self._waiting.get(request_id)
         if p is None:
-            done = self._settled.get(request_id)
+            done = self._waiting.settled(request_id)
             if done is not None:
-                return done[1]
+                return done
             raise UnknownRequest(request_id)
         async with p.lock:
             if p.result is not None:
                 return p.result
             return await self._take(p, part)
 
-    async def _take(self, p: _Pending, part: SettleInput) -> Settled:
+    async def _take(self, p: Pending, part: SettleInput) -> Settled:
         adm = p.adm
         if part.status is not None:
             if not 100 <= part.status <= 599:
@@ -320,74 +201,27 @@ class DecisionService:
             if p.status is None:
                 p.status = part.status
                 adm.ending.first_byte_seconds = time.perf_counter() - (adm.ending.sent_at or adm.facts.started)
-        passed = self._feed(p, part.offset, part.data)
+        passed = p.feed(part.offset, part.data)
         if not part.final:
             return Settled(adm.facts.request_id, "metering", p.received, passed)
         if p.early:
             # The last part came, a gap remains: what arrived after the gap is metered all the same (usage
             # comes last), and the request is marked as cut.
             for offset in sorted(p.early):
-                passed += self._consume(p, p.early.pop(offset))
+                passed += p.consume(p.early.pop(offset))
             if part.outcome == "complete":
                 part = SettleInput(part.status, b"", 0, True, part.usage, "upstream_broken")
         result = await self._finish(p, part, passed)
         return result
 
-    def _feed(self, p: _Pending, offset: int, data: bytes) -> bytes:
-        """Take ``data`` at ``offset``: bytes already taken are skipped (a repeated segment), bytes ahead of
-        their turn wait (up to the upstream's ``max_response_bytes``); returns what a stream passes on."""
-        if not data:
-            return b""
-        if offset > p.received:
-            limit = self._limit(p)
-            if p.early_bytes + len(data) > limit:
-                raise BadRequest(f"more than {limit} bytes arrived ahead of a gap at byte {p.received}",
-                                 param="offset")
-            if offset not in p.early:
-                p.early[offset] = data
-                p.early_bytes += len(data)
-            return b""
-        if offset < p.received:
-            data = data[p.received - offset:]
-            if not data:
-                return b""
-        passed = self._consume(p, data)
-        while p.early:
-            nxt = min(p.early)
-            if nxt > p.received:
-                break
-            chunk = p.early.pop(nxt)
-            p.early_bytes -= len(chunk)
-            chunk = chunk[p.received - nxt:]
-            if chunk:
-                passed += self._consume(p, chunk)
-        return passed
-
-    def _consume(self, p: _Pending, data: bytes) -> bytes:
-        p.received += len(data)
-        if p.meter is not None:
-            out = p.meter.feed(data)
-            if out and p.renamer is not None:
-                out = p.renamer.body(out)
-            return out
-        if p.received > self._limit(p):
-            raise BadRequest(f"the answer is larger than the upstream's max_response_bytes ({self._limit(p)})",
-                             param="data")
-        p.body.append(data)
-        return b""
-
-    def _limit(self, p: _Pending) -> int:
-        cfg = p.adm.facts.config.upstreams.get(p.adm.facts.upstream or "")
-        return cfg.max_response_bytes if cfg is not None else 64 << 20
-
-    async def _finish(self, p: _Pending, part: SettleInput, passed: bytes, why: str = "") -> Settled:
+    async def _finish(self, p: Pending, part: SettleInput, passed: bytes, why: str = "") -> Settled:
         engine, adm = self.engine, p.adm
         facts, ending = adm.facts, adm.ending
         ending.upstream_seconds = time.perf_counter() - (ending.sent_at or facts.started)
         headers: dict[str, str] = {}
         try:
             try:
-                headers = await self._charge(p, part, why)
+                headers = await charge(engine, p, part, why)
                 if p.meter is not None and p.status is not None and p.status < 400:
                     tail = p.meter.close() if not p.meter.finished else b""
                     passed += p.renamer.body(tail) if tail and p.renamer is not None else tail
@@ -400,9 +234,7 @@ class DecisionService:
             engine.failed(facts, InternalError("internal error while settling"), ending)
         finally:
             engine.done(facts, ending)
-            self._pending.pop(facts.request_id, None)
-            if not self._pending:
-                self._idle.set()
+            self._waiting.remove(facts.request_id)
         m = ending.measured
         result = Settled(facts.request_id, "settled", p.received, passed, ending.decision, ending.status,
                          ending.reason, {**m.as_dict(), "model": facts.model, "api": facts.api} if m else None,
@@ -411,54 +243,8 @@ class DecisionService:
         self._remember(result)
         return result
 
-    async def _charge(self, p: _Pending, part: SettleInput, why: str = "") -> dict[str, str]:
-        """Charge the request by how its exchange ended; the headers kgate would add to a unary answer."""
-        engine, adm = self.engine, p.adm
-        name = adm.facts.upstream or ""
-        outcome, status = part.outcome, p.status
-        if outcome in ("not_sent", "upstream_unreachable"):  # nothing reached a model: nothing is charged
-            raise UpstreamError(f"upstream {name!r} was not reached", code="upstream_unreachable")
-        if status is None:  # no answer came: a timeout is work the upstream may finish all the same
-            if outcome == "upstream_timeout":
-                late = UpstreamTimeout(why or f"upstream {name!r} did not answer in time")
-                raise await engine.upstream_failed(adm, late, working=True)
-            if outcome == "client_disconnected":  # gone while the upstream worked: charged as unanswered
-                raise await engine.upstream_failed(adm, UpstreamError("the client disconnected before the "
-                                                                      "answer", code="client_closed"),
-                                                   working=True)
-            raise await engine.upstream_failed(adm, UpstreamError(f"upstream {name!r} failed before answering"),
-                                               working=False)
-        if status >= 400:
-            err = await engine.upstream_refused(adm, status)
-            if err is not None:
-                raise err
-            return {}
-        if p.meter is not None:
-            meter = p.meter
-            if not meter.finished:
-                meter.close()
-            problem = {"complete": "", "client_disconnected": "client disconnected",
-                       "upstream_timeout": f"upstream {name!r} stalled mid-stream",
-                       "upstream_broken": f"upstream {name!r} broke off the stream"}[outcome]
-            if not problem and not meter.finished:
-                problem = f"upstream {name!r} ended the stream early"
-            await engine.finish_stream(adm, meter, problem)
-            return {}
-        if outcome != "complete" and part.usage is None:  # a unary answer cut: its usage is lost with it
-            err = (UpstreamTimeout(f"upstream {name!r} timed out while sending its answer")
-                   if outcome == "upstream_timeout" else UpstreamError(f"upstream {name!r} broke off its answer"))
-            raise await engine.upstream_failed(adm, err, working=True)
-        if part.usage is not None:
-            key = "usageMetadata" if adm.parsed.adapter.api == "gemini" else "usage"
-            data = orjson.dumps({key: part.usage})
-        else:
-            data = b"".join(p.body)
-        return await engine.finish_json(adm, status, data)
-
     def _remember(self, result: Settled) -> None:
-        now = time.monotonic()
-        kept = dataclasses.replace(result, passed=b"")  # the bytes were passed on once; a repeat gets none
-        self._settled[result.request_id] = (now + self.keep_settled, kept)
+        self._waiting.remember(result, time.monotonic() + self.keep_settled)
 
     # --------------------------------------------------------------------------------------- expiry
     def settle_timeout_for(self, adm: Admission) -> float:
@@ -473,54 +259,29 @@ class DecisionService:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every admitted request to be settled; True if they were."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await self._waiting.wait_idle(timeout)
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._waiting)
 
     async def expire(self, now: float | None = None) -> int:
         """Settle every request whose time is up as unanswered (charged by ``on_missing_usage``); forget
         settled results past ``keep_settled``. Returns how many requests expired."""
         now = time.monotonic() if now is None else now
-        settled = self._settled
-        while settled:
-            rid = next(iter(settled))
-            if settled[rid][0] > now:
-                break
-            del settled[rid]
-        expired = [p for p in self._pending.values() if p.deadline <= now]
+        self._waiting.forget(now)
+        expired = self._waiting.due(now)
         for p in expired:
             async with p.lock:
                 if p.result is None:
                     await self._finish(p, _UNANSWERED, b"", "the calling gateway never settled the request")
         return len(expired)
 
-    def _start_sweeper(self) -> None:
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def _sweep(self) -> None:
-        while self._pending or self._settled:
-            await asyncio.sleep(1.0)
-            try:
-                await self.expire()
-            except Exception:  # never let the sweeper die with requests still held
-                log.exception("expiring unsettled requests")
-
     async def close(self) -> None:
         """Shutting down: every request still waiting is settled as the proxy settles one cut by a shutdown
         (charged by ``on_missing_usage`` if it was sent); its audit record is written."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        for p in list(self._pending.values()):
+        await self._waiting.stop()
+        for p in self._waiting.waiting():
             async with p.lock:
                 if p.result is None:
                     await self._finish(p, _UNANSWERED, b"", "kgate shut down before the request was settled")

@@ -7,6 +7,7 @@ Every refusal is a :class:`~gateway.engine.errors.GatewayError`; :func:`admit` r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from urllib.parse import urlencode
@@ -17,20 +18,23 @@ from gateway.adapters.fields import check_fields
 from gateway.engine.budgets import reserve
 from gateway.engine.compute import admission_bound, check_caps, clamp_target
 from gateway.engine.errors import Forbidden
-from gateway.engine.identity import authorize_model, effective_tier, identify
+from gateway.engine.identity import authorize_model, effective_tier, evaluation_run, identify
 from gateway.engine.metering import ParsedRequest, decode_body, parse_request
 from gateway.engine.request import Admission, Call, Ending, Facts, Forward
 from gateway.engine.settlement import release
 from gateway.engine.state import Gateway
+from gateway.ledger.errors import StoreError
 from gateway.policy.config import TierConfig
 
 BodyReader = Callable[[], Awaitable[bytes]]
+log = logging.getLogger("kgate.engine")
 
 
 async def admit(gw: Gateway, facts: Facts, call: Call, read_body: BodyReader | None) -> Admission:
     """Admit ``call`` or raise the error that refuses it; ``facts`` is filled in stage by stage."""
     cfg = facts.config
     principal = facts.principal = await identify(gw, cfg, call)
+    facts.eval = await evaluation_run(gw, principal)
     raw = call.body if call.body is not None or read_body is None else await read_body()
     assert raw is not None
     body = decode_body(raw)
@@ -52,6 +56,8 @@ async def admit(gw: Gateway, facts: Facts, call: Call, read_body: BodyReader | N
     if gw.upstreams is not None:  # an upstream the transport cannot reach is refused before anything is held
         gw.upstreams.get(facts.upstream)
     reservation = await reserve(gw, facts, tier, parsed)
+    if facts.eval is not None:
+        await track_evaluated(gw, facts)
     ending = Ending(reason=facts.reason, rule=facts.rule, store=facts.store)
     adm = Admission(facts, tier, parsed, reservation, _NO_FORWARD, ending)
     try:
@@ -60,6 +66,21 @@ async def admit(gw: Gateway, facts: Facts, call: Call, read_body: BodyReader | N
         await release(gw, adm)
         raise
     return adm
+
+
+async def track_evaluated(gw: Gateway, facts: Facts) -> None:
+    """Note a request of an evaluation run as in flight until its record is written, so that the run's
+    certificate waits for it (a store failure only shortens that wait: it is logged, never refused)."""
+    if gw.evals is None or facts.upstream is None:
+        return
+    cfg = facts.config
+    up = cfg.upstreams.get(facts.upstream)
+    deadline = (up.total_timeout_seconds if up else 600.0) + cfg.store.lease_grace_seconds
+    try:
+        await gw.evals.admitted(facts.eval or "", facts.request_id, deadline)
+    except StoreError:
+        log.warning("evaluation run %s: request %s could not be noted as in flight", facts.eval,
+                    facts.request_id)
 
 
 def enforce_caps(parsed: ParsedRequest, tier: TierConfig, facts: Facts) -> ParsedRequest:

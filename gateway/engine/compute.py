@@ -258,11 +258,19 @@ def measure(usage: Usage, model: ModelConfig, bound: Bound | None = None) -> Mea
 # ----------------------------------------------------------------------------------------- caps & clamp
 @dataclass(frozen=True)
 class CapViolation:
-    cap: str  # max_k | max_samples | max_reasoning_tokens | max_flops | efforts | evaluated_max_k
+    # max_k | max_samples | max_reasoning_tokens | max_flops | efforts, or the model's evaluated_max_k |
+    # evaluated_max_samples | evaluated_max_reasoning_tokens (``source``: where that figure comes from)
+    cap: str
     bound: float | str
     limit: float | str
+    source: str | None = None
 
     def message(self) -> str:
+        if self.cap.startswith("evaluated_"):
+            what = self.cap.removeprefix("evaluated_")
+            return (f"request exceeds the compute the model was evaluated under ({what}: bound {_fmt(self.bound)}, "
+                    f"evaluated {_fmt(self.limit)}; {self.source or 'evaluated figures of the policy'}); "
+                    "your tier is not cleared beyond evaluated compute")
         return f"request exceeds the tier's {self.cap}: bound {_fmt(self.bound)}, limit {_fmt(self.limit)}"
 
 
@@ -280,21 +288,38 @@ def effective_max_k(tier: TierConfig, model: ModelConfig) -> float | None:
     return min(caps) if caps else None
 
 
+def _tighter(tier_cap: float | None, evaluated: float | None, tier: TierConfig) -> tuple[float | None, bool]:
+    """(the cap that applies, whether it is the evaluated figure): the tier's, or the model's evaluated one
+    when it is lower and the tier is not cleared beyond evaluated compute."""
+    if evaluated is None or tier.beyond_evaluated or (tier_cap is not None and tier_cap <= evaluated):
+        return tier_cap, False
+    return evaluated, True
+
+
+def effective_max_samples(tier: TierConfig, model: ModelConfig) -> int | None:
+    cap, _ = _tighter(tier.max_samples, model.evaluated_max_samples, tier)
+    return None if cap is None else int(cap)
+
+
+def effective_max_reasoning(tier: TierConfig, model: ModelConfig) -> int | None:
+    cap, _ = _tighter(tier.max_reasoning_tokens, model.evaluated_max_reasoning_tokens, tier)
+    return None if cap is None else int(cap)
+
+
 def check_caps(req: ComputeRequest, bound: Bound, tier: TierConfig, model: ModelConfig) -> list[CapViolation]:
     """Every per-request cap the bound exceeds (an empty list: the request fits)."""
     out: list[CapViolation] = []
-    if tier.max_samples is not None and bound.samples > tier.max_samples:
-        out.append(CapViolation("max_samples", bound.samples, tier.max_samples))
-    kcap = effective_max_k(tier, model)
+    src = model.evaluated_source
+    scap, evaluated = _tighter(tier.max_samples, model.evaluated_max_samples, tier)
+    if scap is not None and bound.samples > scap:
+        out.append(CapViolation("evaluated_max_samples" if evaluated else "max_samples", bound.samples, scap, src))
+    kcap, evaluated = _tighter(tier.max_k, model.evaluated_max_k, tier)
     if kcap is not None and bound.k_max > kcap * (1 + 1e-12):
-        which = "max_k"
-        if model.evaluated_max_k is not None and not tier.beyond_evaluated and kcap == model.evaluated_max_k and (
-            tier.max_k is None or tier.max_k > model.evaluated_max_k
-        ):
-            which = "evaluated_max_k"
-        out.append(CapViolation(which, bound.k_max, kcap))
-    if tier.max_reasoning_tokens is not None and bound.reasoning_tokens_max > tier.max_reasoning_tokens:
-        out.append(CapViolation("max_reasoning_tokens", bound.reasoning_tokens_max, tier.max_reasoning_tokens))
+        out.append(CapViolation("evaluated_max_k" if evaluated else "max_k", bound.k_max, kcap, src))
+    rcap, evaluated = _tighter(tier.max_reasoning_tokens, model.evaluated_max_reasoning_tokens, tier)
+    if rcap is not None and bound.reasoning_tokens_max > rcap:
+        out.append(CapViolation("evaluated_max_reasoning_tokens" if evaluated else "max_reasoning_tokens",
+                                bound.reasoning_tokens_max, rcap, src))
     if tier.max_flops is not None and bound.flops_max > tier.max_flops:
         out.append(CapViolation("max_flops", bound.flops_max, tier.max_flops))
     if tier.efforts is not None and req.effort is not None and req.effort not in tier.efforts:
@@ -320,8 +345,9 @@ def clamp_target(req: ComputeRequest, model: ModelConfig, tier: TierConfig) -> C
     the output cap until the FLOPs bound fits. A request whose clamped cap would be zero is not clamped.
     """
     s = req.samples
-    if tier.max_samples is not None:
-        s = min(s, tier.max_samples)
+    scap = effective_max_samples(tier, model)
+    if scap is not None:
+        s = min(s, scap)
     kcap = effective_max_k(tier, model)
     if kcap is not None:
         s = min(s, max(math.floor(kcap + 1e-9), 0))
@@ -338,8 +364,9 @@ def clamp_target(req: ComputeRequest, model: ModelConfig, tier: TierConfig) -> C
     rb_limit: float = rb
     if kcap is not None and rb > 0:
         rb_limit = min(rb_limit, model.reference_output_tokens * (kcap / s - 1.0))
-    if tier.max_reasoning_tokens is not None and rb > 0:
-        rb_limit = min(rb_limit, tier.max_reasoning_tokens / s)
+    rcap = effective_max_reasoning(tier, model)
+    if rcap is not None and rb > 0:
+        rb_limit = min(rb_limit, rcap / s)
     new_rb = max(math.floor(rb_limit + 1e-9), 0)
     thinking_budget: int | None = None
     if new_rb < rb:

@@ -73,6 +73,17 @@ class NotFound(GatewayError):
     gemini_status = "NOT_FOUND"
 
 
+class Conflict(GatewayError):
+    """The change asked for contradicts the current state (an admin operation: a run already open)."""
+
+    decision = "denied"
+    status = 409
+    kind = "conflict"
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+    gemini_status = "ALREADY_EXISTS"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     kind = "method_not_allowed"

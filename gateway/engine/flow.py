@@ -24,6 +24,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Iterator
+from typing import Any
 
 import orjson
 
@@ -200,11 +201,20 @@ class Engine:
             await settlement.release(self.gw, adm)
 
     # ------------------------------------------------------------------------------------- the end
-    def conclude(self, facts: Facts, ending: Ending) -> Awaitable[None]:
-        """Before the answer's last byte: the audit record, written and on disk (await it). The settle was
-        posted (or done) by the finish that charged the request, so it always precedes the record. (Not a
-        coroutine of its own: it hands back the record's, one frame less on every request.)"""
+    def conclude(self, facts: Facts, ending: Ending) -> Awaitable[dict[str, Any] | None]:
+        """Before the answer's last byte: the audit record, written and on disk (await it; it answers the
+        record as written, or None). The settle was posted (or done) by the finish that charged the request,
+        so it always precedes the record. (Not a coroutine of its own: it hands back the record's, one frame
+        less on every request.)"""
         return record(self.gw, facts, ending)
+
+    def receipt(self, adm: Admission, written: dict[str, Any] | None) -> str | None:
+        """The signed receipt of a charged answer whose tier asks for one (docs/design.md §14), else None."""
+        if not adm.tier.receipts or written is None or self.gw.signer is None or adm.ending.measured is None:
+            return None
+        from gateway.evals.receipts import issue
+
+        return issue(self.gw.signer, written)
 
     def done(self, facts: Facts, ending: Ending) -> None:
         """Whatever happened: metrics, and the audit record if none was written."""

@@ -78,6 +78,16 @@ async def effective_tier(gw: Gateway, cfg: Config, principal: Principal,
     return name, tier
 
 
+async def evaluation_run(gw: Gateway, principal: Principal) -> str | None:
+    """The evaluation run the caller's requests belong to: the one open for its principal, unless the run
+    is for another of the principal's keys."""
+    assert gw.directory is not None
+    run = await gw.directory.open_eval(principal.id)
+    if run is None or (run[1] is not None and run[1] != principal.key_id):
+        return None
+    return run[0]
+
+
 def authorize_model(tier: TierConfig, model: str) -> None:
     if tier.models != "*" and model not in tier.models:
         raise Forbidden(f"model {model!r} is not available to your tier", code="model_not_allowed",

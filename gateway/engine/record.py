@@ -47,20 +47,36 @@ def observe(gw: Gateway, facts: Facts, ending: Ending) -> None:
     if ex.upstream_seconds and facts.upstream:
         gw.metrics.observe_upstream(facts.upstream, ex.upstream_seconds, first_byte_s=ex.first_byte_seconds)
     if gw.audit is not None and not ending.recorded:
+        if facts.eval is not None:  # its run waits until the record is written: written, then released
+            gw.detach(record(gw, facts, ending))
+            return
         ending.recorded = True
         gw.audit.write_nowait(audit_record(gw, facts, ending, elapsed))
 
 
-async def record(gw: Gateway, facts: Facts, ending: Ending, *, again: bool = False) -> None:
-    """Write the audit record and wait until the OS has it. ``again``: a second record of a request whose
-    usage went elsewhere than its first record says (a settle that failed after the answer)."""
+async def record(gw: Gateway, facts: Facts, ending: Ending, *, again: bool = False) -> dict[str, Any] | None:
+    """Write the audit record and wait until the OS has it; the record as written (with its ``seq`` and
+    ``hash``), or None when none was written. ``again``: a second record of a request whose usage went
+    elsewhere than its first record says (a settle that failed after the answer)."""
     if gw.audit is None or (ending.recorded and not again):
-        return
+        return None
     ending.recorded = True
+    written = None
     try:
-        await gw.audit.write(audit_record(gw, facts, ending, time.perf_counter() - facts.started))
+        written = await gw.audit.write(audit_record(gw, facts, ending, time.perf_counter() - facts.started))
     except Exception:  # counted in the writer's write_errors; the client still gets its answer
         log.exception("audit record of request %s could not be written", facts.request_id)
+    if facts.eval is not None and gw.evals is not None:
+        gw.detach(_released(gw, facts))  # not before the last byte: a run's finish polls for it
+    return written
+
+
+async def _released(gw: Gateway, facts: Facts) -> None:
+    assert gw.evals is not None
+    try:
+        await gw.evals.recorded(facts.eval or "", facts.request_id)
+    except Exception:  # the entry then lapses at its deadline
+        log.warning("evaluation run %s: request %s could not be noted as recorded", facts.eval, facts.request_id)
 
 
 def _upstream_model(cfg: Config, model: str | None) -> str | None:
@@ -70,7 +86,7 @@ def _upstream_model(cfg: Config, model: str | None) -> str | None:
 
 def audit_record(gw: Gateway, facts: Facts, ending: Ending, elapsed: float) -> dict[str, Any]:
     p, cfg, measured = facts.principal, facts.config, ending.measured
-    return {
+    rec = {
         "ts": time.time(),
         "request_id": facts.request_id,
         "replica": gw.replica,
@@ -97,3 +113,6 @@ def audit_record(gw: Gateway, facts: Facts, ending: Ending, elapsed: float) -> d
         "would_deny": facts.would_deny,
         "store": ending.store,
     }
+    if facts.eval is not None:
+        rec["eval"] = facts.eval
+    return rec

@@ -63,6 +63,7 @@ class Facts:
     reason: str = ""  # what shadow mode would have refused
     clamped: Sequence[str] = ()  # what was lowered (replaced, never changed in place)
     store: str = "ok"  # ok | unmetered | spooled (admitted while the store was away)
+    eval: str | None = None  # the evaluation run the caller is under (gateway/evals/runs.py), if any
 
 
 @dataclass(slots=True)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.audit.log import AuditLog
+    from gateway.evals.runs import EvalRuns
+    from gateway.evals.signing import SigningKey
     from gateway.ledger.ledger import Ledger
     from gateway.ledger.spool import Spool
     from gateway.metrics.series import Metrics
@@ -32,6 +34,8 @@ class Gateway:
     replica: str = field(default_factory=socket.gethostname)
     redis: Any = None
     directory: Directory | None = None
+    evals: EvalRuns | None = None  # evaluation runs (over the directory's store)
+    signer: SigningKey | None = None  # signs receipts (tiers with receipts: true)
     ledger: Ledger | None = None
     upstreams: Upstreams | None = None
     session: UpstreamClient | None = None  # the upstream clients (gateway.proxy.upstream.UpstreamClients)

@@ -8,7 +8,6 @@ file, the key path and the problem (:class:`ConfigError`).
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import re
 from collections.abc import Iterable
@@ -16,7 +15,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from gateway.policy.sections import AuditConfig as AuditConfig
+from gateway.policy.sections import DecisionConfig as DecisionConfig
+from gateway.policy.sections import EvaluationsConfig as EvaluationsConfig
+from gateway.policy.sections import NonNegInt, PositiveFloat, PositiveInt, Strict
+from gateway.policy.sections import ServerConfig as ServerConfig
+from gateway.policy.sections import StoreConfig as StoreConfig
+from gateway.policy.sections import is_loopback_host as is_loopback_host
+from gateway.policy.sections import parse_listen as parse_listen
+from gateway.policy.sections import parse_listener as parse_listener
 
 Metric = Literal[
     "requests", "prompt_tokens", "output_tokens", "reasoning_tokens", "generated_tokens", "flops", "k_units"
@@ -26,156 +35,6 @@ WindowName = Literal["1m", "1h", "1d", "7d", "30d", "day", "month"]
 Scope = Literal["principal", "org", "global"]
 Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 EFFORT_ORDER: tuple[str, ...] = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
-
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# --------------------------------------------------------------------------------------------- server
-class ServerConfig(Strict):
-    listen: str = "127.0.0.1:8080"
-    admin_listen: str = "127.0.0.1:8081"
-    admin_token_env: str = "KGATE_ADMIN_TOKEN"
-    max_body_bytes: PositiveInt = 4 * 1024 * 1024
-    body_timeout_seconds: PositiveFloat = 30.0  # a client that trickles its body longer gets a 408
-    # A connection must deliver a complete request head within this many seconds of its first byte (a
-    # client trickling its headers is closed); between requests an idle connection is kept this long.
-    header_timeout_seconds: PositiveFloat = 10.0
-    keepalive_timeout_seconds: PositiveFloat = 75.0  # above the 60 s idle timeout of common load balancers
-    # The identity header is believed only from a peer inside one of these networks (CIDRs; ``unix`` for a
-    # Unix-socket peer); required with it. From anyone else the header is refused (401), never ignored.
-    trusted_identity_header: str | None = None
-    trusted_identity_sources: tuple[str, ...] = ()
-    metrics_on_client_port: bool = False  # /metrics is on the admin listener; true also serves it on the client one
-    replica_id: str | None = None
-    drain_seconds: Annotated[float, Field(ge=0)] = 30.0
-    # A client that stops reading a response: a write that cannot proceed for this long ends the exchange
-    # (the request is then treated as a client disconnect: charged what the upstream generated).
-    write_timeout_seconds: PositiveFloat = 30.0
-
-    @field_validator("listen", "admin_listen")
-    @classmethod
-    def _host_port(cls, v: str) -> str:
-        parse_listen(v)
-        return v
-
-    @field_validator("trusted_identity_sources")
-    @classmethod
-    def _sources(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for source in v:
-            if source != "unix":
-                try:
-                    ipaddress.ip_network(source, strict=False)
-                except ValueError:
-                    raise ValueError(f"{source!r} is neither a CIDR (10.0.0.0/8, 10.1.2.3, fd00::/8) "
-                                     "nor 'unix'") from None
-        return v
-
-    @model_validator(mode="after")
-    def _trusted_header_needs_sources(self) -> ServerConfig:
-        if self.trusted_identity_header and not self.trusted_identity_sources:
-            raise ValueError("trusted_identity_header needs trusted_identity_sources: the networks (CIDRs) "
-                             "of the proxies allowed to set it; from anyone else it would name any principal")
-        return self
-
-
-class DecisionConfig(Strict):
-    """kgate as a plugin of another gateway (docs/plugins.md): the decision API and Envoy's ext_proc."""
-
-    # Listeners of the decision API (HTTP/JSON): HOST:PORT or unix:/path. Empty: not served.
-    listen: tuple[str, ...] = ()
-    # HOST:PORT (or unix:/path) of the Envoy external processor (gRPC). None: not served.
-    extproc_listen: str | None = None
-    # The bearer token callers must send, from this environment variable. Unset: the decision API is served
-    # only on Unix sockets and loopback addresses (or with client certificates, below).
-    token_env: str = "KGATE_DECISION_TOKEN"
-    # How long an admitted request may wait for its final settle before it is charged as unanswered
-    # (on_missing_usage). None: the upstream's total timeout plus store.lease_grace_seconds (the hold's lease).
-    settle_timeout_seconds: PositiveFloat | None = None
-    # TLS for TCP listeners; with tls_client_ca, callers must present a certificate it signed (mTLS).
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-
-    @field_validator("listen")
-    @classmethod
-    def _listeners(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for item in v:
-            parse_listener(item)
-        return v
-
-    @field_validator("extproc_listen")
-    @classmethod
-    def _extproc(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_listener(v)
-        return v
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> DecisionConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca needs tls_cert and tls_key (the listener's own certificate)")
-        return self
-
-
-def parse_listener(value: str) -> tuple[str, int] | str:
-    """``HOST:PORT`` → (host, port); ``unix:/path`` → the socket's path; raises ValueError."""
-    if value.startswith("unix:"):
-        path = value[5:]
-        if not path.startswith("/"):
-            raise ValueError(f"expected unix:/absolute/path, got {value!r}")
-        return path
-    return parse_listen(value)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 as ``[::1]:8080``) → (host, port); raises ValueError."""
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value.strip())
-    if not m:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range in {value!r}")
-    return host, port
-
-
-class StoreConfig(Strict):
-    url: str = "embedded"
-    key_prefix: str = "kgate"
-    data_dir: str = ".kgate"
-    timeout_seconds: PositiveFloat = 0.5
-    spool_max_bytes: PositiveInt = 64 * 1024 * 1024
-    lease_grace_seconds: Annotated[float, Field(ge=0)] = 30.0
-    lease_expiry: Literal["charge", "release"] = "charge"
-    # How long a finished request id is remembered, so that a repeated settle (a retry, a spool replay)
-    # counts once. Redis keeps about 230 bytes per request and scope for this long: see the README.
-    record_ttl_seconds: Annotated[float, Field(ge=60)] = 3600.0
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        ok = v == "embedded" or re.match(r"^(redis|rediss|unix|redis\+sentinel|redis\+cluster|rediss\+cluster)://", v)
-        if not ok:
-            raise ValueError("must be 'embedded' or a redis://, rediss://, unix://, redis+sentinel:// or "
-                             "redis+cluster:// URL")
-        return v
-
-
-class AuditConfig(Strict):
-    dir: str = ".kgate/audit"
-    hmac_key_env: str | None = None
-    redis_stream: str | None = None
-    # fsync each batch of records before the responses they belong to leave (survives a power loss, not
-    # only a crash); the writes then run on a thread of their own, so a slow disk never stalls the gateway.
-    fsync: bool = False
 
 
 # ------------------------------------------------------------------------------------------- upstreams
@@ -242,7 +101,14 @@ class ModelConfig(Strict):
     max_output_tokens: PositiveInt = 4096
     reasoning_effort_tokens: dict[Effort, NonNegInt] = Field(default_factory=dict)
     shared_prefill: bool = True
+    # The compute the model was evaluated under: typed in, or read from a signed evaluation certificate
+    # (``evaluated: {certificate: FILE}``, docs/design.md §14), which the loader verifies and copies into
+    # the three figures below and ``evaluated_source``. Tiers without beyond_evaluated are held to them.
+    evaluated: EvaluatedConfig | None = None
     evaluated_max_k: PositiveFloat | None = None
+    evaluated_max_samples: PositiveInt | None = None
+    evaluated_max_reasoning_tokens: NonNegInt | None = None
+    evaluated_source: str | None = None  # set by the loader: the certificate the figures come from
     training_flops: PositiveFloat | None = None
     # Prompt tokens added to the estimate per reference to context the provider holds (a previous
     # response, a cached content, a file id, an image by URL): the body's size says nothing of them.
@@ -256,7 +122,28 @@ class ModelConfig(Strict):
             raise ValueError("n_layers and d_attn go together: give both or neither")
         if self.reasoning_effort_tokens and not self.reasoning:
             raise ValueError("reasoning_effort_tokens is only meaningful for a reasoning model")
+        if self.evaluated is not None and self.evaluated_source is None and (
+            self.evaluated_max_k is not None or self.evaluated_max_samples is not None
+            or self.evaluated_max_reasoning_tokens is not None
+        ):
+            raise ValueError("evaluated_max_k, evaluated_max_samples and evaluated_max_reasoning_tokens come from "
+                             "evaluated.certificate: give the certificate or the figures, not both")
         return self
+
+
+class EvaluatedConfig(Strict):
+    """A model's evaluated compute, from a signed certificate (``kgate eval finish`` writes one)."""
+
+    certificate: str  # a path, relative to the policy file that names it
+    # Which of the certificate's figures bind: K always; samples and reasoning tokens when listed.
+    limits: tuple[Literal["k", "samples", "reasoning_tokens"], ...] = ("k",)
+
+    @field_validator("limits")
+    @classmethod
+    def _k_binds(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if "k" not in v:
+            raise ValueError("limits must include k (the evaluated compute multiple)")
+        return v
 
 
 # ----------------------------------------------------------------------------------------------- tiers
@@ -298,6 +185,8 @@ class TierConfig(Strict):
     max_reasoning_tokens: NonNegInt | None = None
     max_flops: PositiveFloat | None = None
     beyond_evaluated: bool = False
+    # Sign each answer's compute (x-kgate-receipt, docs/design.md §14) with evaluations' signing key.
+    receipts: bool = False
     on_exceed: Literal["reject", "clamp"] = "reject"
     budgets: list[BudgetConfig] = Field(default_factory=list)
     admission: Literal["strict", "expected"] = "strict"
@@ -349,6 +238,7 @@ class Config(Strict):
     tiers: dict[str, TierConfig] = Field(default_factory=dict)
     principals: list[PrincipalConfig] = Field(default_factory=list)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
+    evaluations: EvaluationsConfig = Field(default_factory=EvaluationsConfig)
     # Filled by the loader, not by the YAML: where this config came from and its fingerprint.
     source_files: tuple[str, ...] = ()
     version: str = ""
@@ -464,6 +354,7 @@ def load_config(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
             raise ConfigError([f"{f}: cannot read: {exc.strerror or exc}"]) from None
         data = _read_yaml(f, raw)
         digest.update(raw)
+        _anchor_certificates(data, f)
         for key, value in data.items():
             if key in _MERGEABLE and isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = {**merged[key], **value}
@@ -478,12 +369,33 @@ def load_config(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
     merged["version"] = digest.hexdigest()
     label = ", ".join(str(f) for f in files)
     try:
-        return Config.model_validate(merged)
+        config = Config.model_validate(merged)
     except ValidationError as exc:
         lines = _format_errors(label, exc)
         if len(files) > 1:
             return _locate(files, exc, lines)
         raise ConfigError(lines) from None
+    if any(m.evaluated is not None for m in config.models.values()):
+        from gateway.evals.binding import bind_certificates  # cryptography is loaded only when needed
+
+        config = bind_certificates(config, label, digest)
+    return config
+
+
+def _anchor_certificates(data: dict[str, Any], path: Path) -> None:
+    """Make each ``models.M.evaluated.certificate`` of one file absolute, relative to that file (files are
+    merged before validation, after which nobody knows which file named it); refuse ``evaluated_source``,
+    which only the loader writes."""
+    models = data.get("models")
+    for name, model in (models.items() if isinstance(models, dict) else ()):
+        if not isinstance(model, dict):
+            continue
+        if "evaluated_source" in model:
+            raise ConfigError([f"{path}: models.{name}.evaluated_source: set by kgate from evaluated.certificate, "
+                               "not allowed here"])
+        ev = model.get("evaluated")
+        if isinstance(ev, dict) and isinstance(ev.get("certificate"), str) and ev["certificate"]:
+            model["evaluated"] = {**ev, "certificate": str((path.parent / ev["certificate"]).absolute())}
 
 
 def _locate(files: list[Path], exc: ValidationError, lines: list[str]) -> Config:
@@ -496,15 +408,6 @@ def _locate(files: list[Path], exc: ValidationError, lines: list[str]) -> Config
             located += [ln for ln in _format_errors(str(f), single) if "unknown model" not in ln
                         and "unknown upstream" not in ln and "unknown tier" not in ln]
     raise ConfigError(located or lines) from None
-
-
-def is_loopback_host(host: str) -> bool:
-    if host in ("localhost",):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def default_config_path() -> Path:

@@ -212,6 +212,29 @@ class Directory:
                                  lambda: self._redis.hgetall(f"{self._p}:override:{principal_id}"))
         return {_s(k): float(_s(v)) for k, v in (rec or {}).items()}
 
+    async def open_eval(self, principal_id: str) -> tuple[str, str | None] | None:
+        """(run id, key id or None) of the evaluation run open for the principal (gateway/evals/runs.py
+        opens and closes them), or None. Cached like the principal; a store that fails answers None."""
+        if self._redis is None:
+            return None
+        try:
+            rec = await self._cached(f"eval_open:{principal_id}",
+                                     lambda: self._redis.hgetall(self.key(f"eval_open:{principal_id}")))
+        except StoreError:
+            return None  # the request is refused or spooled by its reserve; an outage must not break lookups
+        if not rec:
+            return None
+        r = {_s(k): _s(v) for k, v in rec.items()}
+        return r["run"], r.get("key_id") or None
+
+    def key(self, name: str) -> str:
+        """The store key of one directory entry (for the modules that keep entries of their own)."""
+        return f"{self._p}:{name}"
+
+    async def publish(self, what: str) -> None:
+        """Tell every replica that the entry cached as ``what`` changed."""
+        await self._publish(what)
+
     # ---------------------------------------------------------------------------------------- changes
     @_store_call
     async def create_key(self, principal_id: str, org: str, tier: str) -> tuple[str, str]:

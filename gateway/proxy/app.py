@@ -22,8 +22,11 @@ from gateway.adapters import ROUTES, adapter_for_path
 from gateway.background import cancelled, stop_task
 from gateway.engine.errors import GatewayError, MethodNotAllowed, NotFound, render, shape_for_path
 from gateway.engine.flow import Engine
+from gateway.evals.receipts import load_signer
+from gateway.evals.runs import EvalRuns
+from gateway.evals.signing import SigningError
 from gateway.metrics.series import Metrics
-from gateway.policy.config import Config
+from gateway.policy.config import Config, ConfigError
 from gateway.policy.directory import Directory, sha256_hex
 from gateway.proxy.context import ENGINE, GATEWAY, Gateway
 from gateway.proxy.handler import api_handler, call_of
@@ -43,6 +46,10 @@ def create_app(config: Config, *, store_url: str | None = None, replica: str | N
         gw.replica = replica or config.server.replica_id or gw.replica
     gw.store_url = store_url or os.environ.get("KGATE_STORE_URL") or config.store.url
     gw.metrics.set_policy(config)
+    try:
+        gw.signer = load_signer(config)
+    except SigningError as exc:
+        raise ConfigError([str(exc)]) from None
     # The idle keep-alive timeout here reaches any runner; the header timeout needs client_limits.GatewayRunner.
     app = web.Application(client_max_size=config.server.max_body_bytes,
                           handler_args={"keepalive_timeout": config.server.keepalive_timeout_seconds})
@@ -125,6 +132,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     gw.ledger = Ledger(ledger_client, key_prefix=cfg.store.key_prefix, lease_expiry=cfg.store.lease_expiry,
                        record_ttl=cfg.store.record_ttl_seconds)
     gw.directory = Directory(cfg, gw.redis, key_prefix=cfg.store.key_prefix)
+    gw.evals = EvalRuns(gw.directory, gw.redis)
     await gw.directory.start()
     if any(p.key_sha256 == DEMO_KEY_SHA256 and p.enabled for p in cfg.principals):
         log.warning("the demo API key 'kgate-demo-key' is enabled (principal 'demo'): remove it from the "

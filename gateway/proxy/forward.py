@@ -16,6 +16,7 @@ from gateway.engine.errors import GatewayError, UpstreamTimeout
 from gateway.engine.flow import Engine
 from gateway.engine.model_names import renamer
 from gateway.engine.request import Admission
+from gateway.evals.receipts import HEADER as RECEIPT_HEADER
 from gateway.proxy import upstream as up
 
 _now = time.perf_counter
@@ -51,7 +52,11 @@ async def proxy_json(request: web.Request, engine: Engine, adm: Admission) -> we
     if resp.status >= 400:
         return await upstream_refused(engine, adm, target, resp.status, data, resp.headers)
     headers = await engine.finish_json(adm, resp.status, data)
-    await engine.conclude(adm.facts, adm.ending)
+    written = await engine.conclude(adm.facts, adm.ending)
+    if adm.tier.receipts:
+        token = engine.receipt(adm, written)
+        if token is not None:
+            headers[RECEIPT_HEADER] = token
     named = renamer(adm.parsed.model_name, adm.parsed.model)
     return web.Response(status=resp.status, body=named.body(data) if named is not None else data,
                         headers={**up.response_headers(resp.headers), **headers})

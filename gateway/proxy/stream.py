@@ -20,6 +20,7 @@ from gateway.engine.errors import GatewayError, InternalError, UpstreamError, Up
 from gateway.engine.flow import Engine
 from gateway.engine.model_names import renamer
 from gateway.engine.request import Admission
+from gateway.evals.receipts import sse_comment
 from gateway.proxy import upstream as up
 from gateway.proxy.forward import send, upstream_refused
 from gateway.proxy.upstream_client import HttpBroken, HttpTimeout
@@ -99,7 +100,11 @@ async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> 
             client_gone = not await _write(response, transport,
                                            render_stream_error(failure, adm.parsed.adapter.api), write_timeout)
     if not client_gone:
-        await engine.conclude(adm.facts, adm.ending)
+        written = await engine.conclude(adm.facts, adm.ending)
+        if adm.tier.receipts and transport is not None and _is_sse(adm):
+            token = engine.receipt(adm, written)
+            if token is not None:
+                await _write(response, transport, sse_comment(token), write_timeout)
         try:
             async with asyncio.timeout(write_timeout):
                 await response.write_eof()
@@ -107,6 +112,11 @@ async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> 
             if transport is not None:
                 transport.abort()
     return response
+
+
+def _is_sse(adm: Admission) -> bool:
+    """Whether the stream is server-sent events (Gemini streams a JSON array unless asked for alt=sse)."""
+    return adm.parsed.adapter.api != "gemini" or adm.parsed.path_params.get("alt") == "sse"
 
 
 # Below this much unsent data a write cannot block on the client: no timer is needed (the common case).

@@ -124,7 +124,8 @@ def test_html_renders_in_headless_chromium_with_charts_and_table(audit_dir: Path
     assert elements.titles[:2] == ["FLOPs per day", "K-units per day"]
     assert any(t.startswith("tier research:") for t in elements.titles)
     assert elements.count.get("rect", 0) >= 6  # bars: three days in each time chart, and the histograms
-    assert elements.count.get("table") == 1 and elements.count.get("tr", 0) >= 5  # head, 3 groups, total
+    # The usage table (head, 3 groups, total) and the effective-compute table after it.
+    assert elements.count.get("table") == 2 and elements.count.get("tr", 0) >= 7
     assert re.search(r"<td>alice</td>", dom.stdout.decode())
 
     shot = tmp_path / "report.png"

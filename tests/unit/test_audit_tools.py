@@ -117,7 +117,10 @@ async def test_report_table_parses_back(audit_dir: Path, capsys: pytest.CaptureF
     rows = {line.split()[0]: dict(zip(header, line.split(), strict=True)) for line in out[2:5]}
     for who, expected in EXPECTED.items():
         check_row(rows[who], expected)
-    assert out[-1].split()[:2] == ["TOTAL", "8"]
+    # The main table ends with its TOTAL line; the effective-compute table follows it.
+    total = next(i for i, line in enumerate(out) if line.startswith("TOTAL"))
+    assert out[total].split()[:2] == ["TOTAL", "8"]
+    assert "Effective compute per model" in out[total + 1:]
 
 
 async def test_report_groups_by_several_fields(audit_dir: Path) -> None:
