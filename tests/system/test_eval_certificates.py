@@ -285,3 +285,38 @@ async def test_receipts_are_signed_and_checked_against_the_audit_log(
     rewrite(audit_dir, rid, f'"k":{rec["usage"]["k"]}'.encode(), b'"k":0.5')
     rc, _, err = await kgate("receipt", "verify", token, "--public-key", pub, "--audit", str(audit_dir))
     assert rc == 1 and "audit" in err
+
+
+async def test_finish_waits_for_the_runs_requests_still_in_flight(tmp_path: Path, redis_url: str,
+                                                                  signing: tuple[Path, str]) -> None:
+    """A certificate written while a request of the run is still running would not cover it: finish waits
+    for it (here: one answer that takes 5 s), and says so when it cannot wait long enough."""
+    from gateway.simulator.app import SimulatorOptions
+
+    key_file, pub = signing
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(eval_policy(redis_url, tmp_path / "data")))
+    base = ["--config", str(policy), "--store", redis_url]
+    audit_dir = tmp_path / "data" / "audit"
+    async with running_gateway(load_config(policy), simulator_options=SimulatorOptions(latency_ms=5000)) as g:
+        rc, out, err = await kgate("eval", "start", "--principal", "eve", "--model", "dense", "--label", "slow",
+                                   *base)
+        assert rc == 0, err
+        run = orjson.loads(out)["id"]
+        slow = asyncio.create_task(post(g.url, EVAL_KEY, chat("dense", max_tokens=20)))
+        await asyncio.sleep(0.5)  # admitted, waiting for its answer
+        cert = tmp_path / "cert.json"
+        rc, _, err = await kgate("eval", "finish", run, "--out", str(cert), "--signing-key", str(key_file),
+                                 "--wait", "0", *base)
+        assert rc != 0 and "still in flight" in err and not cert.exists()
+        rc, out, err = await kgate("eval", "show", run, *base)
+        assert rc == 0 and orjson.loads(out)["open"] is False
+        rc, _, err = await kgate("eval", "certify", run, "--out", str(cert), "--signing-key", str(key_file),
+                                 "--wait", "20", *base)
+        assert rc == 0, err
+        status, _, _ = slow.result() if slow.done() else await slow
+        assert status == 200
+    figures = orjson.loads(cert.read_bytes())["certificate"]["figures"]
+    assert figures["requests"]["metered"] == 1  # the slow answer is in it
+    rc, out, err = await kgate("eval", "verify", str(cert), "--audit", str(audit_dir), "--public-key", pub)
+    assert rc == 0, out + err
