@@ -265,6 +265,11 @@ async def reload_policy(app: web.Application, config_path: object, *, actor: str
     gw.upstreams = Upstreams({**old.upstreams, **new.upstreams}, gw.simulator_url)
     gw.config = new
     gw.signer = signer
+    if gw.leases is not None:  # budgets and limits may have changed: slices go back, new ones are sized anew
+        from gateway.ledger.leases import slice_lease_seconds
+
+        gw.leases.lease_seconds = slice_lease_seconds(new)
+        gw.leases.retire_all()
     if gw.directory is not None:
         gw.directory.reload(new)
     gw.metrics.observe_policy_reload(True, new)

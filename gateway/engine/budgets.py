@@ -110,12 +110,24 @@ async def reserve(gw: Gateway, facts: Facts, tier: TierConfig, parsed: ParsedReq
     try:
         overrides = await gw.directory.overrides(principal.id)
         holds = budget_holds(tier, principal, overrides, budget_amounts(parsed, tier, gw, principal.id))
+        leases = gw.leases if tier.leases else None
+        if leases is not None:
+            local = leases.admit(facts.request_id, holds)
+            if local is not None:
+                return local
         reservation = await gw.ledger.reserve(facts.request_id, holds, lease_seconds(cfg, parsed))
         gw.metrics.store_latency("reserve", time.perf_counter() - t0)
         gw.store_ok = True
+        if leases is not None:
+            leases.observe(reservation)
         return reservation
     except BudgetRefused as refused:
         r = refused.refusal
+        if gw.leases is not None and tier.leases:
+            local = await gw.leases.retry(facts.request_id, holds)
+            if local is not None:
+                return local
+            gw.leases.refused(holds)
         if tier.mode == "shadow":
             # Served anyway; the actual usage is still posted (a settle without a hold), so the ledger
             # shows what enforcing this policy would have meant.

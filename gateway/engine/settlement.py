@@ -23,6 +23,7 @@ from gateway.engine.record import record
 from gateway.engine.request import Admission
 from gateway.engine.state import Gateway
 from gateway.ledger.errors import ScriptMissing, StoreError
+from gateway.ledger.leases import LocalReservation
 from gateway.ledger.ledger import Reservation
 
 log = logging.getLogger("kgate.engine")
@@ -82,6 +83,9 @@ async def release(gw: Gateway, adm: Admission) -> None:
         return
     adm.ending.released = True
     assert gw.ledger is not None
+    if isinstance(adm.reservation, LocalReservation) and gw.leases is not None:
+        gw.leases.release(adm.reservation)
+        return
     try:
         await gw.ledger.release(adm.reservation)
     except StoreError:
@@ -118,6 +122,10 @@ def post_usage(gw: Gateway, adm: Admission, measured: Measured) -> bool:
     if reservation is None or gw.ledger is None:
         return False
     actual = _actual(measured)
+    if isinstance(reservation, LocalReservation) and gw.leases is not None:
+        gw.leases.post(reservation, actual)  # into its slices' next batches (gateway/ledger/leases.py)
+        learn(gw, adm, measured)
+        return True
     t0 = time.perf_counter()
     gw.settling += 1  # counted down by _settled when Redis answers, or below when nothing was sent
     sent = False
@@ -187,6 +195,9 @@ async def settle(gw: Gateway, adm: Admission, measured: Measured, *, again: bool
                 end.store = "unmetered"
         return
     assert gw.ledger is not None
+    if isinstance(reservation, LocalReservation) and gw.leases is not None:
+        await gw.leases.settle(reservation, actual)  # once per request: a rerun changes nothing
+        return
     t0 = time.perf_counter()
     try:
         await gw.ledger.settle(reservation, actual, report=False)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from gateway.audit.log import AuditLog
     from gateway.evals.runs import EvalRuns
     from gateway.evals.signing import SigningKey
+    from gateway.ledger.leases import LeaseBook
     from gateway.ledger.ledger import Ledger
     from gateway.ledger.spool import Spool
     from gateway.metrics.series import Metrics
@@ -37,6 +38,7 @@ class Gateway:
     evals: EvalRuns | None = None  # evaluation runs (over the directory's store)
     signer: SigningKey | None = None  # signs receipts (tiers with receipts: true)
     ledger: Ledger | None = None
+    leases: LeaseBook | None = None  # this replica's slices of the budgets (tiers with leases: true)
     upstreams: Upstreams | None = None
     session: UpstreamClient | None = None  # the upstream clients (gateway.proxy.upstream.UpstreamClients)
     audit: AuditLog | None = None

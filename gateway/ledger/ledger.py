@@ -107,7 +107,7 @@ class DuplicateRequest(LedgerError):
 
 
 # ------------------------------------------------------------------------------------------ ledger
-_SCRIPTS = ("reserve", "settle", "release", "state")
+_SCRIPTS = ("reserve", "settle", "release", "state", "settle_batch")
 
 
 def _script_texts() -> dict[str, str]:
@@ -150,6 +150,7 @@ class Ledger:
         self._settle = self.store.register_script(_TEXTS["settle"])
         self._release = self.store.register_script(_TEXTS["release"])
         self._state = self.store.register_script(_TEXTS["state"])
+        self._settle_batch = self.store.register_script(_TEXTS["settle_batch"])
         self._bases: dict[ScopeRef, str] = {}
         self._leases: dict[float, str] = {}
         self._touched: OrderedDict[ScopeRef, None] = OrderedDict()
@@ -281,6 +282,19 @@ class Ledger:
         for hold in reservation.holds:
             argvs.append(codec.call_args(self._now(), self.lease_expiry, self._ttl, rid, flag, hold.budgets, amounts))
         return argvs, amounts
+
+    async def settle_batch(self, scope: ScopeRef, budgets: Sequence[BudgetSpec], batch_id: str, slice_id: str,
+                           actual: Mapping[str, float], cuts: Sequence[float]) -> str:
+        """Post a batch of requests admitted from the slice ``slice_id`` (gateway/ledger/leases.py): their
+        ``actual`` usage per metric goes to the current windows and the slice's hold shrinks by ``cuts`` (one
+        per budget). Idempotent per ``batch_id``; answers the script's outcome (``applied``, ``charged``,
+        ``posted``, ``repeat``)."""
+        option = " ".join([slice_id, *(codec.num(c) for c in cuts)])
+        argv = codec.call_args(self._now(), self.lease_expiry, self._ttl, batch_id, option, budgets, actual)
+        try:
+            return codec.status(await self._settle_batch(keys=[self._base(scope)], args=argv))
+        except STORE_FAILURES as exc:
+            raise store_error(exc) from exc
 
     def pipelined_now(self) -> bool:
         """Whether a script called now is queued at once, so that it reaches Redis ahead of every script

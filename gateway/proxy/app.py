@@ -25,6 +25,7 @@ from gateway.engine.flow import Engine
 from gateway.evals.receipts import load_signer
 from gateway.evals.runs import EvalRuns
 from gateway.evals.signing import SigningError
+from gateway.ledger.leases import LeaseBook, slice_lease_seconds
 from gateway.metrics.series import Metrics
 from gateway.policy.config import Config, ConfigError
 from gateway.policy.directory import Directory, sha256_hex
@@ -133,11 +134,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
                        record_ttl=cfg.store.record_ttl_seconds)
     gw.directory = Directory(cfg, gw.redis, key_prefix=cfg.store.key_prefix)
     gw.evals = EvalRuns(gw.directory, gw.redis)
+    gw.leases = LeaseBook(gw.ledger, slice_lease_seconds(cfg))
+    gw.leases.start()
     await gw.directory.start()
     if any(p.key_sha256 == DEMO_KEY_SHA256 and p.enabled for p in cfg.principals):
         log.warning("the demo API key 'kgate-demo-key' is enabled (principal 'demo'): remove it from the "
                     "policy before exposing this gateway to anyone")
     yield
+    await gw.leases.close()  # unused slices back, last batches landed, before the store goes
     await gw.directory.stop()
     with contextlib.suppress(Exception):
         await ledger_client.aclose() if ledger_client is not gw.redis else None
