@@ -4,10 +4,12 @@ For every budget of every tier in the policy, for each principal, org (and the g
 audit log shows in that budget's current window, it compares what the audit records add up to with what
 the ledger says was used. Differences are explained where the ledger itself shows why:
 
-- ``held``: requests still in flight hold amounts that neither side has posted yet;
+- ``held``: requests still in flight hold amounts that neither side has posted yet (with budget leases,
+  also requests settled into a slice's batch that has not reached Redis yet: the slice still holds them);
 - ``spool``: usage metered during a store outage that has not been replayed yet;
 - ``lease-expiry``: a hold whose gateway died was charged in full (``lease_expiry: charge``) and no audit
-  record of its actual usage exists — the ledger is higher by at most the held amount;
+  record of its actual usage exists — the ledger is higher by at most the held amount; a budget slice of
+  a dead gateway (gateway/ledger/leases.py) is charged the same way, its unused part included;
 - anything else is ``unexplained`` and makes the command exit 1.
 
 Rolling windows are compared over their whole span (the ledger keeps per-slice usage; the audit sums the
@@ -140,11 +142,11 @@ async def reconcile(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int
                     if abs(diff) <= tol:
                         why = "match"
                     elif st.held > 0 and 0 < -diff <= st.held + tol:
-                        why = "held (requests in flight)"
+                        why = "held (requests in flight, or settled into a lease batch not yet sent)"
                     elif spool_depth and diff < 0:
                         why = f"spool ({spool_depth} records waiting for replay)"
                     elif diff > 0 and cfg.store.lease_expiry == "charge":
-                        why = "lease-expiry (holds of a gateway that died were charged in full)"
+                        why = "lease-expiry (holds or budget slices of a gateway that died were charged in full)"
                     else:
                         why = "unexplained"
                         unexplained += 1
