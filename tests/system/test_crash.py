@@ -113,7 +113,7 @@ class GatewayProcess:
 
 
 def write_policy(path: Path, store_url: str, data_dir: Path, *, sim_url: str = "simulator",
-                 replica: str = "replica-0", **changes: Any) -> Path:
+                 replica: str = "replica-0", leases: bool = False, **changes: Any) -> Path:
     """The test policy (tests/gatewayutil.py) with a small lease, big budgets and its own replica id. The
     budgets are rolling: a test that compares the ledger with the audit log must not see a fixed window
     turn (at the top of an hour) between its requests and its reading."""
@@ -124,6 +124,8 @@ def write_policy(path: Path, store_url: str, data_dir: Path, *, sim_url: str = "
     pol["upstreams"]["sim"].update(base_url=sim_url, total_timeout_seconds=TOTAL_TIMEOUT,
                                    read_timeout_seconds=TOTAL_TIMEOUT)
     pol["server"].update(replica_id=replica, drain_seconds=10)
+    for tier in ("tight", "open"):
+        pol["tiers"][tier]["leases"] = leases
     for key, value in changes.items():
         section, _, name = key.partition("__")
         pol[section][name] = value

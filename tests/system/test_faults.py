@@ -79,12 +79,13 @@ def simulator(tmp_path: Path) -> Iterator[str]:
             proc.wait()
 
 
-@pytest.fixture
-def replicas(tmp_path: Path, redis_srv: RedisServer, simulator: str) -> Iterator[list[GatewayProcess]]:
+@pytest.fixture(params=[False, True], ids=["per-request", "leases"])
+def replicas(tmp_path: Path, redis_srv: RedisServer, simulator: str,
+             request: pytest.FixtureRequest) -> Iterator[list[GatewayProcess]]:
     procs = []
     for i in range(2):
         cfg = write_policy(tmp_path / f"policy{i}.yaml", redis_srv.url, tmp_path / "data", sim_url=simulator,
-                           replica=f"replica-{i}")
+                           replica=f"replica-{i}", leases=request.param)
         procs.append(GatewayProcess(cfg, redis_srv.url, tmp_path / f"replica-{i}.log"))
     yield procs
     for p in procs:
@@ -113,6 +114,24 @@ async def test_faults_ledger_audit_and_clients_agree(tmp_path: Path, redis_srv: 
                 await asyncio.sleep(0.05)  # a dead replica or store answers at once: back off, do not spin
 
     killed: dict[str, list[float]] = defaultdict(list)  # replica URL -> when it was SIGKILLed
+    cfg = load_config(replicas[0].config)
+    specs = {who: [BudgetSpec.from_config(b) for b in cfg.tiers[tier].budgets]
+             for who, tier in (("tina", "tight"), ("olga", "open"))}
+    leasing = cfg.tiers["tight"].leases
+    # With budget leases, a replica that dies leaves its slices (unused parts too) to their lease, charged
+    # in full: what it can leave is at most what was held on the scope just before it died.
+    slices: dict[tuple[str, str], float] = defaultdict(float)
+
+    async def note_held() -> None:
+        if not leasing:
+            return
+        client = await connect(redis_srv.url, timeout=2)
+        try:
+            for who in PRINCIPALS:
+                for st in await Ledger(client).state(ScopeRef("principal", who), specs[who]):
+                    slices[(who, st.budget.label)] += st.held
+        finally:
+            await client.aclose()
 
     async def kill(p: GatewayProcess) -> None:
         await asyncio.to_thread(p.kill)
@@ -123,6 +142,7 @@ async def test_faults_ledger_audit_and_clients_agree(tmp_path: Path, redis_srv: 
     async def faults() -> None:
         nonlocal store_killing
         await asyncio.sleep(1.5)
+        await note_held()  # replica-1 dies while Redis is away: what it holds now bounds what it leaves
         t = time.monotonic()
         await asyncio.to_thread(redis_srv.kill_sync)
         store_killing = (t, time.monotonic())
@@ -134,6 +154,7 @@ async def test_faults_ledger_audit_and_clients_agree(tmp_path: Path, redis_srv: 
         replicas[1].start()
         await replicas[1].ready()
         await asyncio.sleep(1.0)
+        await note_held()
         await kill(replicas[0])
         await asyncio.sleep(1.0)
         replicas[0].start()
@@ -150,9 +171,6 @@ async def test_faults_ledger_audit_and_clients_agree(tmp_path: Path, redis_srv: 
     # Quiesce: the spools drain into the ledger, the leases of the killed replica expire.
     client = await connect(redis_srv.url, timeout=2)
     ledger = Ledger(client)
-    cfg = load_config(replicas[0].config)
-    specs = {who: [BudgetSpec.from_config(b) for b in cfg.tiers[tier].budgets]
-             for who, tier in (("tina", "tight"), ("olga", "open"))}
     spool_dir = Path(cfg.store.data_dir) / "spool"
     deadline = time.monotonic() + 15
     while True:
@@ -188,7 +206,7 @@ async def test_faults_ledger_audit_and_clients_agree(tmp_path: Path, redis_srv: 
             records[r["request_id"]].append(r)
     problems, lost_with_replica = _clients_against_audit(seen, records, killed)
     discrepancies += problems
-    problems, margins = _ledger_against_audit(seen, records, states, store_killing, wall_start, killed)
+    problems, margins = _ledger_against_audit(seen, records, states, store_killing, wall_start, killed, slices)
     discrepancies += problems
 
     outcomes = Counter(s.kind for _, _, _, s in seen)
@@ -256,7 +274,8 @@ def _clients_against_audit(seen: list[tuple[str, int, dict[str, Any], Seen]],
 def _ledger_against_audit(seen: list[tuple[str, int, dict[str, Any], Seen]],
                           records: dict[str, list[dict[str, Any]]], states: dict[str, Any],
                           store_killing: tuple[float, float], wall_start: float,
-                          killed: dict[str, list[float]]) -> tuple[list[str], list[str]]:
+                          killed: dict[str, list[float]],
+                          slices: dict[tuple[str, str], float]) -> tuple[list[str], list[str]]:
     """Per principal: ledger = audit totals + at most the holds whose leases expired and were charged
     (``lease_expiry: charge``), never less. A lease can be left by a request cut off by its replica's death;
     by one answered just as its replica was killed (the settle leaves in the same turn of the event loop
@@ -283,9 +302,12 @@ def _ledger_against_audit(seen: list[tuple[str, int, dict[str, Any], Seen]],
             else:
                 audit = float(sum(r["usage"][st.budget.metric] for r in metered))
                 slack = float(sum(leases))  # each hold: the bound, max_tokens of one sample
+            left = slices.get((who, st.budget.label), 0.0)
+            slack += left
             diff = st.used - audit
             margins.append(f"ledger {who} {st.budget.label}: used {st.used:g} = audit {audit:g} + {diff:g} "
-                           f"(allowed 0 to {slack:g}: leases of {len(leases)} requests a crash may have left)")
+                           f"(allowed 0 to {slack:g}: leases of {len(leases)} requests a crash may have left"
+                           + (f", and up to {left:g} held in slices when a replica died)" if left else ")"))
             if diff < -1e-6 or diff > slack + 1e-6:
                 out.append(f"{who} {st.budget.label}: ledger {st.used:g}, audit {audit:g} "
                            f"(allowed excess up to {slack:g} from leases a crash may have left)")
