@@ -53,6 +53,9 @@ HEADROOM_SHARE = 0.25  # ... and at most this share of what is left under a limi
 ROTATE_SECONDS = 2.0  # a slice admits for this long; then its unused part goes back
 TIGHT_SECONDS = 0.25  # after finding a scope tight, requests reserve for themselves this long before asking again
 RETRY_SECONDS = 0.5  # a batch the store did not take is sent again after this long (same id: counted once)
+# A settle nobody waits for (a JSON answer's, posted) joins a batch sent within this long; one that is waited
+# for (a stream's) sends its batch on the next turn of the event loop.
+BATCH_SECONDS = 0.005
 
 
 def slice_lease_seconds(config: Any) -> float:
@@ -83,7 +86,8 @@ class Slice:
     actual: dict[str, float] = field(default_factory=dict)  # the next batch: actual usage per metric
     cuts: list[float] = field(default_factory=list)  # the next batch: per budget, what leaves the slice's hold
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
-    queued: bool = False
+    queued: bool = False  # a batch is to be sent on the next turn of the event loop
+    timer: asyncio.TimerHandle | None = None  # ... or within BATCH_SECONDS (settles nobody waits for)
 
     def fits(self, amounts: Sequence[float]) -> bool:
         return not self.retired and all(a <= r for a, r in zip(amounts, self.remaining, strict=True))
@@ -286,7 +290,7 @@ class LeaseBook:
                 fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 s.waiters.append(fut)
                 futures.append(fut)
-            self._queue(s)
+            self._queue(s, urgent=done is not None)
         if done is not None:
             left = len(futures)
 
@@ -329,14 +333,26 @@ class LeaseBook:
                 for i, a in enumerate(taken):
                     s.remaining[i] += a
 
-    def _queue(self, s: Slice) -> None:
-        if not s.queued:
+    def _queue(self, s: Slice, *, urgent: bool = True) -> None:
+        if s.queued:
+            return
+        loop = asyncio.get_running_loop()
+        if urgent:
+            if s.timer is not None:
+                s.timer.cancel()
+                s.timer = None
             s.queued = True
-            asyncio.get_running_loop().call_soon(lambda: self._spawn(self._flush(s)))
+            loop.call_soon(lambda: self._spawn(self._flush(s)))
+        elif s.timer is None:
+            s.timer = loop.call_later(BATCH_SECONDS, lambda: self._spawn(self._flush(s)))
 
     async def _flush(self, s: Slice) -> None:
-        """Send what ``s`` gathered as one batch (everything settled during this turn of the event loop)."""
+        """Send what ``s`` gathered as one batch (everything settled during this turn of the event loop, or
+        within BATCH_SECONDS)."""
         s.queued = False
+        if s.timer is not None:
+            s.timer.cancel()
+            s.timer = None
         if not s.cuts and not s.actual:
             self._maybe_release(s)
             return
@@ -365,7 +381,8 @@ class LeaseBook:
 
     def _maybe_release(self, s: Slice) -> None:
         """A retired slice with nothing in flight or queued holds nothing more: release its record."""
-        if s.retired and s.inflight == 0 and not s.queued and not s.cuts and not s.actual and s in self._retired:
+        if (s.retired and s.inflight == 0 and not s.queued and s.timer is None and not s.cuts and not s.actual
+                and s in self._retired):
             self._retired.discard(s)
             self._spawn(self._release(s))
 
@@ -397,7 +414,7 @@ class LeaseBook:
         while time.monotonic() < deadline:
             await asyncio.sleep(0)  # the batches queued for this turn of the loop start
             if not self._tasks:
-                if not any(s.queued for s in self._retired):
+                if not any(s.queued or s.timer is not None for s in self._retired):
                     break
                 continue
             await asyncio.wait(list(self._tasks), timeout=max(deadline - time.monotonic(), 0.0))
