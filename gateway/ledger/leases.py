@@ -90,7 +90,13 @@ class Slice:
     timer: asyncio.TimerHandle | None = None  # ... or within BATCH_SECONDS (settles nobody waits for)
 
     def fits(self, amounts: Sequence[float]) -> bool:
-        return not self.retired and all(a <= r for a, r in zip(amounts, self.remaining, strict=True))
+        if self.retired:
+            return False
+        remaining = self.remaining
+        for i, a in enumerate(amounts):
+            if a > remaining[i]:
+                return False
+        return True
 
     def add(self, actual: Mapping[str, float], cuts: Sequence[float]) -> None:
         for metric, value in actual.items():
@@ -110,6 +116,14 @@ class _Demand:
     headroom: list[float] | None = None  # per budget: limit - used - held, when last seen
     tight_until: float = 0.0
     acquiring: asyncio.Event | None = None  # set when the slice being asked for has come (or has not)
+    firsts: tuple[str | None, ...] | None = None
+
+    def metrics(self, budgets: Sequence[BudgetSpec]) -> tuple[str | None, ...]:
+        """Each budget's metric, None where an earlier budget has the same one (demand counts it once)."""
+        if self.firsts is None:
+            names = [b.metric for b in budgets]
+            self.firsts = tuple(m if m not in names[:i] else None for i, m in enumerate(names))
+        return self.firsts
 
 
 @dataclass(frozen=True)
@@ -153,11 +167,13 @@ class LeaseBook:
                 if len(self._demand) > 65536:
                     self._demand.clear()
                 demand = self._demand[key] = _Demand(since=now)
-            amounts = tuple(_amount(hold, b) for b in hold.budgets)
+            given = hold.amounts
+            amounts = tuple([given.get(b.metric, 1.0 if b.metric == "requests" else 0.0) for b in hold.budgets])
             if note:
-                per_metric = dict(zip((b.metric for b in hold.budgets), amounts, strict=True))
-                for metric, a in per_metric.items():
-                    demand.amounts[metric] = demand.amounts.get(metric, 0.0) + a
+                seen = demand.amounts
+                for metric, a in zip(demand.metrics(hold.budgets), amounts, strict=True):
+                    if metric:  # None: a second budget of a metric already counted
+                        seen[metric] = seen.get(metric, 0.0) + a
             s = self._slices.get(key)
             if s is None or s.budgets is not hold.budgets or not s.fits(amounts):
                 if note:
