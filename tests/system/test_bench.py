@@ -4,11 +4,14 @@ benchmark, not to the test suite."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -102,3 +105,72 @@ def test_instruction_count_reports_the_gateway_and_its_redis() -> None:
     # instructions per request, the ratio to the simulator, and the Redis' instructions per request
     assert int(gateway[2].replace(",", "")) > 0 and float(gateway[3]) > 1
     assert int(gateway[4].replace(",", "")) > 0
+
+
+# ------------------------------------------------------------------ --litellm: LiteLLM's proxy beside kgate
+def bench_module() -> ModuleType:
+    """bench/gateway_bench.py as a module."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module("gateway_bench")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_target_verdicts_judge_kgate_against_litellm() -> None:
+    """Issue 18's target, judged where LiteLLM ran beside kgate at 32 connections: at least 50x its throughput."""
+    results = {"simulator/json/c32": {"rps": 12_000.0, "p50_ms": 2.5},
+               "gateway/json/c32": {"rps": 4_000.0, "p50_ms": 8.0}}
+    ratios = {"json/c32": 1 / 3, "litellm/json/c32": 0.008, "kgate/litellm/json/c32": 41.7}
+    verdicts = bench_module().target_verdicts(results, ratios, 0.5)
+    assert verdicts[-1] == ("kgate >= 50x LiteLLM's throughput, JSON, 32 connections: 41.7x", False)
+    verdicts = bench_module().target_verdicts(results, {**ratios, "kgate/litellm/json/c32": 50.0}, 0.5)
+    assert verdicts[-1][1] is True
+    del ratios["kgate/litellm/json/c32"]  # LiteLLM not run: no such target
+    assert not any("LiteLLM" in text for text, _ in bench_module().target_verdicts(results, ratios, 0.5))
+
+
+def _bench_litellm(tmp_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    """The shortest --litellm run (one connection, half-second runs, 20 first-byte requests): under 30 s
+    even with LiteLLM's proxy starting (about 10 s of it on the 2-core machine)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gateway_bench.py"), "--duration", "0.5", "--runs", "1",
+         "--connections", "1", "--load", "python", "--ttfb-requests", "20", "--litellm", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("litellm") is None, reason="LiteLLM is not installed (pip install 'litellm[proxy]')")
+def test_gateway_bench_runs_litellm_beside_kgate(tmp_path: Path) -> None:
+    proc, doc = _bench_litellm(tmp_path)
+    assert {"litellm/json/c1", "litellm/stream/c1"} <= set(doc["results"])
+    for name in ("litellm/json/c1", "litellm/stream/c1"):
+        r = doc["results"][name]
+        assert r["rps"] > 0 and r["non2xx"] == 0 and r["socket_errors"] == 0 and r["cpu_us"] > 0, (name, r)
+    for key in ("litellm/json/c1", "litellm/stream/c1", "kgate/litellm/json/c1", "kgate/litellm/stream/c1"):
+        assert doc["ratios"][key] > 0, key
+    assert doc["litellm"]["version"] and doc["ttfb_litellm_ms"] > 0
+    assert doc["litellm"]["config"]["general_settings"]["disable_spend_logs"] is True
+    assert "throughput litellm/simulator" in proc.stdout and "kgate/litellm = " in proc.stdout
+    assert "simulator, gateway, litellm alternating" in proc.stdout
+    assert bench_module().LITELLM_SKIPPED not in proc.stdout
+
+
+@pytest.mark.slow
+def test_gateway_bench_skips_litellm_where_it_is_not_installed(tmp_path: Path) -> None:
+    """Without a `litellm` command on PATH (each folder holding one is taken off PATH), --litellm prints one
+    line saying it was skipped and how to install it, and runs the rest."""
+    path = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not os.access(Path(d) / "litellm", os.X_OK)]
+    proc, doc = _bench_litellm(tmp_path, env={**os.environ, "PATH": os.pathsep.join(path)})
+    skipped = bench_module().LITELLM_SKIPPED
+    assert [line for line in proc.stdout.splitlines() if "litellm" in line] == [skipped]
+    assert "pip install 'litellm[proxy]'" in skipped
+    assert doc["litellm"] == {"skipped": skipped}
+    assert set(doc["results"]) == {f"{t}/{m}/c1" for t in ("simulator", "gateway") for m in ("json", "stream")}
+    assert set(doc["ratios"]) == {"json/c1", "stream/c1"}
+    for name, r in doc["results"].items():
+        assert r["rps"] > 0 and r["non2xx"] == 0, (name, r)
