@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default from decision.listen)")
     s.add_argument("--extproc-listen", metavar="ADDR",
                    help="serve Envoy's external processor (gRPC) on HOST:PORT (default decision.extproc_listen)")
+    s.add_argument("--workers", type=_positive_int, default=1,
+                   help="gateway processes sharing the client port (default 1); worker i is replica <id>-w<i> "
+                        "and serves the admin API on the admin port + i")
+    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers N
     s.set_defaults(func=_lazy("gateway.proxy.server", "cmd_serve"))
 
     s = sub.add_parser(
@@ -232,6 +236,16 @@ def _admin_commands(sub: Any) -> None:
     from gateway.evals.commands import add_parsers as add_eval_parsers
 
     add_eval_parsers(sub, common, _Parser, _lazy)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:

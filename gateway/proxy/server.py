@@ -63,18 +63,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     admin_listen = args.admin_listen or config.server.admin_listen
     store = args.store or os.environ.get("KGATE_STORE_URL") or config.store.url
     replica = getattr(args, "replica_id", None)
+    reuse_port = bool(getattr(args, "reuse_port", False))
     lock = None
     try:
+        if getattr(args, "workers", 1) > 1:
+            from gateway.proxy.workers import run_workers
+
+            return run_workers(args, config, str(config_path))
         if store == "embedded":
             lock = _own_data_dir(config.store.data_dir, listen, admin_listen)
         # Before anything starts: a busy port says which one it is, with nothing else on the terminal.
-        _check_listen(listen, "clients", "--listen HOST:PORT (server.listen)")
+        if not reuse_port:  # a worker of several: its siblings hold the port already (gateway/proxy/workers.py)
+            _check_listen(listen, "clients", "--listen HOST:PORT (server.listen)")
         _check_listen(admin_listen, "the admin API", "--admin-listen HOST:PORT (server.admin_listen)")
         decision = tuple(getattr(args, "decision_listen", None) or config.decision.listen)
         extproc = getattr(args, "extproc_listen", None) or config.decision.extproc_listen
         _use_uvloop()
         return asyncio.run(serve(config_path, listen, admin_listen, store, replica=replica,
-                                 decision_listen=decision, extproc_listen=extproc))
+                                 decision_listen=decision, extproc_listen=extproc, reuse_port=reuse_port))
     except StartupError as exc:
         print(f"kgate: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -168,7 +174,7 @@ def _settle_heap() -> None:
 
 async def serve(config_path: object, listen: str, admin_listen: str, store: str, *,
                 replica: str | None = None, decision_listen: tuple[str, ...] = (),
-                extproc_listen: str | None = None) -> int:
+                extproc_listen: str | None = None, reuse_port: bool = False) -> int:
     """Run until SIGTERM or SIGINT, then drain; returns the exit code (0 after a drain)."""
     from gateway.admin.api import create_admin_app, reload_policy
     from gateway.decision.listeners import PluginListeners, start_plugins
@@ -202,7 +208,7 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str,
     try:
         await runner.setup()
         host, port = parse_listen(listen)
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None)
         await _bind(site, "clients", listen, "--listen HOST:PORT (server.listen)")
         await admin_runner.setup()
         ahost, aport = parse_listen(admin_listen)
