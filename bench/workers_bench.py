@@ -36,8 +36,28 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports (the workers' admin ports)."""
+    import socket
+
+    while True:
+        base = free_port()
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+
+
 def run_once(n: int, pol: Path, redis_url: str, duration: float, tmp: Path, env: dict[str, str]) -> dict:
-    port, admin = free_port(), free_port() + 1000 * n
+    port, admin = free_port(), free_ports(n)
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(pol), "--workers", str(n),
                              "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
                              "--store", redis_url], cwd=ROOT, env=env)
