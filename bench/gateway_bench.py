@@ -79,6 +79,13 @@ def policy(sim_url: str, redis_url: str, data_dir: Path) -> dict:
     }
 
 
+def with_leases(doc: dict, leases: str) -> dict:
+    """``doc`` with ``tiers.bench.leases`` set for 'on' / 'off' (left out for 'default')."""
+    if leases != "default":
+        doc["tiers"]["bench"]["leases"] = leases == "on"
+    return doc
+
+
 async def wait_ready(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Until ``url`` answers 200; with ``proc``, fail as soon as that process has exited."""
     deadline = time.monotonic() + timeout
@@ -278,9 +285,12 @@ def main() -> int:
                          "with append-only persistence")
     ap.add_argument("--ttfb-requests", type=int, default=200,
                     help="sequential streamed requests per time-to-first-byte measurement (default 200)")
-    ap.add_argument("--leases", action="store_true",
-                    help="the gateway's tier takes budget leases (tiers.bench.leases); with --compare on this same "
-                         "checkout, the baseline runs without them: leases against per-request holds side by side")
+    ap.add_argument("--leases", choices=("default", "on", "off"), default="default",
+                    help="budget leases for the gateway's tier (tiers.bench.leases; 'default': the policy says "
+                         "nothing, and the code's default applies)")
+    ap.add_argument("--baseline-leases", choices=("default", "on", "off"), default="default",
+                    help="the same for the --compare gateway: '--compare . --baseline-leases off' runs leases "
+                         "against per-request holds side by side (a checkout older than leases knows no such key)")
     ap.add_argument("--litellm", action="store_true",
                     help="also run LiteLLM's proxy (one worker, no auth, no limits) on the same upstream, in the "
                          "same alternation: 'litellm' rows; skipped with a message where `litellm` is not on PATH")
@@ -309,10 +319,7 @@ def main() -> int:
             procs.append(start_litellm(litellm_cmd, sim_url, litellm_port, tmp))
             pids["litellm"] = procs[-1].pid
         pol = tmp / "bench.yaml"
-        doc = policy(sim_url, redis.url, tmp / "data")
-        if args.leases:
-            doc["tiers"]["bench"]["leases"] = True
-        pol.write_text(yaml.safe_dump(doc))
+        pol.write_text(yaml.safe_dump(with_leases(policy(sim_url, redis.url, tmp / "data"), args.leases)))
         procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(pol),
                                        "--listen", f"127.0.0.1:{gw_port}",
                                        "--admin-listen", f"127.0.0.1:{admin_port}", "--store", redis.url],
@@ -322,7 +329,8 @@ def main() -> int:
         if args.compare:
             base_port, base_admin = free_port(), free_port()
             base_pol = tmp / "baseline.yaml"
-            base_pol.write_text(yaml.safe_dump(policy(sim_url, redis.url, tmp / "data-baseline")))
+            base_pol.write_text(yaml.safe_dump(with_leases(policy(sim_url, redis.url, tmp / "data-baseline"),
+                                                           args.baseline_leases)))
             procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(base_pol),
                                            "--listen", f"127.0.0.1:{base_port}", "--admin-listen",
                                            f"127.0.0.1:{base_admin}", "--store", redis.url],

@@ -162,7 +162,7 @@ def main() -> int:
     ap.add_argument("--tree", action="append", default=[],
                     help="a kgate checkout whose gateway to measure (repeatable; default: this one)")
     ap.add_argument("--leases", action="store_true",
-                    help="also measure each gateway with budget leases on (tiers.bench.leases: true)")
+                    help="measure each gateway twice, with tiers.bench.leases false and true (trees that know it)")
     ap.add_argument("--keep", metavar="DIR",
                     help="keep the callgrind files here (read them with callgrind_annotate --inclusive=yes)")
     args = ap.parse_args()
@@ -192,7 +192,7 @@ def main() -> int:
         asyncio.run(wait_ready(sim_url + "/_sim/health"))
         print(f"{'server':<40}{'instructions/request':>22}{'vs simulator':>14}{'redis/request':>16}")
         print(f"{'kgate simulate':<40}{sim_ir:>22,.0f}{1:>14.2f}")
-        runs = [(tree, leases) for tree in trees for leases in ((False, True) if args.leases else (False,))]
+        runs = [(tree, leases) for tree in trees for leases in ((False, True) if args.leases else (None,))]
         for i, (tree, leases) in enumerate(runs):
             # Each gateway starts on an empty Redis: a checkout measured after another would otherwise find
             # the scope's keys grown (the finished-request set past its compact encoding) and do 2-3% less.
@@ -201,14 +201,15 @@ def main() -> int:
             port, admin = free_port(), free_port()
             pol = tmp / f"policy-{i}.yaml"
             doc = policy(sim_url, redis_url, tmp / f"data-{i}")
-            if leases:
-                doc["tiers"]["bench"]["leases"] = True
+            if leases is not None:
+                doc["tiers"]["bench"]["leases"] = leases
             pol.write_text(yaml.safe_dump(doc))
             serve = [sys.executable, "-m", "gateway", "serve", "--config", str(pol), "--listen", f"127.0.0.1:{port}",
                      "--admin-listen", f"127.0.0.1:{admin}", "--store", redis_url]
             gw_ir, redis_ir = measure(serve, tree, f"http://127.0.0.1:{port}/readyz", port, str(tmp / f"gw-{i}.out"),
                                       args.requests, args.concurrency, env, (redis.pid, redis_out), args.stream)
-            label = "kgate serve" + ("" if tree == ROOT else f" ({tree})") + (" leases" if leases else "")
+            label = "kgate serve" + ("" if tree == ROOT else f" ({tree})") + {None: "", True: " leases",
+                                                                                False: " per-request"}[leases]
             print(f"{label:<40}{gw_ir:>22,.0f}{gw_ir / sim_ir:>14.2f}{redis_ir:>16,.0f}")
     finally:
         if sim_proc is not None:

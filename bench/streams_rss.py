@@ -88,7 +88,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=10_000)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--tokens-per-second", type=float, default=2.0)
-    ap.add_argument("--leases", action="store_true", help="the tier takes budget leases")
+    ap.add_argument("--leases", action="store_true", help="the tier takes budget leases (default: per-request holds)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # The gateway holds two descriptors per stream: raise the limit (inherited by the processes started

@@ -1,6 +1,6 @@
 """Throughput per core of ``kgate serve --workers N``: N = 1 and N = 2 (or --workers), side by side.
 
-    python bench/workers_bench.py [--duration 5] [--runs 3] [--workers 1,2] [--leases]
+    python bench/workers_bench.py [--duration 5] [--runs 3] [--workers 1,2] [--no-leases]
 
 Starts a Redis and ``kgate simulate`` (as ``gateway_bench.py`` does), then, taking turns per run, ``kgate serve
 --workers N`` for each N on the same Redis and upstream, and drives each with wrk (JSON chat completions, 32
@@ -88,7 +88,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workers", default="1,2", help="the worker counts to compare")
-    ap.add_argument("--leases", action="store_true", help="the tier takes budget leases")
+    ap.add_argument("--no-leases", action="store_true", help="every request holds for itself (leases: false)")
     args = ap.parse_args()
     counts = [int(x) for x in args.workers.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="kgate-workers-bench-"))
@@ -102,8 +102,7 @@ def main() -> int:
         sim_url = f"http://127.0.0.1:{sim_port}"
         asyncio.run(wait_ready(sim_url + "/_sim/health", 30, sim))
         doc = policy(sim_url, redis.url, tmp / "data")
-        if args.leases:
-            doc["tiers"]["bench"]["leases"] = True
+        doc["tiers"]["bench"]["leases"] = not args.no_leases
         pol = tmp / "bench.yaml"
         pol.write_text(yaml.safe_dump(doc))
         results: dict[int, list[dict]] = {n: [] for n in counts}
@@ -111,7 +110,7 @@ def main() -> int:
             for n in counts if r % 2 == 0 else list(reversed(counts)):  # taking turns at running first
                 results[n].append(run_once(n, pol, redis.url, args.duration, tmp, env))
         print(f"wrk, JSON chat completions, 32 connections, {args.runs} runs of {args.duration:g} s; medians"
-              + (" (leases on)" if args.leases else ""))
+              + (" (leases off)" if args.no_leases else " (leases on)"))
         print(f"{'workers':>8}{'req/s':>10}{'p50 ms':>10}{'CPU us/req':>12}{'cores used':>12}{'req/s per core':>16}")
         for n in counts:
             rs = results[n]

@@ -26,7 +26,7 @@ from gateway.proxy.context import GATEWAY, Gateway
 KEYS = {
     "alice": "key-alice-basic",      # tier basic: reject over caps
     "carol": "key-carol-clamp",      # tier clamp: clamp over caps
-    "tina": "key-tina-tight",        # tier tight: small budgets, for 429s
+    "tina": "key-tina-tight",        # tier tight: small budgets, for 429s; observed per request (no leases)
     "sam": "key-sam-shadow",         # tier shadow: decisions recorded, never enforced
     "olga": "key-olga-open",         # tier open: on_store_error allow, budgets
     "vera": "key-vera-vetted",       # tier vetted: beyond evaluated K
@@ -43,7 +43,9 @@ def policy_dict(store_url: str, data_dir: Path, server: dict[str, Any] | None = 
         "clamp": {"models": ["dense", "reasoner"], "max_k": 4, "max_samples": 2, "on_exceed": "clamp",
                   "efforts": ["none", "minimal", "low", "medium"],
                   "budgets": [{"metric": "requests", "window": "1m", "limit": 10000}]},
-        "tight": {"models": "*", "max_k": 64,
+        # Its ledger is read request by request (held 0 after each, charged nothing after an error): per-request
+        # holds, as `leases: false` keeps them; the other tiers take the default (budget leases).
+        "tight": {"models": "*", "max_k": 64, "leases": False,
                   "budgets": [{"metric": "generated_tokens", "window": "1d", "limit": 1000},
                               {"metric": "requests", "window": "1h", "limit": 100}]},
         "shadow": {"models": "*", "max_k": 2, "mode": "shadow",

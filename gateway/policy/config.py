@@ -188,8 +188,9 @@ class TierConfig(Strict):
     # Sign each answer's compute (x-kgate-receipt, docs/design.md §14) with evaluations' signing key.
     receipts: bool = False
     # Admit from this replica's slices of the budgets (docs/design.md §3.7): most requests without a Redis
-    # round trip, settles in batches, limits as exact as per-request holds.
-    leases: bool = False
+    # round trip, settles in batches, limits as exact as per-request holds. false: every request holds for
+    # itself, for budgets that must be observed request by request.
+    leases: bool = True
     on_exceed: Literal["reject", "clamp"] = "reject"
     budgets: list[BudgetConfig] = Field(default_factory=list)
     admission: Literal["strict", "expected"] = "strict"

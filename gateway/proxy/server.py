@@ -2,7 +2,8 @@
 
 ``serve`` listens for clients and, separately, for the admin API; SIGTERM (or SIGINT) drains: stop
 accepting, let in-flight requests finish up to ``server.drain_seconds`` (a second signal ends the wait),
-settle, flush the audit log, exit 0. SIGHUP reloads the policy.
+settle, flush the audit log, exit 0. SIGHUP reloads the policy (once started; ignored while draining).
+``--workers N`` runs N of these under a supervisor (:mod:`gateway.proxy.workers`).
 
 Expected failures at start-up (a bad policy, a busy port, no redis-server, a data folder another process
 owns, an audit log another replica of the same id writes) print one line on stderr and exit non-zero,
@@ -38,9 +39,11 @@ log = logging.getLogger("kgate.server")
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
-def _setup_logging() -> None:
+def _setup_logging(tag: str | None = None) -> None:
+    """Log lines on stderr; a worker of ``--workers N`` tags its own with its replica id."""
+    who = f"[{tag}] " if tag else ""
     logging.basicConfig(level=os.environ.get("KGATE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s", stream=sys.stderr)
 
 
 def _use_uvloop() -> None:
@@ -56,14 +59,14 @@ class StartupError(Exception):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``kgate serve``: 0 after a drain; 1 with one line on stderr when it cannot start."""
-    _setup_logging()
+    reuse_port = bool(getattr(args, "reuse_port", False))  # a worker of --workers N (gateway/proxy/workers.py)
+    _setup_logging(getattr(args, "replica_id", None) if reuse_port else None)
     config_path = args.config or default_config_path()
     config = load_config(config_path)  # a ConfigError is printed by the CLI, one line per problem
     listen = args.listen or config.server.listen
     admin_listen = args.admin_listen or config.server.admin_listen
     store = args.store or os.environ.get("KGATE_STORE_URL") or config.store.url
     replica = getattr(args, "replica_id", None)
-    reuse_port = bool(getattr(args, "reuse_port", False))
     lock = None
     try:
         if getattr(args, "workers", 1) > 1:
@@ -73,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if store == "embedded":
             lock = _own_data_dir(config.store.data_dir, listen, admin_listen)
         # Before anything starts: a busy port says which one it is, with nothing else on the terminal.
-        if not reuse_port:  # a worker of several: its siblings hold the port already (gateway/proxy/workers.py)
+        if not reuse_port:  # a worker: the supervisor checked the port, and its siblings may hold it already
             _check_listen(listen, "clients", "--listen HOST:PORT (server.listen)")
         _check_listen(admin_listen, "the admin API", "--admin-listen HOST:PORT (server.admin_listen)")
         decision = tuple(getattr(args, "decision_listen", None) or config.decision.listen)
@@ -186,6 +189,7 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str,
     # stop once started, not a reason to die without cleaning up (the default action).
     stop = asyncio.Event()
     force = asyncio.Event()
+    hup = asyncio.Event()  # a SIGHUP while starting: reload once started (the file may have changed since)
     loop = asyncio.get_running_loop()
 
     def on_stop() -> None:
@@ -196,6 +200,7 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str,
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)  # never the default action (which ends the process)
 
     config = load_config(config_path)  # type: ignore[arg-type]
     app = create_app(config, store_url=store, replica=replica)
@@ -223,14 +228,19 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str,
         reloads: set[asyncio.Task[object]] = set()  # the loop keeps only weak references to its tasks
 
         def on_sighup() -> None:
+            if stop.is_set():
+                log.warning("SIGHUP while draining: the policy is not reloaded")
+                return
             task = loop.create_task(reload_policy(app, config_path, actor="sighup"), name="kgate-sighup-reload")
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        if hup.is_set():
+            on_sighup()
+        _notify_ready()
         _settle_heap()
         await stop.wait()
-        loop.remove_signal_handler(signal.SIGHUP)
         await drain(gw, site, force)
         if plugins is not None:  # admitted requests a plugin still has to settle: as long as the drain allows
             await plugins.close(grace=config.server.drain_seconds)
@@ -243,6 +253,18 @@ async def serve(config_path: object, listen: str, admin_listen: str, store: str,
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+READY_FD_ENV = "KGATE_READY_FD"  # set by the supervisor of --workers N for each worker
+
+
+def _notify_ready() -> None:
+    """A worker of ``--workers N`` tells its supervisor that it listens: one byte on the pipe it was given."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is not None:
+        with contextlib.suppress(OSError, ValueError):
+            os.write(int(fd), b"1")
+            os.close(int(fd))
 
 
 async def _bind(site: web.BaseSite, what: str, listen: str, change: str) -> None:
