@@ -5,9 +5,9 @@
 Starts a Redis and ``kgate simulate`` (as ``gateway_bench.py`` does), then, taking turns per run, ``kgate serve
 --workers N`` for each N on the same Redis and upstream, and drives each with wrk (JSON chat completions, 32
 connections). Prints, per N, the median req/s, p50, the gateway processes' CPU per request (all workers,
-from /proc) and the throughput per core of gateway CPU (req/s divided by the cores its workers used). On
-a 2-core machine the simulator, Redis and wrk share the cores with the workers: the gain from a second
-worker is bounded by what they leave.
+from /proc), the throughput per core of gateway CPU (req/s divided by the cores its workers used) and how
+busy the whole host was (all processes, /proc/stat, in cores). On a 2-core machine the simulator, Redis
+and wrk share the cores with the workers: the gain from a second worker is bounded by what they leave.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -28,32 +29,21 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_bench import BODY, ROOT, cpu_seconds, free_port, policy, run_wrk, wait_ready, warm_up
 
+from gateway.ledger.redis_binary import free_ports
 from gateway.ledger.redis_server import RedisServer
+
+
+def host_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole host so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / hz, sum(fields[:8]) / hz
 
 
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
-
-
-def free_ports(n: int) -> int:
-    """The first of ``n`` consecutive free loopback ports (the workers' admin ports)."""
-    import socket
-
-    while True:
-        base = free_port()
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
 
 
 def run_once(n: int, pol: Path, redis_url: str, duration: float, tmp: Path, env: dict[str, str]) -> dict:
@@ -69,10 +59,12 @@ def run_once(n: int, pol: Path, redis_url: str, duration: float, tmp: Path, env:
         asyncio.run(warm_up(url + "/v1/chat/completions"))
         pids = children(proc.pid) if n > 1 else [proc.pid]
         cpu0 = sum(cpu_seconds(p) for p in pids)
+        busy0, _ = host_busy()
         t0 = time.monotonic()
         result = run_wrk(url + "/v1/chat/completions", BODY, 32, duration, tmp)
         elapsed = time.monotonic() - t0
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        result["host"] = (host_busy()[0] - busy0) / elapsed
         requests = result["rps"] * elapsed
         result["cpu_us"] = cpu / requests * 1e6 if requests else 0.0
         result["cores"] = cpu / elapsed
@@ -110,17 +102,21 @@ def main() -> int:
             for n in counts if r % 2 == 0 else list(reversed(counts)):  # taking turns at running first
                 results[n].append(run_once(n, pol, redis.url, args.duration, tmp, env))
         print(f"wrk, JSON chat completions, 32 connections, {args.runs} runs of {args.duration:g} s; medians"
-              + (" (leases off)" if args.no_leases else " (leases on)"))
-        print(f"{'workers':>8}{'req/s':>10}{'p50 ms':>10}{'CPU us/req':>12}{'cores used':>12}{'req/s per core':>16}")
+              + (" (leases off)" if args.no_leases else " (leases on)") + f"; {os.cpu_count()} cores on this host")
+        print(f"{'workers':>8}{'req/s':>10}{'p50 ms':>10}{'CPU us/req':>12}{'cores used':>12}{'req/s per core':>16}"
+              f"{'host busy':>11}")
         for n in counts:
             rs = results[n]
-            med = {k: statistics.median(x[k] for x in rs) for k in ("rps", "p50_ms", "cpu_us", "cores", "per_core")}
+            med = {k: statistics.median(x[k] for x in rs)
+                   for k in ("rps", "p50_ms", "cpu_us", "cores", "per_core", "host")}
             print(f"{n:>8}{med['rps']:>10.0f}{med['p50_ms']:>10.2f}{med['cpu_us']:>12.0f}{med['cores']:>12.2f}"
-                  f"{med['per_core']:>16.0f}")
+                  f"{med['per_core']:>16.0f}{med['host']:>11.2f}")
+        print("cores used: the gateway workers' CPU over the wall time; host busy: every process's, in cores")
     finally:
         sim.terminate()
         sim.wait(15)
         redis.stop_sync()
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

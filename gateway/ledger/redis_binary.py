@@ -115,6 +115,23 @@ def find_redis_binary(prefer: str | os.PathLike[str] | None = None) -> Path:
     raise RedisServerError(f"no redis-server of version {prefer}; found: {have}")
 
 
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive TCP ports free on 127.0.0.1 now (``kgate serve --workers N``'s admin
+    ports, in its tests and benchmark)."""
+    while True:
+        base, held = free_port(), []
+        try:
+            for i in range(n):
+                held.append(socket.socket())
+                held[-1].bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+
+
 def free_port(*, cluster_bus: bool = False) -> int:
     """A TCP port free on 127.0.0.1 now; with ``cluster_bus`` also port + 10000 (Redis Cluster's bus)."""
     for _ in range(200):

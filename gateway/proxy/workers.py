@@ -249,20 +249,21 @@ def _store_keeper(embedded: Any) -> Callable[[], None]:
     """A look at the embedded Redis, for every tick: started again (with a back-off) when it has died."""
     from gateway.ledger.redis_server import RedisServerError
 
-    state = {"since": time.monotonic(), "delay": 0.0, "due": None}
+    since, delay, due = time.monotonic(), 0.0, None
 
     def look() -> None:
+        nonlocal since, delay, due
         if embedded.running:
             return
         now = time.monotonic()
-        if state["due"] is None:
+        if due is None:
             embedded.stop_sync()  # forget the dead process (the parent's lock on the folder stays)
-            state["delay"] = next_delay(state["delay"], now - state["since"])
-            state["due"] = now + state["delay"]
+            delay = next_delay(delay, now - since)
+            due = now + delay
             log.error("the embedded Redis exited; starting it again in %g s (the workers spool usage "
-                      "meanwhile; its log: %s)", state["delay"], embedded.log_file)
-        elif now >= state["due"]:
-            state["since"], state["due"] = now, None
+                      "meanwhile; its log: %s)", delay, embedded.log_file)
+        elif now >= due:
+            since, due = now, None
             try:
                 embedded.start_sync()
                 log.info("the embedded Redis is running again (pid %s)", embedded.pid)
