@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_bench import BODY, ROOT, cpu_seconds, free_port, policy, run_wrk, wait_ready, warm_up
+from gateway_bench import BODY, ROOT, cpu_seconds, free_port, policy, run_python_load, run_wrk, wait_ready, warm_up
 
 from gateway.ledger.redis_binary import free_ports
 from gateway.ledger.redis_server import RedisServer
@@ -46,7 +46,8 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def run_once(n: int, pol: Path, redis_url: str, duration: float, tmp: Path, env: dict[str, str]) -> dict:
+def run_once(n: int, pol: Path, redis_url: str, duration: float, tmp: Path, env: dict[str, str],
+             use_wrk: bool = True) -> dict:
     port, admin = free_port(), free_ports(n)
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(pol), "--workers", str(n),
                              "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
@@ -61,7 +62,8 @@ def run_once(n: int, pol: Path, redis_url: str, duration: float, tmp: Path, env:
         cpu0 = sum(cpu_seconds(p) for p in pids)
         busy0, _ = host_busy()
         t0 = time.monotonic()
-        result = run_wrk(url + "/v1/chat/completions", BODY, 32, duration, tmp)
+        result = (run_wrk(url + "/v1/chat/completions", BODY, 32, duration, tmp) if use_wrk
+                  else asyncio.run(run_python_load(url + "/v1/chat/completions", BODY, 32, duration)))
         elapsed = time.monotonic() - t0
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         result["host"] = (host_busy()[0] - busy0) / elapsed
@@ -81,8 +83,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workers", default="1,2", help="the worker counts to compare")
     ap.add_argument("--no-leases", action="store_true", help="every request holds for itself (leases: false)")
+    ap.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
+                    help="load generator: wrk, the Python one (slower: a smoke run), or wrk where installed")
     args = ap.parse_args()
     counts = [int(x) for x in args.workers.split(",")]
+    use_wrk = args.load != "python" and shutil.which("wrk") is not None
+    if args.load == "wrk" and not use_wrk:
+        ap.error("wrk is not installed (apt-get install wrk), or use --load python")
     tmp = Path(tempfile.mkdtemp(prefix="kgate-workers-bench-"))
     env = {**os.environ, "KGATE_LOG_LEVEL": "WARNING"}
     redis = RedisServer(port=0, appendonly=False)
@@ -100,8 +107,9 @@ def main() -> int:
         results: dict[int, list[dict]] = {n: [] for n in counts}
         for r in range(args.runs):
             for n in counts if r % 2 == 0 else list(reversed(counts)):  # taking turns at running first
-                results[n].append(run_once(n, pol, redis.url, args.duration, tmp, env))
-        print(f"wrk, JSON chat completions, 32 connections, {args.runs} runs of {args.duration:g} s; medians"
+                results[n].append(run_once(n, pol, redis.url, args.duration, tmp, env, use_wrk))
+        load = "wrk" if use_wrk else "Python load"
+        print(f"{load}, JSON chat completions, 32 connections, {args.runs} runs of {args.duration:g} s; medians"
               + (" (leases off)" if args.no_leases else " (leases on)") + f"; {os.cpu_count()} cores on this host")
         print(f"{'workers':>8}{'req/s':>10}{'p50 ms':>10}{'CPU us/req':>12}{'cores used':>12}{'req/s per core':>16}"
               f"{'host busy':>11}")

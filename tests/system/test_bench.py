@@ -174,3 +174,24 @@ def test_gateway_bench_skips_litellm_where_it_is_not_installed(tmp_path: Path) -
     assert set(doc["ratios"]) == {"json/c1", "stream/c1"}
     for name, r in doc["results"].items():
         assert r["rps"] > 0 and r["non2xx"] == 0, (name, r)
+
+
+@pytest.mark.slow
+def test_workers_bench_compares_one_and_two_workers(tmp_path: Path) -> None:
+    """bench/workers_bench.py end to end, briefly: both worker counts measured and reported."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "workers_bench.py"), "--duration", "1", "--runs", "1",
+                           "--load", "python"], capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])}
+    assert set(rows) == {"1", "2"}, proc.stdout
+    assert all(float(r[1]) > 0 for r in rows.values()), proc.stdout  # req/s
+
+
+@pytest.mark.slow
+def test_streams_rss_reports_the_peak_memory_of_many_streams(tmp_path: Path) -> None:
+    """bench/streams_rss.py end to end, with a few hundred short streams."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "streams_rss.py"), "--streams", "300", "--tokens", "4",
+                           "--tokens-per-second", "4"], capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gateway RSS: idle" in proc.stdout and "peak" in proc.stdout, proc.stdout
+    assert "whole 300" in proc.stdout, proc.stdout
