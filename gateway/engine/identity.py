@@ -82,7 +82,9 @@ async def evaluation_run(gw: Gateway, principal: Principal) -> str | None:
     """The evaluation run the caller's requests belong to: the one open for its principal, unless the run
     is for another of the principal's keys."""
     assert gw.directory is not None
-    run = await gw.directory.open_eval(principal.id)
+    run = gw.directory.open_eval_now(principal.id)
+    if run is ...:
+        run = await gw.directory.open_eval(principal.id)
     if run is None or (run[1] is not None and run[1] != principal.key_id):
         return None
     return run[0]

@@ -22,6 +22,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
+from types import EllipsisType
 from typing import Any, ParamSpec, TypeVar
 
 from gateway.background import cancelled, stop_task
@@ -74,6 +75,14 @@ def sha256_hex(key: str) -> str:
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _open_run(rec: Any) -> tuple[str, str | None] | None:
+    """An ``eval_open`` entry as (run id, key id or None); None when no run is open."""
+    if not rec:
+        return None
+    r = {_s(k): _s(v) for k, v in rec.items()}
+    return r["run"], r.get("key_id") or None
 
 
 _P = ParamSpec("_P")
@@ -222,10 +231,17 @@ class Directory:
                                      lambda: self._redis.hgetall(self.key(f"eval_open:{principal_id}")))
         except StoreError:
             return None  # the request is refused or spooled by its reserve; an outage must not break lookups
-        if not rec:
+        return _open_run(rec)
+
+    def open_eval_now(self, principal_id: str) -> tuple[str, str | None] | EllipsisType | None:
+        """:meth:`open_eval` from the cache alone, without a coroutine (every request asks, and almost every
+        answer is "none"); ``...`` when the cache holds no fresh answer."""
+        if self._redis is None:
             return None
-        r = {_s(k): _s(v) for k, v in rec.items()}
-        return r["run"], r.get("key_id") or None
+        hit = self._cache.get(f"eval_open:{principal_id}")
+        if hit is None or hit[0] <= time.monotonic():
+            return ...
+        return _open_run(hit[1])
 
     def key(self, name: str) -> str:
         """The store key of one directory entry (for the modules that keep entries of their own)."""
