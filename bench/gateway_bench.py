@@ -21,6 +21,13 @@ message logging and the access log off, the packaged model cost map (no fetch at
 beside kgate's with the ratios LiteLLM/simulator and kgate/LiteLLM (median of pairs). Where ``litellm`` is
 not on PATH, one line says so and how to install it, and the rest runs.
 
+With ``--floor``, ``bench/floor_proxy.py`` — a pass-through proxy with kgate's transport (the aiohttp server,
+the native upstream client, uvloop) and none of its policy work — runs in the same alternation on the JSON
+cases ('floor' rows; ``--floor raw``: the same on a bare httptools protocol instead of aiohttp's server,
+'floor-raw'; ``--floor both``). What separates kgate from the floor is kgate's own per-request work; what
+separates the floor from the simulator is the transport's. (Not on the stream cases: the floor passes an
+answer on whole.)
+
 Before the runs every target is warmed up and its answers checked (200, a stream ends with ``[DONE]``);
 during them the non-2xx and socket-error columns count failures (wrk's request timeout is 30 s, so a slow
 proxy's answers are measured rather than dropped).
@@ -294,6 +301,9 @@ def main() -> int:
     ap.add_argument("--litellm", action="store_true",
                     help="also run LiteLLM's proxy (one worker, no auth, no limits) on the same upstream, in the "
                          "same alternation: 'litellm' rows; skipped with a message where `litellm` is not on PATH")
+    ap.add_argument("--floor", nargs="?", const="aiohttp", choices=("aiohttp", "raw", "both"),
+                    help="also run bench/floor_proxy.py (kgate's transport, no policy work) on the JSON cases: "
+                         "'floor' (aiohttp server, the default), 'floor-raw' (bare httptools server) or both")
     args = ap.parse_args()
     conns_list = [int(c) for c in args.connections.split(",")]
     if args.load == "wrk" and shutil.which("wrk") is None:
@@ -337,6 +347,14 @@ def main() -> int:
                                           cwd=Path(args.compare).resolve(), env=env))
             pids["baseline"] = procs[-1].pid
             targets["baseline"] = f"http://127.0.0.1:{base_port}"
+        for kind in {"aiohttp": ("aiohttp",), "raw": ("raw",), "both": ("aiohttp", "raw")}.get(args.floor or "", ()):
+            name = "floor" if kind == "aiohttp" else "floor-raw"
+            port = free_port()
+            procs.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor_proxy.py"), "--listen",
+                                           f"127.0.0.1:{port}", "--upstream", sim_url, "--server", kind],
+                                          cwd=ROOT, env=env))
+            pids[name] = procs[-1].pid
+            targets[name] = f"http://127.0.0.1:{port}"
         asyncio.run(wait_ready(sim_url + "/_sim/health"))
         for name, url in targets.items():
             if name != "simulator":
@@ -356,8 +374,10 @@ def main() -> int:
         ratios: dict[str, float] = {}
         for mode, body in (("json", BODY), ("stream", STREAM_BODY)):
             for conns in conns_list:
-                runs: dict[str, list[dict]] = {name: [] for name in targets}
-                gateways = [name for name in targets if name != "simulator"]
+                case = {name: url for name, url in targets.items()
+                        if mode == "json" or not name.startswith("floor")}  # the floor buffers answers whole
+                runs: dict[str, list[dict]] = {name: [] for name in case}
+                gateways = [name for name in case if name != "simulator"]
                 for i in range(args.runs):
                     # The gateways take turns at following the simulator: run with identical code, the second
                     # in line came out 2-3% faster at 32 connections, which would favour one side.
@@ -375,7 +395,7 @@ def main() -> int:
                     med["non2xx"] = sum(r["non2xx"] for r in rs)
                     med["socket_errors"] = sum(r["socket_errors"] for r in rs)
                     results[f"{target}/{mode}/c{conns}"] = med
-                for name in targets:
+                for name in case:
                     if name != "simulator":
                         key = f"{mode}/c{conns}" if name == "gateway" else f"{name}/{mode}/c{conns}"
                         ratios[key] = statistics.median(
@@ -421,6 +441,12 @@ def main() -> int:
             if args.compare:
                 print(f"{mode:>6} c{conns:<3} baseline ({args.compare}): "
                       f"{ratios[f'baseline/{mode}/c{conns}']:.1%} of the simulator")
+            for floor in ("floor", "floor-raw"):
+                if f"{floor}/{mode}/c{conns}" in ratios:
+                    f = results[f"{floor}/{mode}/c{conns}"]
+                    print(f"{mode:>6} c{conns:<3} {floor} (transport, no policy work): {ratios[f'{floor}/{mode}/c{conns}']:.1%}"
+                          f" of the simulator, {f['cpu_us']:.0f} us CPU/request against kgate's {g['cpu_us']:.0f}; "
+                          f"added p50 = {f['p50_ms'] - s['p50_ms']:.3f} ms")
             if "litellm" in targets:
                 x = results[f"litellm/{mode}/c{conns}"]
                 print(f"{mode:>6} c{conns:<3} throughput litellm/simulator = {ratios[f'litellm/{mode}/c{conns}']:.2%}"

@@ -37,7 +37,7 @@ async def admit(gw: Gateway, facts: Facts, call: Call, read_body: BodyReader | N
     facts.eval = await evaluation_run(gw, principal)
     raw = call.body if call.body is not None or read_body is None else await read_body()
     assert raw is not None
-    body = decode_body(raw)
+    body = call.doc if call.doc is not None else decode_body(raw)
     adapter = call.adapter
     assert adapter is not None, "a model call names its API's adapter"
     facts.stream = adapter.is_stream(body, call.params)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.engine.errors import GatewayError
 
@@ -39,6 +39,7 @@ class Call:
     # "unix" for a Unix socket, "closed" or "unknown" (see gateway.engine.identity.untrusted).
     peer: Callable[[], str]
     body: bytes | None = None
+    doc: dict[str, Any] | None = None  # ``body`` decoded, where the transport had to look into it already
 
 
 @dataclass(slots=True)

@@ -43,6 +43,9 @@ class ServerConfig(Strict):
     # A client that stops reading a response: a write that cannot proceed for this long ends the exchange
     # (the request is then treated as a client disconnect: charged what the upstream generated).
     write_timeout_seconds: PositiveFloat = 30.0
+    # Requests of the common shape (a whole JSON POST to an API route, not a stream) served without
+    # aiohttp's request machinery (gateway/proxy/fastpath.py); false: every request through aiohttp.
+    fast_path: bool = True
 
     @field_validator("listen", "admin_listen")
     @classmethod

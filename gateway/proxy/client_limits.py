@@ -10,6 +10,7 @@ closed. Between requests an idle keep-alive connection is kept ``server.keepaliv
 How: :class:`GatewayRunner` is an ``AppRunner`` whose server makes :class:`GuardedRequestHandler`
 protocols. A request whose head arrives in one read (nearly all of them) costs no timer: one is armed only
 at a connection's start and when a read leaves a head incomplete, and is cancelled when the head is whole.
+Its connections start on the fast path (:mod:`gateway.proxy.fastpath`), which keeps the same two deadlines.
 A plain ``AppRunner`` still gets the keep-alive timeout (through the app's ``handler_args``), not this one.
 """
 
@@ -23,8 +24,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.engine.flow import Engine
 from gateway.engine.identity import untrusted
-from gateway.proxy.context import GATEWAY, Gateway
+from gateway.proxy.context import ENGINE, GATEWAY, Gateway
+from gateway.proxy.fastpath import FastPath
 
 log = logging.getLogger("kgate.client_limits")
 
@@ -85,16 +88,32 @@ class GuardedRequestHandler(RequestHandler):
 
 
 class GuardedServer(web.Server):
-    """An aiohttp ``Server`` whose connections are :class:`GuardedRequestHandler`; the limits are read from
-    the gateway's policy in force when a connection opens (a reload applies to new connections)."""
+    """An aiohttp ``Server`` whose connections start on the fast path (:mod:`gateway.proxy.fastpath`) and
+    move to :class:`GuardedRequestHandler` at the first request it does not take (or start there with
+    ``server.fast_path: false``); the limits are read from the gateway's policy in force when a connection
+    opens (a reload applies to new connections)."""
 
     _kgate: Gateway
+    engine: Engine
+    fast_connections: set[FastPath]
+    closing: bool
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> asyncio.BaseProtocol:  # type: ignore[override]
+        if self._kgate.config.server.fast_path:
+            return FastPath(self)
+        return self.aiohttp_handler()
+
+    def aiohttp_handler(self) -> RequestHandler:
         server = self._kgate.config.server
         kwargs = {**self._kwargs, "keepalive_timeout": server.keepalive_timeout_seconds}
         return GuardedRequestHandler(self, loop=self._loop, header_timeout=server.header_timeout_seconds,
                                      gateway=self._kgate, **kwargs)
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        self.closing = True
+        for conn in list(self.fast_connections):
+            conn.shutdown()
+        await super().shutdown(timeout)
 
 
 class GatewayRunner(web.AppRunner):
@@ -107,6 +126,9 @@ class GatewayRunner(web.AppRunner):
         server.__class__ = GuardedServer
         assert isinstance(server, GuardedServer)
         server._kgate = self.app[GATEWAY]
+        server.engine = self.app[ENGINE]
+        server.fast_connections = set()
+        server.closing = False
         return server
 
 
@@ -115,8 +137,11 @@ def peer_address(request: web.Request) -> str:
     """The TCP peer of ``request``'s connection as :attr:`gateway.engine.request.Call.peer` names it: an IP
     address, ``unix`` for a Unix socket, ``closed`` or ``unknown``."""
     transport = request.transport
-    if transport is None:
-        return "closed"
+    return "closed" if transport is None else transport_peer(transport)
+
+
+def transport_peer(transport: asyncio.BaseTransport) -> str:
+    """The peer of a connection's transport, named as :func:`peer_address` names it."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family == getattr(socket, "AF_UNIX", None):
         return "unix"

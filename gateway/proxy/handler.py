@@ -1,9 +1,10 @@
 """The aiohttp transport of the engine: one API request in, one answer out (docs/design.md §4).
 
 The flow — identify, bound, check, hold, charge, settle, audit — is :class:`gateway.engine.flow.Engine`'s.
-What is left here is HTTP: turning an aiohttp request into a :class:`~gateway.engine.request.Call`, reading
-the body within its limits, handing the admitted request to :mod:`gateway.proxy.forward` (unary answers)
-or :mod:`gateway.proxy.stream` (streams), and answering errors in the shape of the API the client spoke.
+What is left here is aiohttp's side of HTTP: turning its request into a :class:`~gateway.engine.request.Call`,
+reading the body within its limits, and making aiohttp responses of what :func:`gateway.proxy.forward.serve`
+answers (streams are served by :mod:`gateway.proxy.stream`). Requests that the fast path
+(:mod:`gateway.proxy.fastpath`) does not take come here.
 """
 
 from __future__ import annotations
@@ -11,25 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from types import MappingProxyType
 
-import orjson
 from aiohttp import web
 
 from gateway.adapters import Adapter
-from gateway.engine.errors import (
-    ClientClosed,
-    GatewayError,
-    InternalError,
-    PayloadTooLarge,
-    RequestTimeout,
-    render,
-)
-from gateway.engine.flow import Engine
-from gateway.engine.request import Call, Denial, Ending, Facts
+from gateway.engine.errors import ClientClosed, PayloadTooLarge, RequestTimeout
+from gateway.engine.request import Call
 from gateway.proxy.client_limits import peer_address
-from gateway.proxy.context import ENGINE, GATEWAY
-from gateway.proxy.forward import proxy_json
+from gateway.proxy.context import ENGINE
+from gateway.proxy.forward import BODY_CUT, Answer, serve
 from gateway.proxy.stream import proxy_stream
 
 log = logging.getLogger("kgate.handler")
@@ -41,12 +34,14 @@ def api_handler(adapter: Adapter, method: str | None = None) -> Callable[[web.Re
     The adapter is bound to the route, not looked up from the path, so the app also works mounted under
     a prefix as a sub-application.
     """
+    if method is None:
+        # No wrapper coroutine: every await passes through each frame of the chain on every resumption.
+        return partial(serve_api, adapter=adapter)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         params = dict(request.match_info)
-        if method is not None:
-            params["method"] = method
-            params["alt"] = request.query.get("alt", "")
+        params["method"] = method
+        params["alt"] = request.query.get("alt", "")
         return await serve_api(request, adapter, params)
 
     return handle
@@ -61,46 +56,21 @@ def call_of(request: web.Request, adapter: Adapter | None, params: dict[str, str
 _NO_QUERY: Mapping[str, str] = MappingProxyType({})  # most requests have none: nothing to parse
 
 
-async def serve_api(request: web.Request, adapter: Adapter, params: dict[str, str]) -> web.StreamResponse:
-    gw, engine = request.app[GATEWAY], request.app[ENGINE]
-    gw.inflight += 1
-    task = asyncio.current_task()
-    if task is not None:
-        gw.handlers.add(task)
-    facts = engine.begin(adapter.api)
-    server = facts.config.server
-    ending = Ending()
-    try:
-        adm = await engine.admit(facts, call_of(request, adapter, params),
-                                 lambda: read_body(request, server.max_body_bytes, server.body_timeout_seconds))
-        if isinstance(adm, Denial):
-            ending = engine.denied(adm)
-            return await _error_response(engine, facts, ending, adm.error, adapter.shape)
-        ending = adm.ending
-        try:
-            if facts.stream:
-                return await proxy_stream(request, engine, adm)
-            return await proxy_json(request, engine, adm)
-        except GatewayError as err:
-            await engine.abandon(adm, cancelled=False)  # nothing generated, unless the error charged it
-            engine.failed(facts, err, ending)
-            return await _error_response(engine, facts, ending, err, adapter.shape)
-        except asyncio.CancelledError:
-            await engine.abandon(adm, cancelled=True)
-            raise
-        except BaseException:
-            await engine.abandon(adm, cancelled=False)
-            raise
-    except Exception:
-        log.exception("internal error in request %s", facts.request_id)
-        bug = InternalError("internal error; the request was not charged")
-        engine.failed(facts, bug, ending)
-        return await _error_response(engine, facts, ending, bug, adapter.shape)
-    finally:
-        gw.inflight -= 1
-        if task is not None:
-            gw.handlers.discard(task)
-        engine.done(facts, ending)
+async def serve_api(request: web.Request, adapter: Adapter, params: dict[str, str] | None = None
+                    ) -> web.StreamResponse:
+    app = request.app
+    if params is None:  # a route's own path parameters (most routes have none)
+        info = request.match_info
+        params = dict(info) if info else {}
+    engine = app[ENGINE]
+    return await serve(engine, adapter, call_of(request, adapter, params),
+                       lambda limit, timeout: read_body(request, limit, timeout), web_response,
+                       lambda adm: proxy_stream(request, engine, adm))
+
+
+def web_response(answer: Answer) -> web.Response:
+    """An :class:`~gateway.proxy.forward.Answer` as aiohttp's response."""
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
 
 async def read_body(request: web.Request, limit: int, timeout: float = 30.0) -> bytes:
@@ -125,18 +95,5 @@ async def read_body(request: web.Request, limit: int, timeout: float = 30.0) -> 
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
     except ConnectionError:
-        raise ClientClosed("the client closed the connection before its request body arrived") from None
+        raise ClientClosed(BODY_CUT) from None
     return b"".join(chunks)
-
-
-async def _error_response(engine: Engine, facts: Facts, ending: Ending, err: GatewayError,
-                          shape: str) -> web.Response:
-    """``err`` in the client's API shape, after its audit record."""
-    await engine.conclude(facts, ending)
-    headers = {**err.headers, "x-kgate-request-id": facts.request_id}
-    return web.json_response(render(err, shape), status=err.status, headers=headers,  # type: ignore[arg-type]
-                             dumps=_dumps)
-
-
-def _dumps(obj: object) -> str:
-    return orjson.dumps(obj).decode()

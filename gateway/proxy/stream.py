@@ -22,7 +22,7 @@ from gateway.engine.model_names import renamer
 from gateway.engine.request import Admission
 from gateway.evals.receipts import sse_comment
 from gateway.proxy import upstream as up
-from gateway.proxy.forward import send, upstream_refused
+from gateway.proxy.forward import refused_answer, send
 from gateway.proxy.upstream_client import HttpBroken, HttpTimeout
 
 log = logging.getLogger("kgate.handler")
@@ -30,7 +30,7 @@ _now = time.perf_counter
 
 
 async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> web.StreamResponse:
-    target, resp = await send(request, engine, adm)
+    target, resp = await send(request.headers, engine, adm)
     t0 = adm.ending.sent_at or 0.0
     if resp.status >= 400:
         try:
@@ -40,7 +40,8 @@ async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> 
         finally:
             resp.release()
         adm.ending.upstream_seconds = _now() - t0
-        return await upstream_refused(engine, adm, target, resp.status, data, resp.headers)
+        answer = await refused_answer(engine, adm, target, resp.status, data, resp.headers)
+        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
     meter = engine.stream_meter(adm)
     response = web.StreamResponse(status=resp.status, headers={
         **up.response_headers(resp.headers), **engine.answer_headers(adm),

@@ -1,0 +1,265 @@
+"""The fast path (gateway/proxy/fastpath.py): the same answers as aiohttp's server, request by request, and
+every request it does not take handed to aiohttp on the same connection with nothing lost.
+
+Two gateways run side by side on one Redis, one with ``server.fast_path`` (the default) and one without;
+raw sockets send each request byte for byte to both, and the answers are compared: status, header names,
+body. The hostile and unusual requests (smuggling attempts, folded headers, HTTP/1.0, a query string,
+``Expect``, oversized bodies, streams) must get exactly aiohttp's answer from the fast-path gateway too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from gatewayutil import KEYS, audit_records, make_config, running_gateway
+
+from gateway.proxy.fastpath import WAIT_FOR_WHOLE
+
+CHAT = {"model": "dense", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+LIMIT = 10.0  # seconds: far above anything here; only a hung connection reaches it
+
+
+def post(body: bytes | dict[str, Any], *, key: str | None = KEYS["alice"], path: str = "/v1/chat/completions",
+         extra: str = "", length: int | None = None, version: str = "HTTP/1.1") -> bytes:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    cl = len(data) if length is None else length
+    return (f"POST {path} {version}\r\nHost: kgate\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {cl}\r\n{extra}\r\n").encode() + data
+
+
+class Conn:
+    """A raw HTTP/1.1 client connection that reads answers one by one (length-delimited or chunked)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def answer(self) -> tuple[int, dict[str, str], bytes]:
+        async with asyncio.timeout(LIMIT):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ")[1])
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                if line:
+                    k, _, v = line.partition(":")
+                    headers[k.strip().lower()] = v.strip()
+            if headers.get("transfer-encoding") == "chunked":
+                body = b""
+                while True:
+                    size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+                    chunk = await self.reader.readexactly(size + 2)
+                    if size == 0:
+                        break
+                    body += chunk[:-2]
+            else:
+                body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    async def closed(self) -> bool:
+        """Whether the server closes the connection (EOF) within the limit."""
+        try:
+            async with asyncio.timeout(LIMIT):
+                return await self.reader.read(1) == b""
+        except (TimeoutError, ConnectionError):
+            return False
+
+
+@contextlib.asynccontextmanager
+async def connect(url: str) -> AsyncIterator[Conn]:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        yield Conn(reader, writer)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def one(url: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    async with connect(url) as c:
+        await c.send(data)
+        return await c.answer()
+
+
+@contextlib.asynccontextmanager
+async def two_gateways(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Any, Any]]:
+    for sub in ("fast", "slow"):
+        (tmp_path / sub).mkdir(parents=True)
+    fast_cfg = make_config(tmp_path / "fast", redis_url)
+    slow_cfg = make_config(tmp_path / "slow", redis_url, server={"fast_path": False})
+    assert fast_cfg.server.fast_path and not slow_cfg.server.fast_path
+    async with running_gateway(fast_cfg) as fast, running_gateway(slow_cfg) as slow:
+        yield fast, slow
+
+
+def _shape(status: int, headers: dict[str, str], body: bytes) -> tuple[Any, ...]:
+    """What must match between the two servers: status, header names (less the server's own Date and
+    Server), and the body — an error's type and code, an answer's keys."""
+    names = frozenset(headers) - {"date", "server"}
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return status, names, body.split(b"\n")[0][:40]
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+        return status, names, doc["error"].get("type"), doc["error"].get("code")
+    return status, names, sorted(doc) if isinstance(doc, dict) else type(doc).__name__
+
+
+REQUESTS: dict[str, bytes] = {
+    "ok": post(CHAT),
+    "bad key": post(CHAT, key="nope"),
+    "no key": post(CHAT, key=None),
+    "not json": post(b"{nope"),
+    "empty body": post(b""),
+    "not an object": post(b"[1, 2]"),
+    "over the tier's samples": post({**CHAT, "n": 8}),
+    "unknown model": post({**CHAT, "model": "nope"}),
+    "bad max_tokens": post({**CHAT, "max_tokens": "many"}),
+    "bad stream flag": post({**CHAT, "stream": "yes"}),
+    "body over max_body_bytes": post({**CHAT, "pad": "x" * 70_000}),
+    "a stream": post({**CHAT, "stream": True}),
+    "anthropic": post({"model": "dense", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]},
+                      path="/v1/messages"),
+    # Not the fast path's: handed to aiohttp, which answers as it always did.
+    "query string": post(CHAT, path="/v1/chat/completions?x=1"),
+    "encoded slash": post(CHAT, path="/v1/chat%2Fcompletions"),
+    "HTTP/1.0": post(CHAT, version="HTTP/1.0"),
+    "expect 100-continue": post(CHAT, extra="Expect: 100-continue\r\n"),
+    "CL and TE (smuggling)": post(CHAT, extra="Transfer-Encoding: chunked\r\n"),
+    "two Content-Lengths": post(CHAT, extra=f"Content-Length: {len(orjson.dumps(CHAT)) + 5}\r\n"),
+    "obs-fold": post(CHAT, extra="X-Folded: a\r\n b\r\n"),
+    "space before colon": post(CHAT, extra="X-Bad : 1\r\n"),
+    "lower-case method": post(CHAT).replace(b"POST", b"post", 1),
+    "GET on an API route": b"GET /v1/chat/completions HTTP/1.1\r\nHost: kgate\r\n\r\n",
+    "health": b"GET /healthz HTTP/1.1\r\nHost: kgate\r\n\r\n",
+    "unknown path": post(CHAT, path="/v1/nothing"),
+    "gemini": post({"contents": [{"parts": [{"text": "hi"}]}]}, path="/v1beta/models/dense:generateContent",
+                   extra=f"x-goog-api-key: {KEYS['alice']}\r\n", key=None),
+}
+
+
+async def test_every_request_gets_the_same_answer_with_and_without_the_fast_path(redis_url: str,
+                                                                                tmp_path: Path) -> None:
+    async with two_gateways(tmp_path, redis_url) as (fast, slow):
+        for name, data in REQUESTS.items():
+            got = _shape(*await one(fast.url, data))
+            want = _shape(*await one(slow.url, data))
+            assert got == want, f"{name}: fast path {got} != aiohttp {want}"
+        # The expected answers, so that "the same" is not "the same breakage".
+        assert (await one(fast.url, REQUESTS["ok"]))[0] == 200
+        assert (await one(fast.url, REQUESTS["anthropic"]))[0] == 200
+        assert (await one(fast.url, REQUESTS["bad key"]))[0] == 401
+        assert (await one(fast.url, REQUESTS["not json"]))[0] == 400
+        assert (await one(fast.url, REQUESTS["body over max_body_bytes"]))[0] == 413
+        assert (await one(fast.url, REQUESTS["CL and TE (smuggling)"]))[0] == 400
+        status, headers, body = await one(fast.url, REQUESTS["a stream"])
+        assert status == 200 and headers["content-type"].startswith("text/event-stream")
+        assert body.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_a_success_is_charged_and_recorded_alike_on_both(redis_url: str, tmp_path: Path) -> None:
+    async with two_gateways(tmp_path, redis_url) as (fast, slow):
+        answers = [await one(g.url, REQUESTS["ok"]) for g in (fast, slow)]
+        ids = [a[1]["x-kgate-request-id"] for a in answers]
+        records = [next(r for r in audit_records(g) if r.get("request_id") == rid) for g, rid in zip(
+            (fast, slow), ids, strict=True)]
+        a, b = records
+        assert set(a) == set(b)
+        for field in ("decision", "status", "principal", "tier", "model", "api", "bound", "usage", "clamped"):
+            assert a.get(field) == b.get(field), field
+        assert a["decision"] == "allowed" and a["status"] == 200
+        assert answers[0][1]["x-kgate-k"] == answers[1][1]["x-kgate-k"]
+
+
+async def test_one_connection_serves_fast_and_handed_off_requests_in_order(redis_url: str,
+                                                                          tmp_path: Path) -> None:
+    """Keep-alive across both servers: fast requests, then one aiohttp must take, then more (aiohttp's from
+    then on), all answered in order on one connection; and pipelined requests in one write."""
+    async with two_gateways(tmp_path, redis_url) as (fast, _slow), connect(fast.url) as c:
+        sequence = [REQUESTS["ok"], REQUESTS["not json"], REQUESTS["ok"], REQUESTS["health"], REQUESTS["ok"],
+                    REQUESTS["a stream"], REQUESTS["ok"]]
+        statuses = []
+        for data in sequence:
+            await c.send(data)
+            statuses.append((await c.answer())[0])
+        assert statuses == [200, 400, 200, 200, 200, 200, 200]
+    async with two_gateways(tmp_path / "2", redis_url) as (fast, _slow), connect(fast.url) as c:
+        await c.send(REQUESTS["ok"] * 3 + REQUESTS["bad key"] + REQUESTS["ok"])
+        answers = [await c.answer() for _ in range(5)]
+        assert [a[0] for a in answers] == [200, 200, 200, 401, 200]
+        ids = [a[1]["x-kgate-request-id"] for a in answers]
+        assert ids == sorted(ids) and len(set(ids)) == 5  # answered in the order sent
+        await c.send(REQUESTS["ok"] + REQUESTS["health"] + REQUESTS["ok"])  # pipelined across the hand-off
+        assert [(await c.answer())[0] for _ in range(3)] == [200, 200, 200]
+
+
+async def test_a_request_in_pieces_is_served_and_a_slow_one_goes_to_aiohttp(redis_url: str, tmp_path: Path) -> None:
+    data = REQUESTS["ok"]
+    head_end = data.index(b"\r\n\r\n") + 4
+    async with two_gateways(tmp_path, redis_url) as (fast, _slow):
+        for pause in (0.05, WAIT_FOR_WHOLE + 0.5):
+            for cut in (10, head_end, head_end + 5):
+                async with connect(fast.url) as c:
+                    await c.send(data[:cut])
+                    await asyncio.sleep(pause)
+                    await c.send(data[cut:])
+                    assert (await c.answer())[0] == 200, (pause, cut)
+                    await c.send(data)  # and the connection goes on
+                    assert (await c.answer())[0] == 200
+
+
+async def test_connection_close_is_honoured(redis_url: str, tmp_path: Path) -> None:
+    async with two_gateways(tmp_path, redis_url) as (fast, _slow), connect(fast.url) as c:
+        await c.send(post(CHAT, extra="Connection: close\r\n"))
+        status, headers, _ = await c.answer()
+        assert status == 200 and headers.get("connection") == "close"
+        assert await c.closed()
+
+
+async def test_a_client_gone_before_its_answer_is_still_charged_and_recorded(redis_url: str,
+                                                                            tmp_path: Path) -> None:
+    """As with aiohttp's default: the unary request runs to its end; its answer goes nowhere."""
+    async with two_gateways(tmp_path, redis_url) as (fast, _slow):
+        before = len(audit_records(fast))
+        async with connect(fast.url) as c:
+            await c.send(REQUESTS["ok"])
+        async with asyncio.timeout(LIMIT):
+            while len(audit_records(fast)) == before:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        rec = audit_records(fast)[-1]
+        assert rec["decision"] == "allowed" and rec["status"] == 200
+
+
+async def test_a_connection_that_says_nothing_gets_the_header_timeout(redis_url: str, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, redis_url, server={"header_timeout_seconds": 0.5, "keepalive_timeout_seconds": 0.8})
+    async with running_gateway(cfg) as g:
+        async with connect(g.url) as c:
+            status, headers, _ = await c.answer()
+            assert status == 408 and headers.get("connection") == "close"
+            assert await c.closed()
+        async with connect(g.url) as c:  # kept alive after an answer, then idle: closed without a word
+            await c.send(REQUESTS["ok"])
+            assert (await c.answer())[0] == 200
+            assert await c.closed()
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_the_setting_chooses_the_server(redis_url: str, tmp_path: Path, fast_path: bool) -> None:
+    cfg = make_config(tmp_path, redis_url, server={"fast_path": fast_path})
+    async with running_gateway(cfg) as g:
+        status, headers, _ = await one(g.url, REQUESTS["ok"])
+        assert status == 200
+        # aiohttp names itself; the fast path does not (the one visible difference in its answers)
+        assert ("server" in headers) is (not fast_path)
