@@ -106,7 +106,8 @@ class FastPath(asyncio.Protocol):
     """One client connection: serves requests of the common shape, hands the connection to aiohttp at the
     first that is not (see the module's docstring)."""
 
-    __slots__ = ("_buf", "_busy", "_closing", "_server", "_task", "_timer", "_timer_kind", "transport")
+    __slots__ = ("_buf", "_busy", "_closing", "_idle_since", "_server", "_task", "_timer", "_timer_kind",
+                 "transport")
 
     def __init__(self, server: GuardedServer):
         self._server = server
@@ -117,6 +118,7 @@ class FastPath(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None  # the request being answered (the loop holds weak ones)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""
+        self._idle_since = 0.0  # loop time of the last answer
 
     # ------------------------------------------------------------------------------- connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -177,7 +179,8 @@ class FastPath(asyncio.Protocol):
             if self._timer is None or self._timer_kind != "whole":
                 self._arm(WAIT_FOR_WHOLE, self._hand_off, kind="whole")
             return
-        self._disarm()
+        if self._timer_kind != "idle":  # the idle timer stays: it looks again when it fires (no timer per request)
+            self._disarm()
         self._busy = True
         self._task = asyncio.get_running_loop().create_task(self._answer(req))
 
@@ -268,10 +271,11 @@ class FastPath(asyncio.Protocol):
             return
         if not transport.is_reading():  # paused while a pipelining client sent more than MAX_BUFFERED
             transport.resume_reading()
+        self._idle_since = asyncio.get_running_loop().time()
         if self._buf:
             self._next()
-        else:
-            self._arm(self._server._kgate.config.server.keepalive_timeout_seconds, self._idle_expired)
+        elif self._timer is None:
+            self._arm(self._server._kgate.config.server.keepalive_timeout_seconds, self._idle_expired, "idle")
 
     async def _hung_up(self, head: _Head) -> None:
         call = Call(head.adapter, {}, head.path, head.headers, _NO_QUERY, "", lambda: "closed")
@@ -321,8 +325,16 @@ class FastPath(asyncio.Protocol):
         self.transport.close()
 
     def _idle_expired(self) -> None:
+        """Close a connection idle for ``keepalive_timeout_seconds``; else look again when it could be."""
         self._timer = None
-        if not self._busy and not self._buf and self.transport is not None:
+        self._timer_kind = ""
+        if self.transport is None or self._buf:  # a partial request has its own timer
+            return
+        keepalive = self._server._kgate.config.server.keepalive_timeout_seconds
+        left = keepalive if self._busy else self._idle_since + keepalive - asyncio.get_running_loop().time()
+        if left > 0:
+            self._arm(left, self._idle_expired, "idle")
+        else:
             self.transport.close()
 
 

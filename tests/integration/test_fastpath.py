@@ -263,3 +263,26 @@ async def test_the_setting_chooses_the_server(redis_url: str, tmp_path: Path, fa
         assert status == 200
         # aiohttp names itself; the fast path does not (the one visible difference in its answers)
         assert ("server" in headers) is (not fast_path)
+
+
+async def test_requests_cut_anywhere_across_reads_are_all_answered_in_order(redis_url: str, tmp_path: Path) -> None:
+    """A pipelined byte stream of fast and handed-off requests, cut at random places into reads: every
+    request answered once, in order, with its own status (seeded: the same cuts every run)."""
+    import random
+
+    rng = random.Random(18)
+    kinds = ["ok", "bad key", "not json", "ok", "anthropic", "ok"]
+    want = {"ok": 200, "bad key": 401, "not json": 400, "anthropic": 200, "health": 200}
+    async with two_gateways(tmp_path, redis_url) as (fast, _slow):
+        for trial in range(6):
+            seq = [rng.choice(kinds) for _ in range(5)] + (["health", "ok"] if trial % 2 else ["ok"])
+            data = b"".join(REQUESTS[k] for k in seq)
+            cuts = sorted(rng.sample(range(1, len(data)), 6))
+            async with connect(fast.url) as c:
+                last = 0
+                for cut in [*cuts, len(data)]:
+                    await c.send(data[last:cut])
+                    last = cut
+                    await asyncio.sleep(rng.choice((0, 0, 0.01)))
+                got = [(await c.answer())[0] for _ in seq]
+            assert got == [want[k] for k in seq], (trial, seq, cuts)
