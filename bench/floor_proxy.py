@@ -26,11 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httptools  # noqa: E402
-from aiohttp import web  # noqa: E402
+import httptools
+from aiohttp import web
 
-from gateway.proxy.http_client import HttpClient  # noqa: E402
-from gateway.proxy.upstream_client import Timeouts  # noqa: E402
+from gateway.proxy.http_client import HttpClient
+from gateway.proxy.upstream_client import Timeouts
 
 TIMEOUTS = Timeouts(connect=5.0, read=60.0, total=120.0)
 MAX_BODY = 16 << 20

@@ -444,8 +444,9 @@ def main() -> int:
             for floor in ("floor", "floor-raw"):
                 if f"{floor}/{mode}/c{conns}" in ratios:
                     f = results[f"{floor}/{mode}/c{conns}"]
-                    print(f"{mode:>6} c{conns:<3} {floor} (transport, no policy work): {ratios[f'{floor}/{mode}/c{conns}']:.1%}"
-                          f" of the simulator, {f['cpu_us']:.0f} us CPU/request against kgate's {g['cpu_us']:.0f}; "
+                    share = ratios[f"{floor}/{mode}/c{conns}"]
+                    print(f"{mode:>6} c{conns:<3} {floor} (transport, no policy work): {share:.1%} of the simulator,"
+                          f" {f['cpu_us']:.0f} us CPU/request against kgate's {g['cpu_us']:.0f}; "
                           f"added p50 = {f['p50_ms'] - s['p50_ms']:.3f} ms")
             if "litellm" in targets:
                 x = results[f"litellm/{mode}/c{conns}"]

@@ -91,6 +91,24 @@ def test_gateway_bench_with_the_embedded_store_setup(tmp_path: Path) -> None:
         assert r["rps"] > 0 and r["non2xx"] == 0, (name, r)
 
 
+def test_gateway_bench_runs_the_transport_floors_on_json(tmp_path: Path) -> None:
+    """``--floor both``: bench/floor_proxy.py on aiohttp and on the bare protocol, JSON cases only, each
+    with its rows and its share of the simulator; answers checked like any target's."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gateway_bench.py"), "--duration", "0.5", "--runs", "1",
+         "--connections", "1", "--load", "python", "--floor", "both", "--ttfb-requests", "5",
+         "--json-out", str(out)],
+        capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    for name in ("floor/json/c1", "floor-raw/json/c1"):
+        assert doc["results"][name]["rps"] > 0 and doc["results"][name]["non2xx"] == 0, name
+        assert 0 < doc["ratios"][name] < 5
+    assert not [k for k in doc["results"] if k.startswith("floor") and "/stream/" in k]
+    assert "floor-raw (transport, no policy work)" in proc.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_instruction_count_reports_the_gateway_and_its_redis() -> None:
