@@ -58,7 +58,7 @@ async def open_gateway(args: argparse.Namespace) -> AsyncIterator[Gateway]:
     key_env = cfg.audit.hmac_key_env
     hmac_key = os.environ.get(key_env, "").encode() if key_env else b""
     gw.audit = AuditLog(cfg.audit.dir, gw.replica, hmac_key=hmac_key or None)
-    await gw.audit.start()
+    await gw.audit.start(open_file=False)  # a read-only command writes nothing: no empty day file
     try:
         yield gw
     finally:

@@ -133,11 +133,11 @@ class ChainAppender:
     def write_lines(self, data: bytes) -> None:
         """Append whole lines to the current file, or none of them (a partial write is cut off again)."""
         assert self.fd is not None and self._file is not None
-        view = memoryview(data)
         written = 0
         try:
+            written = os.write(self.fd, data)  # whole, but for a full disk or a signal
             while written < len(data):
-                written += os.write(self.fd, view[written:])
+                written += os.write(self.fd, memoryview(data)[written:])
         except OSError as exc:
             self._undo_partial(written)
             raise AuditError(f"cannot write {self._file}: {exc.strerror or exc}") from exc

@@ -47,6 +47,8 @@ class _Item:
 
 
 _STOP = object()
+# Keys a record given to the log loses (a caller's chain fields, text).
+_DROPPED_KEYS = frozenset(CHAIN_FIELDS) | TEXT_KEYS
 
 
 class AuditLog:
@@ -105,12 +107,14 @@ class AuditLog:
         return self._sink.errors if self._sink is not None else 0
 
     # ---------------------------------------------------------------------------------- lifetime
-    async def start(self) -> None:
-        """Create the directory, take the replica's lock, resume the chain (and start the fsync thread)."""
+    async def start(self, *, open_file: bool = True) -> None:
+        """Create the directory, take the replica's lock, resume the chain, open the day's file (and start
+        the fsync thread). ``open_file=False``: open it at the first record instead (a command line that
+        may write nothing leaves no empty file behind)."""
         if self._started:
             raise AuditError("audit log already started")
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self._out.open)
+        await asyncio.to_thread(self._open if open_file else self._out.open)
         self._started = True
         if self._fsync:
             self._stopped = self._loop.create_future()
@@ -118,6 +122,20 @@ class AuditLog:
             self._thread.start()
         if self._sink is not None:
             self._sink.start()
+
+    def _open(self) -> None:
+        """In a thread: resume the chain and open the file the next record goes to now, not at the first
+        record: under load the process may be out of file descriptors by then (thousands of open streams).
+        A torn tail is noted here, in the new segment, as the first write would have done."""
+        out = self._out
+        out.open()
+        try:
+            written = out.records_written
+            out.ensure_file(utc_day(self._clock()))
+            if self._fsync and out.records_written != written and out.fd is not None:
+                os.fsync(out.fd)  # the torn-tail note, durable like any record with fsync
+        except Exception as exc:  # the first write tries again (and fails, counted, if it still cannot)
+            log.warning("audit log: cannot open the current file at start: %s", exc)
 
     async def close(self) -> None:
         """Stop accepting records, write everything queued, flush, and release the files."""
@@ -137,28 +155,30 @@ class AuditLog:
             await self._sink.close()
 
     # ------------------------------------------------------------------------------------ writing
-    async def write(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    async def write(self, record: Mapping[str, Any], *, fresh: bool = False) -> dict[str, Any]:
         """Append ``record``; return it as written (with ``seq``, ``prev``, ``hash``) once it is in the file.
         (Values JSON has no type for — a set, a Path — are written as lists and strings; the returned dict
-        may hold them as given.)
+        may hold them as given.) ``fresh``: ``record`` is a dict made for this call that the caller does not
+        use again; the log then completes it in place instead of copying it.
 
         Raises :class:`AuditError` when the line could not be written (also counted in ``write_errors``).
         """
         loop = self._require_started()
         if self._thread is None:
-            return self._write_now(self._prepare(record))
+            return self._write_now(self._prepare(record, fresh))
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._enqueue(self._prepare(record), fut)
+        self._enqueue(self._prepare(record, fresh), fut)
         return await fut
 
-    def write_nowait(self, record: Mapping[str, Any]) -> None:
-        """Write ``record`` without waiting for it; a failed write is counted in ``write_errors``."""
+    def write_nowait(self, record: Mapping[str, Any], *, fresh: bool = False) -> None:
+        """Write ``record`` without waiting for it; a failed write is counted in ``write_errors``.
+        ``fresh`` as for :meth:`write`."""
         self._require_started()
         if self._thread is None:
             with contextlib.suppress(AuditError):  # counted, and logged, by _write_now
-                self._write_now(self._prepare(record))
+                self._write_now(self._prepare(record, fresh))
             return
-        self._enqueue(self._prepare(record), None)
+        self._enqueue(self._prepare(record, fresh), None)
 
     def _require_started(self) -> asyncio.AbstractEventLoop:
         if not self._started or self._loop is None:
@@ -167,23 +187,26 @@ class AuditLog:
             raise AuditError("audit log is closed")
         return self._loop
 
-    def _prepare(self, record: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
+    def _prepare(self, record: Mapping[str, Any], fresh: bool = False) -> tuple[dict[str, Any], float]:
         """The record as the log keeps it (no chain fields of the caller's, no text, ``ts`` in RFC 3339),
         and the clock reading that picks its day file."""
         now = self._clock()
-        rec = dict(record)
-        for k in CHAIN_FIELDS:
-            rec.pop(k, None)
-        if not TEXT_KEYS.isdisjoint(rec):
-            text_keys = sorted(TEXT_KEYS.intersection(rec))
-            for k in text_keys:
-                del rec[k]
-            rec["redacted"] = text_keys
-            self.redactions += 1
-            log.warning("audit record carried text fields %s: dropped", text_keys)
+        rec = record if fresh and type(record) is dict else dict(record)
+        if not _DROPPED_KEYS.isdisjoint(rec):  # one look at the keys for the usual record, which has none
+            for k in CHAIN_FIELDS:
+                rec.pop(k, None)
+            if not TEXT_KEYS.isdisjoint(rec):
+                text_keys = sorted(TEXT_KEYS.intersection(rec))
+                for k in text_keys:
+                    del rec[k]
+                rec["redacted"] = text_keys
+                self.redactions += 1
+                log.warning("audit record carried text fields %s: dropped", text_keys)
         ts = rec.get("ts")
         if ts is None:
             rec["ts"] = rfc3339(now)
+        elif ts.__class__ is float:  # the usual case (time.time()), before the general test below
+            rec["ts"] = rfc3339(ts)
         elif isinstance(ts, (int, float)) and not isinstance(ts, bool):
             rec["ts"] = rfc3339(float(ts))  # epoch seconds from the caller: stored as RFC 3339 like the rest
         rec.setdefault("replica", self.replica)

@@ -152,8 +152,10 @@ class Engine:
         if not settlement.post_usage(self.gw, adm, measured):
             await settlement.settle_to_the_end(self.gw, adm, measured)
         end.decision, end.status = _decision(adm), status
-        return {**answer_headers(adm.facts, adm.reservation), "x-kgate-k": f"{measured.k:.6g}",
-                "x-kgate-flops": f"{measured.flops:.6g}"}
+        headers = answer_headers(adm.facts, adm.reservation)  # a new dict: extended, not copied
+        headers["x-kgate-k"] = f"{measured.k:.6g}"
+        headers["x-kgate-flops"] = f"{measured.flops:.6g}"
+        return headers
 
     def stream_meter(self, adm: Admission) -> StreamMeter:
         return adm.parsed.adapter.stream_meter(adm.parsed.request, adm.forward.wants_usage)

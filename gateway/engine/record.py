@@ -51,7 +51,7 @@ def observe(gw: Gateway, facts: Facts, ending: Ending) -> None:
             gw.detach(record(gw, facts, ending))
             return
         ending.recorded = True
-        gw.audit.write_nowait(audit_record(gw, facts, ending, elapsed))
+        gw.audit.write_nowait(audit_record(gw, facts, ending, elapsed), fresh=True)
 
 
 async def record(gw: Gateway, facts: Facts, ending: Ending, *, again: bool = False) -> dict[str, Any] | None:
@@ -63,7 +63,8 @@ async def record(gw: Gateway, facts: Facts, ending: Ending, *, again: bool = Fal
     ending.recorded = True
     written = None
     try:
-        written = await gw.audit.write(audit_record(gw, facts, ending, time.perf_counter() - facts.started))
+        written = await gw.audit.write(audit_record(gw, facts, ending, time.perf_counter() - facts.started),
+                                       fresh=True)
     except Exception:  # counted in the writer's write_errors; the client still gets its answer
         log.exception("audit record of request %s could not be written", facts.request_id)
     if facts.eval is not None and gw.evals is not None:
@@ -86,6 +87,10 @@ def _upstream_model(cfg: Config, model: str | None) -> str | None:
 
 def audit_record(gw: Gateway, facts: Facts, ending: Ending, elapsed: float) -> dict[str, Any]:
     p, cfg, measured = facts.principal, facts.config, ending.measured
+    usage = None
+    if measured:
+        usage = measured.as_dict()  # a new dict each call: extended in place rather than copied
+        usage["overrun"] = measured.overrun
     rec = {
         "ts": time.time(),
         "request_id": facts.request_id,
@@ -101,7 +106,7 @@ def audit_record(gw: Gateway, facts: Facts, ending: Ending, elapsed: float) -> d
         "api": facts.api,
         "stream": facts.stream,
         "bound": facts.bound.as_dict() if facts.bound else None,
-        "usage": {**measured.as_dict(), "overrun": measured.overrun} if measured else None,
+        "usage": usage,
         "decision": ending.decision,
         "reason": ending.reason,
         "rule": ending.rule if ending.rule is not None else facts.rule,
