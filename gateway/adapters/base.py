@@ -104,6 +104,8 @@ class Adapter(ABC):
 
     def upstream_url_path(self, upstream_model: str, path_params: Mapping[str, str], query: str) -> str:
         """The path (and query, credentials removed) to call on the upstream."""
+        if not query:  # most requests
+            return self.upstream_path
         kept = upstream_query(query)
         return self.upstream_path + (f"?{kept}" if kept else "")
 
@@ -137,10 +139,14 @@ def req_int(body: Mapping[str, Any], key: str, *, default: int | None = None, mi
             maximum: int | None = None, param: str | None = None) -> int | None:
     """An optional integer field, validated: bools, floats with a fraction and magnitudes above
     :data:`MAX_INT` are refused."""
-    name = param or key
-    if key not in body or body[key] is None:
+    v = body.get(key)
+    if v is None:
         return default
-    v = body[key]
+    # The common case first: a plain int within every limit (the checks below would pass it unchanged).
+    if type(v) is int and -MAX_INT <= v <= MAX_INT and (minimum is None or v >= minimum) and (
+            maximum is None or v <= maximum):
+        return v
+    name = param or key
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise BadRequest(f"'{name}' must be an integer, got {type(v).__name__}", param=name)
     if abs(v) > MAX_INT:
@@ -231,7 +237,7 @@ def nonneg(x: Any) -> int:
     overrun it is, but finite, so that the ledger can post it and the audit log can write it."""
     if type(x) is int:  # the common case, first
         return x if 0 < x <= USAGE_CEILING else (USAGE_CEILING if x > 0 else 0)
-    if isinstance(x, bool) or x is None:
+    if x is None or isinstance(x, bool):
         return 0
     if isinstance(x, str):
         try:

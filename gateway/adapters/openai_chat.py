@@ -35,6 +35,8 @@ from gateway.engine.errors import BadRequest
 from gateway.policy.config import EFFORT_ORDER
 
 _CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+# The fields _thinking_disabled and _effort read: a body with none of them has neither.
+_REASONING_FIELDS = frozenset({"thinking", "chat_template_kwargs", "reasoning_effort", "reasoning"})
 
 
 class ChatCompletions(OpenAIAdapter):
@@ -54,13 +56,17 @@ class ChatCompletions(OpenAIAdapter):
         req_bool(b, "use_beam_search")  # beam width is n: nothing more to count, but it must be a bool
         max_completion = cap_field(b, "max_completion_tokens")
         max_tokens = cap_field(b, "max_tokens")
+        if _REASONING_FIELDS.isdisjoint(b):  # most requests: no field to read for thinking or effort
+            thinking_disabled, effort = False, None
+        else:
+            thinking_disabled, effort = _thinking_disabled(b), _effort(b)
         return ComputeRequest(
             api=self.api,
             model=model,
             samples=max(n, best_of or 1),
             output_cap=max_completion if max_completion is not None else max_tokens,
-            thinking_disabled=_thinking_disabled(b),
-            effort=_effort(b),
+            thinking_disabled=thinking_disabled,
+            effort=effort,
             stream=stream_field(b),
         )
 
@@ -114,12 +120,22 @@ class ChatCompletions(OpenAIAdapter):
         return prepare_stream_usage(body, upstream_model, stream)
 
     def usage_from_json(self, body: Any, req: ComputeRequest) -> Usage:
-        choices = body.get("choices") if isinstance(body, dict) else None
-        choices = [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
-        messages = [c["message"] for c in choices if isinstance(c.get("message"), dict)]
-        samples = len(choices) or req.samples
-        reasoning_est = sum(text_tokens(reasoning_text(m)) for m in messages)
-        usage = body.get("usage") if isinstance(body, dict) else None
+        # One loop over the choices (usually one) rather than comprehensions: this runs on every JSON answer.
+        n_choices = reasoning_est = 0
+        messages: list[Mapping[str, Any]] = []
+        usage = None
+        if isinstance(body, dict):
+            usage = body.get("usage")
+            choices = body.get("choices")
+            if isinstance(choices, list):
+                for c in choices:
+                    if isinstance(c, dict):
+                        n_choices += 1
+                        message = c.get("message")
+                        if isinstance(message, dict):
+                            messages.append(message)
+                            reasoning_est += text_tokens(reasoning_text(message))
+        samples = n_choices or req.samples
         if has_counts(usage, "prompt_tokens", "completion_tokens", "total_tokens"):
             assert isinstance(usage, dict)
             return usage_from_counts(usage, samples=samples, reasoning_estimate=reasoning_est,

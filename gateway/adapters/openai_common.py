@@ -162,8 +162,9 @@ def usage_from_counts(u: Mapping[str, Any], *, samples: int, reasoning_estimate:
     """
     prompt = nonneg(u.get(prompt_key))
     total = nonneg(u.get("total_tokens"))
-    if completion_key in u and u.get(completion_key) is not None:
-        completion = nonneg(u.get(completion_key))
+    completion_v = u.get(completion_key)
+    if completion_v is not None:
+        completion = nonneg(completion_v)
     else:  # some servers send only the total
         completion = max(total - prompt, 0)
     reasoning = reported_reasoning(u, details_key)
@@ -230,7 +231,11 @@ def cached_tokens(u: Mapping[str, Any]) -> int:
 
 def has_counts(u: Any, *keys: str) -> bool:
     """Whether ``u`` is a usage object carrying at least one of ``keys``."""
-    return isinstance(u, dict) and any(u.get(k) is not None for k in keys)
+    if isinstance(u, dict):
+        for k in keys:  # a loop, not any(<generator>): on every answer's path
+            if u.get(k) is not None:
+                return True
+    return False
 
 
 # ------------------------------------------------------------------------------------- stream meter

@@ -20,7 +20,7 @@ N active parameters, V_ref the model's reference answer length.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from gateway.policy.config import EFFORT_ORDER, ModelConfig, TierConfig
@@ -31,7 +31,12 @@ from gateway.policy.config import EFFORT_ORDER, ModelConfig, TierConfig
 UsageSource = Literal["upstream", "counted", "estimated", "bound"]
 
 
-@dataclass(frozen=True)
+# The value classes below are frozen dataclasses with a hand-written ``__init__`` (``init=False``): the
+# generated one of a frozen dataclass sets each field through ``object.__setattr__``, about three times the
+# cost of filling the instance's dict directly, and these are built several times per request. Each
+# ``__init__`` takes the fields in their declared order with their declared defaults
+# (tests/unit/test_perf_compute.py checks that it stays so).
+@dataclass(frozen=True, init=False)
 class ComputeRequest:
     """What a parsed request asks for, in the terms of the compute model.
 
@@ -50,6 +55,21 @@ class ComputeRequest:
     stream: bool = False
     prompts: int = 1
 
+    def __init__(self, api: str, model: str, samples: int = 1, prompt_tokens: int = 0, output_cap: int | None = None,
+                 thinking_budget: int | None = None, thinking_disabled: bool = False, effort: str | None = None,
+                 stream: bool = False, prompts: int = 1) -> None:
+        d = self.__dict__
+        d["api"] = api
+        d["model"] = model
+        d["samples"] = samples
+        d["prompt_tokens"] = prompt_tokens
+        d["output_cap"] = output_cap
+        d["thinking_budget"] = thinking_budget
+        d["thinking_disabled"] = thinking_disabled
+        d["effort"] = effort
+        d["stream"] = stream
+        d["prompts"] = prompts
+
     def named(self, model: str, prompt_tokens: int) -> ComputeRequest:
         """This request for ``model`` with ``prompt_tokens`` (``dataclasses.replace`` spelled out: it
         is on every request's path, and replace() looks up every field by name)."""
@@ -57,7 +77,7 @@ class ComputeRequest:
                               self.thinking_disabled, self.effort, self.stream, self.prompts)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Bound:
     """The admission bound: upper limits of what the request can spend."""
 
@@ -71,6 +91,20 @@ class Bound:
     k_max: float
     flops_max: float
 
+    def __init__(self, samples: int, prompt_tokens: int, output_cap: int, reasoning_budget: int,
+                 generated_tokens_max: int, output_tokens_max: int, reasoning_tokens_max: int, k_max: float,
+                 flops_max: float) -> None:
+        d = self.__dict__
+        d["samples"] = samples
+        d["prompt_tokens"] = prompt_tokens
+        d["output_cap"] = output_cap
+        d["reasoning_budget"] = reasoning_budget
+        d["generated_tokens_max"] = generated_tokens_max
+        d["output_tokens_max"] = output_tokens_max
+        d["reasoning_tokens_max"] = reasoning_tokens_max
+        d["k_max"] = k_max
+        d["flops_max"] = flops_max
+
     def as_dict(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict deep-copies and costs more than the whole bound computation.
         return {"samples": self.samples, "prompt_tokens": self.prompt_tokens, "output_cap": self.output_cap,
@@ -79,7 +113,7 @@ class Bound:
                 "k_max": self.k_max, "flops_max": self.flops_max}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Usage:
     """What a request actually spent, with where the figures came from."""
 
@@ -90,18 +124,37 @@ class Usage:
     source: UsageSource = "upstream"
     cached_tokens: int = 0
 
+    def __init__(self, samples: int, prompt_tokens: int, reasoning_tokens: int, output_tokens: int,
+                 source: UsageSource = "upstream", cached_tokens: int = 0) -> None:
+        d = self.__dict__
+        d["samples"] = samples
+        d["prompt_tokens"] = prompt_tokens
+        d["reasoning_tokens"] = reasoning_tokens
+        d["output_tokens"] = output_tokens
+        d["source"] = source
+        d["cached_tokens"] = cached_tokens
+
     @property
     def generated_tokens(self) -> int:
         return self.reasoning_tokens + self.output_tokens
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Measured:
     usage: Usage
     k: float
     flops: float
     overrun: bool = False
-    overrun_reasons: tuple[str, ...] = field(default_factory=tuple)
+    overrun_reasons: tuple[str, ...] = ()
+
+    def __init__(self, usage: Usage, k: float, flops: float, overrun: bool = False,
+                 overrun_reasons: tuple[str, ...] = ()) -> None:
+        d = self.__dict__
+        d["usage"] = usage
+        d["k"] = k
+        d["flops"] = flops
+        d["overrun"] = overrun
+        d["overrun_reasons"] = overrun_reasons
 
     def as_dict(self) -> dict[str, Any]:
         u = self.usage
@@ -110,7 +163,7 @@ class Measured:
             "prompt_tokens": u.prompt_tokens,
             "reasoning_tokens": u.reasoning_tokens,
             "output_tokens": u.output_tokens,
-            "generated_tokens": u.generated_tokens,
+            "generated_tokens": u.reasoning_tokens + u.output_tokens,  # u.generated_tokens, without the call
             "k": self.k,
             "flops": self.flops,
             "source": u.source,
@@ -235,14 +288,15 @@ def expected_generated(req: ComputeRequest, model: ModelConfig, bound: Bound,
 # -------------------------------------------------------------------------------------------- measuring
 def measure(usage: Usage, model: ModelConfig, bound: Bound | None = None) -> Measured:
     """K and FLOPs from actual usage; flags an overrun when the provider exceeded the admission bound."""
-    k = k_multiple(model, usage.samples, usage.generated_tokens, usage.output_tokens)
-    f = flops(model, usage.prompt_tokens, usage.generated_tokens, usage.samples)
+    generated = usage.reasoning_tokens + usage.output_tokens  # usage.generated_tokens, once
+    k = k_multiple(model, usage.samples, generated, usage.output_tokens)
+    f = flops(model, usage.prompt_tokens, generated, usage.samples)
     reasons: list[str] = []
     if bound is not None:
         if k > bound.k_max * (1 + 1e-9):
             reasons.append(f"k {k:.4g} > k_max {bound.k_max:.4g}")
-        if usage.generated_tokens > bound.generated_tokens_max:
-            reasons.append(f"generated {usage.generated_tokens} > {bound.generated_tokens_max}")
+        if generated > bound.generated_tokens_max:
+            reasons.append(f"generated {generated} > {bound.generated_tokens_max}")
         if usage.reasoning_tokens > bound.reasoning_tokens_max:
             reasons.append(f"reasoning {usage.reasoning_tokens} > {bound.reasoning_tokens_max}")
         if f > bound.flops_max * (1 + 1e-9):
@@ -252,7 +306,7 @@ def measure(usage: Usage, model: ModelConfig, bound: Bound | None = None) -> Mea
             if usage.prompt_tokens > bound.prompt_tokens:
                 why += f" (prompt {usage.prompt_tokens} > estimated {bound.prompt_tokens})"
             reasons.append(why)
-    return Measured(usage=usage, k=k, flops=f, overrun=bool(reasons), overrun_reasons=tuple(reasons))
+    return Measured(usage, k, f, True, tuple(reasons)) if reasons else Measured(usage, k, f)
 
 
 # ----------------------------------------------------------------------------------------- caps & clamp
