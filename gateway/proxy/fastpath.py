@@ -1,15 +1,18 @@
 """The fast path: the client connection's protocol, serving the common request itself (docs/design.md §4.2).
 
 Nearly every request a gateway sees is the same shape: ``POST /v1/chat/completions`` (or another API route
-without path parameters), HTTP/1.1, a ``Content-Length`` body of JSON, not a stream. For that request
+without path parameters), HTTP/1.1, a ``Content-Length`` body of JSON. For that request
 aiohttp's server costs about 80 µs of CPU per request of this VM's (``bench/gateway_bench.py --floor
 both``: its request and response objects, routing, the payload stream); the engine's work is the same
 whatever carries it. This protocol parses such a request itself, runs it through
-:func:`gateway.proxy.forward.serve` — the very flow aiohttp's handler runs — and writes the answer in one
-``write``.
+:func:`gateway.proxy.forward.serve` — the very flow aiohttp's handler runs — and writes a unary answer in
+one ``write``; a stream is relayed by :func:`gateway.proxy.stream.relay`, as aiohttp's handler relays it,
+through :class:`_Chunked` (chunked transfer coding on the connection's transport, with the transport's flow
+control as the write timeout's measure: a client that stops reading is waited for ``write_timeout_seconds``,
+then dropped).
 
 Everything else goes to aiohttp, unchanged: as soon as a connection shows anything but that shape (a GET,
-a stream, a query string, chunked or missing ``Content-Length``, ``Expect``, ``Upgrade``, HTTP/1.0, a
+a query string, chunked or missing ``Content-Length``, ``Expect``, ``Upgrade``, HTTP/1.0, a
 header line that is not plain ``name: value``, a path that is not exactly a route, a body over
 ``server.max_body_bytes``, a request not whole within :data:`WAIT_FOR_WHOLE` seconds), the connection is
 handed to aiohttp's protocol with every byte it has received (nothing of that request was consumed), and
@@ -40,6 +43,7 @@ from gateway.engine.errors import ClientClosed, GatewayError
 from gateway.engine.metering import decode_body
 from gateway.engine.request import Admission, Call
 from gateway.proxy.forward import BODY_CUT, Answer, serve
+from gateway.proxy.stream import relay
 
 if TYPE_CHECKING:
     from gateway.proxy.client_limits import GuardedServer
@@ -106,8 +110,8 @@ class FastPath(asyncio.Protocol):
     """One client connection: serves requests of the common shape, hands the connection to aiohttp at the
     first that is not (see the module's docstring)."""
 
-    __slots__ = ("_buf", "_busy", "_closing", "_idle_since", "_server", "_task", "_timer", "_timer_kind",
-                 "transport")
+    __slots__ = ("_buf", "_busy", "_closing", "_drain_waiter", "_idle_since", "_paused", "_server", "_task",
+                 "_timer", "_timer_kind", "transport")
 
     def __init__(self, server: GuardedServer):
         self._server = server
@@ -119,6 +123,8 @@ class FastPath(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""
         self._idle_since = 0.0  # loop time of the last answer
+        self._paused = False  # the transport's write buffer is over its high-water mark (a stream waits)
+        self._drain_waiter: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------------------- connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,6 +135,7 @@ class FastPath(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        self._wake_writer()
         self._server.fast_connections.discard(self)
         if not self._busy and self._buf:
             head = self._head()
@@ -147,6 +154,35 @@ class FastPath(asyncio.Protocol):
                 self.transport.pause_reading()  # resumed when the answer in flight is written
             return
         self._next()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until the client has taken enough of what was written (the transport resumed writing);
+        False when it has gone, or has taken nothing for ``timeout`` seconds (then it is dropped)."""
+        transport = self.transport
+        while self._paused and transport is not None and not transport.is_closing():
+            waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            except TimeoutError:
+                transport.abort()
+                return False
+            finally:
+                self._drain_waiter = None
+            transport = self.transport
+        return transport is not None and not transport.is_closing()
 
     def eof_received(self) -> bool | None:
         if self._busy:
@@ -227,7 +263,7 @@ class FastPath(asyncio.Protocol):
 
     def _whole(self, head: _Head) -> _Request | _Head | None:
         """The request of ``head``, taken from the buffer once its body is whole; ``head`` while the body is
-        incomplete; None for a stream (aiohttp's: its writes, its write timeout)."""
+        incomplete."""
         buf = self._buf
         stop = head.start + head.length
         if len(buf) < stop:
@@ -236,8 +272,6 @@ class FastPath(asyncio.Protocol):
         doc: dict[str, Any] | None = None
         try:
             doc = decode_body(body)
-            if head.adapter.is_stream(doc, {}):
-                return None
         except GatewayError:
             doc = None  # the engine refuses it, in the API's shape, as for any transport
         self._buf = buf[stop:]
@@ -249,7 +283,8 @@ class FastPath(asyncio.Protocol):
         call = Call(req.adapter, {}, req.path, req.headers, _NO_QUERY, "",
                     lambda: _peer(transport) if transport is not None else "closed", req.body, req.doc)
         try:
-            answer = await serve(engine, req.adapter, call, None, _same, _no_stream)
+            answer: Answer | None = await serve(engine, req.adapter, call, None, _same,
+                                                lambda adm: self._stream(adm, req))
         except asyncio.CancelledError:  # a drain that ended: the engine settled what was generated
             self._closing = True
             answer = None
@@ -264,8 +299,10 @@ class FastPath(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         close = req.close or self._closing or self._server.closing
-        if answer is not None:
-            transport.write(_head(answer, close) + answer.body)
+        if answer is _STREAMED:
+            pass  # written as it came
+        elif answer is not None:
+            transport.write(_head(answer.status, answer.headers, close, len(answer.body)) + answer.body)
         if close or answer is None:
             transport.close()
             return
@@ -276,6 +313,10 @@ class FastPath(asyncio.Protocol):
             self._next()
         elif self._timer is None:
             self._arm(self._server._kgate.config.server.keepalive_timeout_seconds, self._idle_expired, "idle")
+
+    async def _stream(self, adm: Admission, req: _Request) -> Answer:
+        answer = await relay(self._server.engine, adm, req.headers, _Chunked(self, req.close))
+        return _STREAMED if answer is None else answer
 
     async def _hung_up(self, head: _Head) -> None:
         call = Call(head.adapter, {}, head.path, head.headers, _NO_QUERY, "", lambda: "closed")
@@ -350,18 +391,55 @@ def _same(answer: Answer) -> Answer:
 
 
 async def _no_stream(adm: Admission) -> Answer:
-    raise AssertionError("the fast path takes no streams")  # checked before: is_stream is False
+    raise AssertionError("a request whose body was cut is refused before it is admitted")
 
 
-def _head(answer: Answer, close: bool) -> bytes:
-    status = answer.status
+_STREAMED = Answer(0, {}, b"")  # what the fast path's stream callback answers once it wrote the stream
+
+
+class _Chunked:
+    """The fast path's :class:`~gateway.proxy.stream.ClientStream`: a chunked answer on the connection's
+    transport, each write one chunk; past the transport's high-water mark a write waits for the client to
+    take it (:meth:`FastPath.drained`)."""
+
+    __slots__ = ("_close", "_conn")
+
+    def __init__(self, conn: FastPath, close: bool):
+        self._conn, self._close = conn, close
+
+    async def start(self, status: int, headers: dict[str, str]) -> bool:
+        conn = self._conn
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(_head(status, headers, self._close or conn._closing or conn._server.closing, None))
+        return True
+
+    async def write(self, data: bytes, timeout: float) -> bool:
+        conn = self._conn
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return await conn.drained(timeout) if conn._paused else True
+
+    async def end(self, timeout: float) -> None:
+        conn = self._conn
+        transport = conn.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"0\r\n\r\n")
+            if conn._paused:
+                await conn.drained(timeout)
+
+
+def _head(status: int, headers: dict[str, str], close: bool, length: int | None) -> bytes:
+    """A response head as aiohttp writes it: ``length`` None for a chunked body."""
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
-    headers = answer.headers
     if "Content-Type" not in headers and "content-type" not in headers:
         lines.append("Content-Type: application/octet-stream\r\n")  # as aiohttp said for a bare body
     for k, v in headers.items():
         lines.append(f"{k}: {v}\r\n")
-    lines.append(f"Content-Length: {len(answer.body)}\r\n")
+    lines.append("Transfer-Encoding: chunked\r\n" if length is None else f"Content-Length: {length}\r\n")
     if close:
         lines.append("Connection: close\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape") + b"Date: " + _http_date() + b"\r\n\r\n"

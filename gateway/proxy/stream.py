@@ -1,5 +1,9 @@
 """A streamed answer: passed to the client event by event while the engine's meter reads it.
 
+:func:`relay` is the flow of one stream, whatever server carries the client's connection: it writes through
+a :class:`ClientStream` — aiohttp's response (:mod:`gateway.proxy.handler`) or the fast path's own chunked
+writer (:mod:`gateway.proxy.fastpath`) — so both send the same events and make the same records.
+
 A client that goes away, or stops reading for ``server.write_timeout_seconds``, does not end what the
 upstream spends: the rest of the stream is drained (bounded) for its usage, then charged. A stream that
 breaks, stalls or ends without its final event gets an error event in the API's shape, and is charged
@@ -11,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import cast
-
-from aiohttp import web
+from collections.abc import Mapping
+from typing import Protocol
 
 from gateway.adapters.base import StreamMeter
 from gateway.engine.errors import GatewayError, InternalError, UpstreamError, UpstreamTimeout, render_stream_error
@@ -22,15 +25,37 @@ from gateway.engine.model_names import renamer
 from gateway.engine.request import Admission
 from gateway.evals.receipts import sse_comment
 from gateway.proxy import upstream as up
-from gateway.proxy.forward import refused_answer, send
+from gateway.proxy.forward import Answer, refused_answer, send
 from gateway.proxy.upstream_client import HttpBroken, HttpTimeout
 
 log = logging.getLogger("kgate.handler")
 _now = time.perf_counter
 
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> web.StreamResponse:
-    target, resp = await send(request.headers, engine, adm)
+
+class ClientStream(Protocol):
+    """The client's side of a streamed answer, as a server writes it. Each call says False (or returns)
+    when the client has gone away; none raises for that."""
+
+    async def start(self, status: int, headers: dict[str, str]) -> bool:
+        """Send the response head (the body follows in chunks); False: the client has gone away."""
+
+    async def write(self, data: bytes, timeout: float) -> bool:
+        """Send ``data``; False when the client has gone away, or has not taken what was sent for ``timeout``
+        seconds (a client that stops reading must not pin the request: its connection is dropped and the
+        request is treated as a disconnect)."""
+
+    async def end(self, timeout: float) -> None:
+        """The stream's last bytes; a client that does not take them within ``timeout`` is dropped."""
+
+
+async def relay(engine: Engine, adm: Admission, client_headers: Mapping[str, str], out: ClientStream
+                ) -> Answer | None:
+    """Send the admitted stream request upstream and relay its answer to ``out``, metered. An upstream's
+    error status comes back as the :class:`Answer` to send instead (no stream was started); None once the
+    stream has been relayed, charged and recorded."""
+    target, resp = await send(client_headers, engine, adm)
     t0 = adm.ending.sent_at or 0.0
     if resp.status >= 400:
         try:
@@ -40,34 +65,31 @@ async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> 
         finally:
             resp.release()
         adm.ending.upstream_seconds = _now() - t0
-        answer = await refused_answer(engine, adm, target, resp.status, data, resp.headers)
-        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+        return await refused_answer(engine, adm, target, resp.status, data, resp.headers)
     meter = engine.stream_meter(adm)
-    response = web.StreamResponse(status=resp.status, headers={
-        **up.response_headers(resp.headers), **engine.answer_headers(adm),
-        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    headers = {**up.response_headers(resp.headers), **engine.answer_headers(adm), **STREAM_HEADERS}
     failure: GatewayError | None = None
     client_gone = False
     named = renamer(adm.parsed.model_name, adm.parsed.model)
     rename = named.stream() if named is not None else None
     write_timeout = adm.facts.config.server.write_timeout_seconds
     ex = adm.ending
-    transport: asyncio.WriteTransport | None = None
+    started = False
     try:
-        transport = await _prepare(response, request)
-        if transport is None:
+        started = await out.start(resp.status, headers)
+        if not started:
             client_gone = True
         else:
             async for chunk in resp.iter_any():
                 if ex.first_byte_seconds is None:
                     ex.first_byte_seconds = _now() - t0
                 data = meter.feed(chunk)
-                if data and not await _write(response, transport, rename(data) if rename else data, write_timeout):
+                if data and not await out.write(rename(data) if rename else data, write_timeout):
                     client_gone = True
                     break
             else:
                 tail = meter.close()
-                if tail and not await _write(response, transport, rename(tail) if rename else tail, write_timeout):
+                if tail and not await out.write(rename(tail) if rename else tail, write_timeout):
                     client_gone = True
         if client_gone:
             # Keep reading what the upstream generates until its usage arrives: what hidden reasoning the
@@ -97,61 +119,21 @@ async def proxy_stream(request: web.Request, engine: Engine, adm: Admission) -> 
     if failure is not None:
         if isinstance(failure, (UpstreamError, UpstreamTimeout)):  # not a bug of ours
             await engine.upstream_failed(adm, failure, working=False)
-        if not client_gone and transport is not None:
-            client_gone = not await _write(response, transport,
-                                           render_stream_error(failure, adm.parsed.adapter.api), write_timeout)
+        if not client_gone and started:
+            client_gone = not await out.write(render_stream_error(failure, adm.parsed.adapter.api), write_timeout)
     if not client_gone:
         written = await engine.conclude(adm.facts, adm.ending)
-        if adm.tier.receipts and transport is not None and _is_sse(adm):
+        if adm.tier.receipts and started and _is_sse(adm):
             token = engine.receipt(adm, written)
             if token is not None:
-                await _write(response, transport, sse_comment(token), write_timeout)
-        try:
-            async with asyncio.timeout(write_timeout):
-                await response.write_eof()
-        except (OSError, TimeoutError):
-            if transport is not None:
-                transport.abort()
-    return response
+                await out.write(sse_comment(token), write_timeout)
+        await out.end(write_timeout)
+    return None
 
 
 def _is_sse(adm: Admission) -> bool:
     """Whether the stream is server-sent events (Gemini streams a JSON array unless asked for alt=sse)."""
     return adm.parsed.adapter.api != "gemini" or adm.parsed.path_params.get("alt") == "sse"
-
-
-# Below this much unsent data a write cannot block on the client: no timer is needed (the common case).
-_WRITE_BUFFER_SAFE = 1 << 16
-
-
-async def _prepare(response: web.StreamResponse, request: web.Request) -> asyncio.WriteTransport | None:
-    """Send the response's head; the connection's transport, or None when the client has gone away."""
-    try:
-        await response.prepare(request)
-    except (ConnectionError, OSError):
-        return None
-    # Not an isinstance check: uvloop's transports are not asyncio.Transport subclasses.
-    return cast(asyncio.WriteTransport, request.transport)
-
-
-async def _write(response: web.StreamResponse, transport: asyncio.WriteTransport, data: bytes,
-                 timeout: float) -> bool:
-    """Send to the client; False when the client has gone away, or has not taken what was sent for
-    ``timeout`` seconds (a client that stops reading must not pin the request: its connection is dropped
-    and the request is treated as a disconnect)."""
-    try:
-        if transport.get_write_buffer_size() + len(data) <= _WRITE_BUFFER_SAFE:
-            await response.write(data)
-            return True
-        try:
-            async with asyncio.timeout(timeout):
-                await response.write(data)
-        except TimeoutError:
-            transport.abort()
-            return False
-        return True
-    except (ConnectionError, OSError):  # reset, broken pipe, or a transport that is closing
-        return False
 
 
 async def _drain(target: up.Target, resp: up.Response, meter: StreamMeter) -> None:

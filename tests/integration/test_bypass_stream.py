@@ -225,7 +225,9 @@ async def test_a_flag_that_switches_reasoning_off_does_not_lower_a_strict_budget
 
 
 # ------------------------------------------------------------------------ item 8: a client that stops reading
-async def test_a_client_that_stops_reading_does_not_pin_the_request(tmp_path, redis_url, caplog):
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "aiohttp"])
+async def test_a_client_that_stops_reading_does_not_pin_the_request(tmp_path, redis_url, caplog, fast_path):
+    """On either server (the fast path writes chunks on the transport itself; aiohttp through its response)."""
     caplog.set_level(logging.ERROR)
     chunk = b"data: " + orjson.dumps({"object": "chat.completion.chunk", "model": "qwq-reasoner",
                                        "choices": [{"index": 0, "delta": {"content": "x" * 8000}}]}) + b"\n\n"
@@ -239,7 +241,8 @@ async def test_a_client_that_stops_reading_does_not_pin_the_request(tmp_path, re
         return resp
 
     async with RecordingUpstream(firehose) as up:
-        cfg = config_with_upstream(tmp_path, redis_url, up.url, tight=BIG, server={"write_timeout_seconds": 0.5})
+        cfg = config_with_upstream(tmp_path, redis_url, up.url, tight=BIG, server={"write_timeout_seconds": 0.5,
+                                                                                   "fast_path": fast_path})
         async with running_gateway(cfg) as g:
             host, port = g.url.removeprefix("http://").split(":")
             reader, writer = await asyncio.open_connection(host, int(port))
@@ -250,6 +253,7 @@ async def test_a_client_that_stops_reading_does_not_pin_the_request(tmp_path, re
                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             await writer.drain()
             head = await reader.readuntil(b"\r\n\r\n")  # the response starts; then the client reads no more
+            assert (b"\r\nServer: " not in head) == fast_path  # which server wrote it (aiohttp names itself)
             rid = next(line.split(b": ", 1)[1].decode() for line in head.split(b"\r\n")
                        if line.lower().startswith(b"x-kgate-request-id"))
             rec = await record_of(g, rid, timeout=30.0)  # the socket is still open and unread

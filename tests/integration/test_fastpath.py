@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from gatewayutil import KEYS, audit_records, make_config, running_gateway
@@ -286,3 +287,83 @@ async def test_requests_cut_anywhere_across_reads_are_all_answered_in_order(redi
                     await asyncio.sleep(rng.choice((0, 0, 0.01)))
                 got = [(await c.answer())[0] for _ in seq]
             assert got == [want[k] for k in seq], (trial, seq, cuts)
+
+
+def _events(body: bytes) -> list[Any]:
+    """A stream's events: each ``data:`` payload decoded (``[DONE]`` kept as it is)."""
+    out: list[Any] = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data: "):
+            payload = line[6:].strip()
+            out.append(payload.decode() if payload == b"[DONE]" else orjson.loads(payload))
+    return out
+
+
+ANTHROPIC_STREAM = post({"model": "dense", "max_tokens": 16, "stream": True,
+                         "messages": [{"role": "user", "content": "hi"}]}, path="/v1/messages")
+
+
+async def test_streams_are_served_on_the_fast_path_as_aiohttp_serves_them(redis_url: str, tmp_path: Path) -> None:
+    """A stream is relayed by the fast path itself (chunked on its transport): the same head, the same events
+    and the same record as aiohttp's; the connection stays on the fast path for what follows."""
+    async with two_gateways(tmp_path, redis_url) as (fast, slow):
+        for data in (REQUESTS["a stream"], ANTHROPIC_STREAM):
+            got, want = await one(fast.url, data), await one(slow.url, data)
+            assert got[0] == want[0] == 200
+            assert set(got[1]) - {"date"} == set(want[1]) - {"date", "server"}
+            assert got[1]["transfer-encoding"] == "chunked" and "server" not in got[1]
+            events, expected = _events(got[2]), _events(want[2])
+            assert len(events) == len(expected) > 2
+            assert [sorted(e) if isinstance(e, dict) else e for e in events] == \
+                [sorted(e) if isinstance(e, dict) else e for e in expected]
+            records = [next(r for r in audit_records(g) if r.get("request_id") == a[1]["x-kgate-request-id"])
+                       for g, a in ((fast, got), (slow, want))]
+            for field in ("decision", "status", "principal", "tier", "model", "api", "bound", "usage"):
+                assert records[0].get(field) == records[1].get(field), field
+            assert records[0]["decision"] == "allowed" and records[0]["usage"] is not None
+        # Streams and unary answers alternate on one connection, then arrive pipelined in one write; no
+        # answer is aiohttp's (the connection was never handed off).
+        async with connect(fast.url) as c:
+            sequence = [REQUESTS["a stream"], REQUESTS["ok"], ANTHROPIC_STREAM, REQUESTS["a stream"],
+                        REQUESTS["bad key"], REQUESTS["ok"]]
+            for data in sequence:
+                await c.send(data)
+                status, headers, _ = await c.answer()
+                assert status in (200, 401) and "server" not in headers
+            await c.send(b"".join(sequence))
+            answers = [await c.answer() for _ in sequence]
+            assert [a[0] for a in answers] == [200, 200, 200, 200, 401, 200]
+            assert all("server" not in a[1] for a in answers)
+            assert _events(answers[0][2])[-1] == "[DONE]"
+
+
+async def test_a_stream_with_connection_close_ends_and_closes(redis_url: str, tmp_path: Path) -> None:
+    async with two_gateways(tmp_path, redis_url) as (fast, _slow), connect(fast.url) as c:
+        await c.send(post({**CHAT, "stream": True}, extra="Connection: close\r\n"))
+        status, headers, body = await c.answer()
+        assert status == 200 and headers.get("connection") == "close" and "server" not in headers
+        assert _events(body)[-1] == "[DONE]"
+        assert await c.closed()
+
+
+async def test_a_client_gone_mid_stream_on_the_fast_path_is_charged_and_recorded(redis_url: str,
+                                                                              tmp_path: Path) -> None:
+    """The client reads the head and leaves: the stream is read on for its usage, charged, and recorded as a
+    disconnect (as aiohttp's server does it; tests/integration/test_bypass_stream.py has the reasoning case)."""
+    slow_stream = post({**CHAT, "stream": True, "max_tokens": 400})
+    async with two_gateways(tmp_path, redis_url) as (fast, _slow):
+        async with aiohttp.ClientSession() as s:  # 40 tokens at 100 a second: the client leaves long before
+            async with s.post(fast.sim_url + "/_sim/config", json={"tokens_per_second": 100, "output_tokens": 40}) as r:
+                assert r.status == 200
+        async with connect(fast.url) as c:
+            await c.send(slow_stream)
+            async with asyncio.timeout(LIMIT):
+                head = await c.reader.readuntil(b"\r\n\r\n")
+        rid = next(line.split(b": ", 1)[1].decode() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"x-kgate-request-id"))
+        async with asyncio.timeout(LIMIT):
+            while not [r for r in audit_records(fast) if r.get("request_id") == rid]:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        rec = next(r for r in audit_records(fast) if r.get("request_id") == rid)
+        assert rec["status"] == 200 and rec["decision"] == "partial" and "client disconnected" in rec["reason"]
+        assert rec["usage"]["output_tokens"] == 40  # read on to the end for its usage: all of it is charged
