@@ -18,7 +18,15 @@ from gateway.adapters.fields import check_fields
 from gateway.engine.budgets import reserve
 from gateway.engine.compute import admission_bound, check_caps, clamp_target
 from gateway.engine.errors import Forbidden
-from gateway.engine.identity import authorize_model, effective_tier, evaluation_run, identify
+from gateway.engine.identity import (
+    authorize_model,
+    effective_tier,
+    effective_tier_now,
+    evaluation_run,
+    evaluation_run_now,
+    identify,
+    identify_now,
+)
 from gateway.engine.metering import ParsedRequest, decode_body, parse_request
 from gateway.engine.request import Admission, Call, Ending, Facts, Forward
 from gateway.engine.settlement import release
@@ -33,8 +41,15 @@ log = logging.getLogger("kgate.engine")
 async def admit(gw: Gateway, facts: Facts, call: Call, read_body: BodyReader | None) -> Admission:
     """Admit ``call`` or raise the error that refuses it; ``facts`` is filled in stage by stage."""
     cfg = facts.config
-    principal = facts.principal = await identify(gw, cfg, call)
-    facts.eval = await evaluation_run(gw, principal)
+    # Each lookup of the caller is answered from the directory's cache without a coroutine when it can be
+    # (the ``*_now`` functions; ``...``: it cannot), else awaited: a coroutine per lookup was a measurable
+    # part of every request.
+    principal = identify_now(gw, cfg, call)
+    if principal is ...:
+        principal = await identify(gw, cfg, call)
+    facts.principal = principal
+    run = evaluation_run_now(gw, principal)
+    facts.eval = run if run is not ... else await evaluation_run(gw, principal)
     raw = call.body if call.body is not None or read_body is None else await read_body()
     assert raw is not None
     body = call.doc if call.doc is not None else decode_body(raw)
@@ -43,7 +58,8 @@ async def admit(gw: Gateway, facts: Facts, call: Call, read_body: BodyReader | N
     facts.stream = adapter.is_stream(body, call.params)
     parsed = parse_request(cfg, adapter, call.params, raw, body)
     facts.model, facts.bound = parsed.model_name, parsed.bound
-    facts.tier, tier = await effective_tier(gw, cfg, principal, facts)
+    found = effective_tier_now(gw, cfg, principal, facts)
+    facts.tier, tier = found if found is not ... else await effective_tier(gw, cfg, principal, facts)
     facts.mode = tier.mode
     authorize_model(tier, parsed.model_name)
     # The client's own headers: a beta flag is a question for the tier even where it would not be forwarded.

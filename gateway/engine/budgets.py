@@ -108,7 +108,9 @@ async def reserve(gw: Gateway, facts: Facts, tier: TierConfig, parsed: ParsedReq
     t0 = time.perf_counter()
     holds: list[HoldRequest] = []
     try:
-        overrides = await gw.directory.overrides(principal.id)
+        overrides = gw.directory.overrides_now(principal.id)  # from the cache, without a coroutine, or:
+        if overrides is ...:
+            overrides = await gw.directory.overrides(principal.id)
         holds = budget_holds(tier, principal, overrides, budget_amounts(parsed, tier, gw, principal.id))
         leases = gw.leases if tier.leases else None
         if leases is not None:

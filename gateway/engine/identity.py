@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import replace
+from types import EllipsisType
 
 from gateway.engine.errors import Forbidden, StoreUnavailable, Unauthenticated
 from gateway.engine.request import Call, Facts
 from gateway.engine.state import Gateway
 from gateway.ledger.errors import StoreError
 from gateway.policy.config import Config, TierConfig
-from gateway.policy.directory import Principal
+from gateway.policy.directory import Grant, Principal
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -25,10 +26,28 @@ def api_key(call: Call) -> str | None:
     auth = call.headers.get("Authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+        if scheme.lower() == "bearer":
+            token = token.strip()
+            if token:
+                return token
     return call.headers.get("x-api-key") or call.headers.get("x-goog-api-key") or (
         call.query.get("key") if "/v1beta/" in call.path else None)
+
+
+def identify_now(gw: Gateway, cfg: Config, call: Call) -> Principal | EllipsisType:
+    """:func:`identify`'s answer from the directory's cache alone, without a coroutine: a known API key whose
+    entries are cached and fresh — almost every request. ``...`` for everything else (a trusted identity
+    header, no key, a key refused, an entry to read from the store): await :func:`identify`, which decides
+    it, with its errors, as it always has."""
+    assert gw.directory is not None
+    header = cfg.server.trusted_identity_header
+    if header and header in call.headers:
+        return ...
+    key = api_key(call)
+    if not key:
+        return ...
+    principal = gw.directory.by_key_now(key)
+    return ... if principal is None else principal
 
 
 async def identify(gw: Gateway, cfg: Config, call: Call) -> Principal:
@@ -63,11 +82,26 @@ async def effective_tier(gw: Gateway, cfg: Config, principal: Principal,
                          facts: Facts | None = None) -> tuple[str, TierConfig]:
     """The principal's tier, or the tier of its active grant (noted in ``facts``)."""
     assert gw.directory is not None
-    name = principal.tier
     try:
         grant = await gw.directory.active_grant(principal.id)
     except StoreError:
         grant = None  # a store outage must not elevate anyone; the principal's own tier applies
+    return tier_under(cfg, principal, grant, facts)
+
+
+def effective_tier_now(gw: Gateway, cfg: Config, principal: Principal,
+                       facts: Facts | None = None) -> tuple[str, TierConfig] | EllipsisType:
+    """:func:`effective_tier` from the directory's cache alone, without a coroutine; ``...`` when the
+    principal's grants are not cached and fresh (await :func:`effective_tier`)."""
+    assert gw.directory is not None
+    grant = gw.directory.active_grant_now(principal.id)
+    return ... if grant is ... else tier_under(cfg, principal, grant, facts)
+
+
+def tier_under(cfg: Config, principal: Principal, grant: Grant | None,
+               facts: Facts | None = None) -> tuple[str, TierConfig]:
+    """The principal's tier, or ``grant``'s (its active grant, noted in ``facts``) when the policy has it."""
+    name = principal.tier
     if grant is not None and grant.tier in cfg.tiers:
         name = grant.tier
         if facts is not None:
@@ -85,6 +119,19 @@ async def evaluation_run(gw: Gateway, principal: Principal) -> str | None:
     run = gw.directory.open_eval_now(principal.id)
     if run is ...:
         run = await gw.directory.open_eval(principal.id)
+    return run_of(principal, run)
+
+
+def evaluation_run_now(gw: Gateway, principal: Principal) -> str | EllipsisType | None:
+    """:func:`evaluation_run` from the directory's cache alone, without a coroutine (almost every answer is
+    "none"); ``...`` when the cache holds no fresh answer (await :func:`evaluation_run`)."""
+    assert gw.directory is not None
+    run = gw.directory.open_eval_now(principal.id)
+    return ... if run is ... else run_of(principal, run)
+
+
+def run_of(principal: Principal, run: tuple[str, str | None] | None) -> str | None:
+    """The run of an open ``run`` entry that the principal's key belongs to (None: none)."""
     if run is None or (run[1] is not None and run[1] != principal.key_id):
         return None
     return run[0]

@@ -20,9 +20,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass
-from types import EllipsisType
+from types import EllipsisType, MappingProxyType
 from typing import Any, ParamSpec, TypeVar
 
 from gateway.background import cancelled, stop_task
@@ -39,6 +39,7 @@ STORE_RETRY = 2.0  # seconds after a store error during which lookups answer fro
 # CACHE_MAX entries.
 CACHE_SWEEP_MIN = 1024
 CACHE_MAX = 100_000
+_NO_OVERRIDES: Mapping[str, float] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,11 @@ class Directory:
         # then waits for its reserve's store timeout only, not for one more per lookup.
         self._store_down_until = 0.0
         self._listener: asyncio.Task[None] | None = None
+        # What was decoded from a cached entry, per cache key: (the entry's value object, what it decodes to).
+        # Used only while the cache answers with that very object (``is``): a refetch, an invalidation or an
+        # expiry puts another object there and the entry is decoded afresh, so a change is seen exactly when
+        # the cache sees it. (Holding the object keeps its identity from being reused.)
+        self._decoded: dict[str, tuple[Any, Any]] = {}
         self.reload(config)
 
     # ------------------------------------------------------------------------------------- config side
@@ -130,7 +136,15 @@ class Directory:
         self._static_by_hash: dict[str, PrincipalConfig] = {
             p.key_sha256: p for p in config.principals if p.key_sha256}
         self._static_by_id: dict[str, PrincipalConfig] = {p.id: p for p in config.principals}
+        self._static_principals: dict[str, Principal] = {
+            p.id: Principal(p.id, p.org, p.tier, enabled=p.enabled, source="config") for p in config.principals}
+        # The Principal of each static key, by key hash: (its PrincipalConfig, the principal entry it was made
+        # with, the answer); reused while both are the very same objects (see _static_key_principal).
+        self._static_answers: dict[str, tuple[PrincipalConfig, Any, Principal | None]] = {}
+        # The same for issued keys, by cache key: (the key's decoded entry, its principal, the answer).
+        self._key_answers: dict[str, tuple[dict[str, str], Principal, Principal]] = {}
         self._cache.clear()
+        self._decoded.clear()
 
     @property
     def channel(self) -> str:
@@ -144,48 +158,141 @@ class Directory:
         if static is not None:
             if not static.enabled:
                 return None
-            try:
-                override = await self._stored_principal(static.id)
-            except StoreError:
-                override = None  # the store is away and nothing was read before: the configuration's word
-            tier = override.tier if override else static.tier
-            enabled = override.enabled if override else True
-            return Principal(static.id, static.org, tier, key_id=f"sha256:{digest[:12]}", enabled=enabled,
-                             source="config") if enabled else None
+            entry = None
+            if self._redis is not None:
+                try:
+                    entry = await self._principal_entry(static.id)
+                except StoreError:
+                    entry = None  # the store is away and nothing was read before: the configuration's word
+            return self._static_key_principal(static, digest, entry)
         if self._redis is None or not api_key.startswith(KEY_PREFIX):
             return None
         keyed = await self._keyed_hash(api_key)
-        record = await self._cached(f"key:{keyed}", lambda: self._redis.hgetall(f"{self._p}:key:{keyed}"))
-        if not record:
-            return None
-        rec = {_s(k): _s(v) for k, v in record.items()}
-        if rec.get("revoked") == "1":
+        key = f"key:{keyed}"
+        record = await self._cached(key, lambda: self._redis.hgetall(f"{self._p}:key:{keyed}"))
+        rec = self._key_record(key, record)
+        if rec is None:
             return None
         principal = await self.by_id(rec["principal"])
-        if principal is None or not principal.enabled:
+        return self._store_key_principal(key, rec, principal)
+
+    def by_key_now(self, api_key: str) -> Principal | EllipsisType | None:
+        """:meth:`by_key` from the cache alone, without a coroutine (every request asks, and almost always
+        the cache holds the answer): ``...`` when an entry it needs is not cached and fresh, or the pepper is
+        not known yet — then await :meth:`by_key`. Both read the same cache entries with the same freshness
+        rule and decode them with the same functions, so they answer alike."""
+        digest = sha256_hex(api_key)
+        static = self._static_by_hash.get(digest)
+        if static is not None:
+            if not static.enabled:
+                return None
+            entry = None
+            if self._redis is not None:
+                entry = self._fresh(f"principal:{static.id}")
+                if entry is ...:
+                    return ...
+            return self._static_key_principal(static, digest, entry)
+        if self._redis is None or not api_key.startswith(KEY_PREFIX):
             return None
-        return Principal(principal.id, principal.org, principal.tier, key_id=rec.get("key_id"),
-                         source="store")
+        if self._pepper is None:
+            return ...
+        key = f"key:{self._hmac(api_key)}"
+        record = self._fresh(key)
+        if record is ...:
+            return ...
+        rec = self._key_record(key, record)
+        if rec is None:
+            return None
+        principal = self.by_id_now(rec["principal"])
+        if principal is ...:
+            return ...
+        return self._store_key_principal(key, rec, principal)
 
     async def by_id(self, principal_id: str) -> Principal | None:
-        stored = await self._stored_principal(principal_id)
-        static = self._static_by_id.get(principal_id)
-        if stored is not None:
-            return stored
-        if static is not None:
-            return Principal(static.id, static.org, static.tier, enabled=static.enabled, source="config")
-        return None
-
-    async def _stored_principal(self, principal_id: str) -> Principal | None:
         if self._redis is None:
+            return self._static_principal(principal_id)
+        return self._principal_by_id(principal_id, await self._principal_entry(principal_id))
+
+    def by_id_now(self, principal_id: str) -> Principal | EllipsisType | None:
+        """:meth:`by_id` from the cache alone; ``...`` when the principal's entry is not cached and fresh."""
+        if self._redis is None:
+            return self._static_principal(principal_id)
+        entry = self._fresh(f"principal:{principal_id}")
+        return ... if entry is ... else self._principal_by_id(principal_id, entry)
+
+    def _principal_entry(self, principal_id: str) -> Awaitable[Any]:
+        """The principal's cached store entry (a hash; empty when the store has none). Needs the store."""
+        redis = self._redis
+        assert redis is not None
+        return self._cached(f"principal:{principal_id}", lambda: redis.hgetall(f"{self._p}:principal:{principal_id}"))
+
+    def _principal_by_id(self, principal_id: str, entry: Any) -> Principal | None:
+        """The principal whose store entry is ``entry``: the store's, else the configuration's, else None."""
+        stored = self._stored_principal(principal_id, entry)
+        return stored if stored is not None else self._static_principal(principal_id)
+
+    def _static_principal(self, principal_id: str) -> Principal | None:
+        """The configuration's principal (one object per principal and configuration: it is immutable)."""
+        return self._static_principals.get(principal_id)
+
+    def _stored_principal(self, principal_id: str, entry: Any) -> Principal | None:
+        """The principal a store entry describes (None for none), decoded once per cached entry."""
+        if not entry:
             return None
-        rec = await self._cached(f"principal:{principal_id}",
-                                 lambda: self._redis.hgetall(f"{self._p}:principal:{principal_id}"))
-        if not rec:
+        key = f"principal:{principal_id}"
+        memo = self._decoded.get(key)
+        if memo is not None and memo[0] is entry:
+            return memo[1]
+        r = {_s(k): _s(v) for k, v in entry.items()}
+        principal = Principal(principal_id, r.get("org", "default"), r.get("tier", ""),
+                              enabled=r.get("enabled", "1") == "1", source="store")
+        self._memo(key, entry, principal)
+        return principal
+
+    def _static_key_principal(self, static: PrincipalConfig, digest: str, entry: Any) -> Principal | None:
+        """The answer for a key of the configuration, given its principal's store entry (``entry``: None
+        without one), which may change its tier or disable it. Made once per configuration and entry: the
+        answer is reused only while both are the very same objects, so a changed entry — read again after
+        an invalidation or its TTL — or a reload is seen exactly when it would be without the reuse."""
+        memo = self._static_answers.get(digest)
+        if memo is not None and memo[0] is static and memo[1] is entry:
+            return memo[2]
+        override = self._stored_principal(static.id, entry)
+        tier = override.tier if override else static.tier
+        enabled = override.enabled if override else True
+        answer = Principal(static.id, static.org, tier, key_id=f"sha256:{digest[:12]}", enabled=enabled,
+                           source="config") if enabled else None
+        self._static_answers[digest] = (static, entry, answer)  # one per key of the configuration: bounded
+        return answer
+
+    def _key_record(self, key: str, record: Any) -> dict[str, str] | None:
+        """An issued key's store entry, decoded once per cached entry; None when it is unknown or revoked."""
+        if not record:
             return None
-        r = {_s(k): _s(v) for k, v in rec.items()}
-        return Principal(principal_id, r.get("org", "default"), r.get("tier", ""),
-                         enabled=r.get("enabled", "1") == "1", source="store")
+        memo = self._decoded.get(key)
+        if memo is not None and memo[0] is record:
+            rec: dict[str, str] | None = memo[1]
+            return rec
+        rec = {_s(k): _s(v) for k, v in record.items()}
+        if rec.get("revoked") == "1":
+            rec = None
+        self._memo(key, record, rec)
+        return rec
+
+    def _store_key_principal(self, key: str, rec: dict[str, str], principal: Principal | None) -> Principal | None:
+        """The answer for an issued key whose (decoded, not revoked) entry is ``rec``, of ``principal``: made
+        once per decoded entry and principal object, both reused only while their cache entries are the
+        same objects (see ``_decoded``), so a revocation or a change of the principal is seen at once."""
+        if principal is None or not principal.enabled:
+            return None
+        memo = self._key_answers.get(key)
+        if memo is not None and memo[0] is rec and memo[1] is principal:
+            return memo[2]
+        answer = Principal(principal.id, principal.org, principal.tier, key_id=rec.get("key_id"), source="store")
+        if len(self._key_answers) >= CACHE_MAX and key not in self._key_answers:
+            self._key_answers.clear()
+        self._key_answers[key] = (rec, principal, answer)
+        return answer
 
     async def active_grant(self, principal_id: str) -> Grant | None:
         """The principal's active grant (the latest-expiring one when several overlap)."""
@@ -202,16 +309,49 @@ class Directory:
                 best = g
         return best
 
+    def active_grant_now(self, principal_id: str) -> Grant | EllipsisType | None:
+        """:meth:`active_grant` from the cache alone, without a coroutine (every request asks, and almost
+        every answer is "none"); ``...`` when the principal's grant list, or one of its grants, is not
+        cached and fresh. Whether a grant is active is decided now, on every call, as there."""
+        if self._redis is None:
+            return None
+        ids = self._fresh(f"grants:{principal_id}")
+        if ids is ...:
+            return ...
+        if not ids:
+            return None
+        now = self._clock()
+        best: Grant | None = None
+        for gid in ids:
+            grant_id = _s(gid)
+            rec = self._fresh(f"grant:{grant_id}")
+            if rec is ...:
+                return ...
+            g = self._grant(grant_id, rec)
+            if g is not None and g.active(now) and (best is None or g.expires_at > best.expires_at):
+                best = g
+        return best
+
     async def grant(self, grant_id: str) -> Grant | None:
         if self._redis is None:
             return None
         rec = await self._cached(f"grant:{grant_id}", lambda: self._redis.hgetall(f"{self._p}:grant:{grant_id}"))
+        return self._grant(grant_id, rec)
+
+    def _grant(self, grant_id: str, rec: Any) -> Grant | None:
+        """The grant a store entry describes (None for none), decoded once per cached entry."""
         if not rec:
             return None
+        key = f"grant:{grant_id}"
+        memo = self._decoded.get(key)
+        if memo is not None and memo[0] is rec:
+            return memo[1]
         r = {_s(k): _s(v) for k, v in rec.items()}
-        return Grant(id=grant_id, principal=r["principal"], tier=r["tier"], starts_at=float(r["starts_at"]),
-                     expires_at=float(r["expires_at"]), approver=r.get("approver", ""),
-                     reason=r.get("reason", ""), revoked=r.get("revoked") == "1")
+        g = Grant(id=grant_id, principal=r["principal"], tier=r["tier"], starts_at=float(r["starts_at"]),
+                  expires_at=float(r["expires_at"]), approver=r.get("approver", ""),
+                  reason=r.get("reason", ""), revoked=r.get("revoked") == "1")
+        self._memo(key, rec, g)
+        return g
 
     async def overrides(self, principal_id: str) -> dict[str, float]:
         """Per-principal budget limits by budget label (empty: the tier's limits apply)."""
@@ -220,6 +360,24 @@ class Directory:
         rec = await self._cached(f"override:{principal_id}",
                                  lambda: self._redis.hgetall(f"{self._p}:override:{principal_id}"))
         return {_s(k): float(_s(v)) for k, v in (rec or {}).items()}
+
+    def overrides_now(self, principal_id: str) -> Mapping[str, float] | EllipsisType:
+        """:meth:`overrides` from the cache alone, without a coroutine; ``...`` when the entry is not cached
+        and fresh. The mapping is shared (decoded once per cached entry): read it, never change it."""
+        if self._redis is None:
+            return _NO_OVERRIDES
+        key = f"override:{principal_id}"
+        rec = self._fresh(key)
+        if rec is ...:
+            return ...
+        if not rec:
+            return _NO_OVERRIDES
+        memo = self._decoded.get(key)
+        if memo is not None and memo[0] is rec:
+            return memo[1]
+        limits = MappingProxyType({_s(k): float(_s(v)) for k, v in rec.items()})
+        self._memo(key, rec, limits)
+        return limits
 
     async def open_eval(self, principal_id: str) -> tuple[str, str | None] | None:
         """(run id, key id or None) of the evaluation run open for the principal (gateway/evals/runs.py
@@ -380,6 +538,20 @@ class Directory:
         await self._publish(f"override:{principal_id}")
 
     # --------------------------------------------------------------------------------- cache machinery
+    def _fresh(self, key: str) -> Any:
+        """The cached value of ``key`` while it is fresh, else ``...``: :meth:`_cached`'s hit (the same test),
+        without a coroutine — for the ``*_now`` lookups, which fall back to the awaited ones on ``...``."""
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return ...
+
+    def _memo(self, key: str, value: Any, decoded: Any) -> None:
+        """Remember what the cached ``value`` of ``key`` decodes to (bounded like the stale-if-error copies)."""
+        if len(self._decoded) >= CACHE_MAX and key not in self._decoded:
+            self._decoded.clear()
+        self._decoded[key] = (value, decoded)
+
     async def _cached(self, key: str, fetch: Any) -> Any:
         """A cached read; concurrent misses of one key share a single fetch (no thundering herd)."""
         now = time.monotonic()
@@ -487,6 +659,10 @@ class Directory:
                 except STORE_FAILURES as exc:
                     raise store_error(exc) from exc
                 self._pepper = raw if isinstance(raw, bytes) else str(raw).encode()
+        return self._hmac(key)
+
+    def _hmac(self, key: str) -> str:
+        """The keyed hash of an API key, once the pepper is known."""
         assert self._pepper is not None
         return hmac.new(self._pepper, key.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 

@@ -400,34 +400,51 @@ _STREAMED = Answer(0, {}, b"")  # what the fast path's stream callback answers o
 class _Chunked:
     """The fast path's :class:`~gateway.proxy.stream.ClientStream`: a chunked answer on the connection's
     transport, each write one chunk; past the transport's high-water mark a write waits for the client to
-    take it (:meth:`FastPath.drained`)."""
+    take it (:meth:`FastPath.drained`).
 
-    __slots__ = ("_close", "_conn")
+    The head goes out with the first chunk when that chunk is already here (the upstream's head and first
+    events usually arrive in one read): one write, one wake-up of the client, instead of two. It is never
+    held longer than the current turn of the event loop, so a stream whose first event is slow to come (a
+    model reasoning before it answers) still shows its head at once."""
+
+    __slots__ = ("_close", "_conn", "_head")
 
     def __init__(self, conn: FastPath, close: bool):
         self._conn, self._close = conn, close
+        self._head = b""
 
     async def start(self, status: int, headers: dict[str, str]) -> bool:
         conn = self._conn
         transport = conn.transport
         if transport is None or transport.is_closing():
             return False
-        transport.write(_head(status, headers, self._close or conn._closing or conn._server.closing, None))
+        self._head = _head(status, headers, self._close or conn._closing or conn._server.closing, None)
+        asyncio.get_running_loop().call_soon(self._send_head)
         return True
+
+    def _send_head(self) -> None:
+        head, self._head = self._head, b""
+        transport = self._conn.transport
+        if head and transport is not None and not transport.is_closing():
+            transport.write(head)
 
     async def write(self, data: bytes, timeout: float) -> bool:
         conn = self._conn
         transport = conn.transport
         if transport is None or transport.is_closing():
             return False
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        chunk = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._head:
+            chunk, self._head = self._head + chunk, b""
+        transport.write(chunk)
         return await conn.drained(timeout) if conn._paused else True
 
     async def end(self, timeout: float) -> None:
         conn = self._conn
         transport = conn.transport
         if transport is not None and not transport.is_closing():
-            transport.write(b"0\r\n\r\n")
+            last, self._head = self._head + b"0\r\n\r\n", b""
+            transport.write(last)
             if conn._paused:
                 await conn.drained(timeout)
 

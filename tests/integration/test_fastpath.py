@@ -18,7 +18,9 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from gatewayutil import KEYS, audit_records, make_config, running_gateway
+from recording_upstream import Recorded, RecordingUpstream, config_with_upstream, stream_events
 
 from gateway.proxy.fastpath import WAIT_FOR_WHOLE
 
@@ -367,3 +369,30 @@ async def test_a_client_gone_mid_stream_on_the_fast_path_is_charged_and_recorded
         rec = next(r for r in audit_records(fast) if r.get("request_id") == rid)
         assert rec["status"] == 200 and rec["decision"] == "partial" and "client disconnected" in rec["reason"]
         assert rec["usage"]["output_tokens"] == 40  # read on to the end for its usage: all of it is charged
+
+
+async def test_a_stream_shows_its_head_before_its_first_slow_event(redis_url: str, tmp_path: Path) -> None:
+    """The fast path sends a stream's head with its first chunk when both are here, but never waits for a
+    chunk to send it: an upstream that sends its head, then thinks for 2 s, has its head shown at once."""
+
+    async def thinks_first(request: web.Request, rec: Recorded) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.sleep(2.0)
+        for ev in stream_events("openai.chat", "m", reasoning=5, visible_chunks=2):
+            await resp.write(ev)
+        await resp.write_eof()
+        return resp
+
+    async with RecordingUpstream(thinks_first) as up:
+        cfg = config_with_upstream(tmp_path, redis_url, up.url)
+        async with running_gateway(cfg) as g, connect(g.url) as c:
+            await c.send(post({**CHAT, "stream": True}))
+            async with asyncio.timeout(LIMIT):
+                head = await c.reader.readuntil(b"\r\n\r\n")
+                headed = asyncio.get_running_loop().time()
+                assert head.startswith(b"HTTP/1.1 200") and b"\r\nServer: " not in head
+                rest = await c.reader.readuntil(b"\r\n0\r\n\r\n")
+                ended = asyncio.get_running_loop().time()
+    assert b"data: [DONE]" in rest
+    assert ended - headed > 1.0  # the head came while the upstream was still thinking

@@ -38,3 +38,27 @@ def test_the_objects_stay_frozen_equal_and_replaceable() -> None:
     r = ComputeRequest("openai.chat", "dense")
     assert (r.samples, r.prompts, r.output_cap) == (1, 1, None)
     assert repr(r).startswith("ComputeRequest(api='openai.chat'")
+
+
+@pytest.mark.parametrize("cls", [ComputeRequest, Bound, Usage, Measured, ParsedRequest])
+def test_hand_written_init_fills_exactly_the_fields_in_their_order(cls: type) -> None:
+    """``__init__`` fills the instance's dict in one call: with every field, nothing else, in declared order
+    (``Bound.as_dict`` copies that dict, and the audit record keeps its key order)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    # A distinct value per field, given by position: a field filled from the wrong parameter shows.
+    obj = cls(*(object() for _ in params))
+    assert list(vars(obj)) == names
+    given = [vars(obj)[n] for n in names]
+    assert len({id(v) for v in given}) == len(names)
+    rebuilt = cls(*given)
+    assert all(getattr(rebuilt, n) is v for n, v in zip(names, given, strict=True))
+
+
+def test_bound_as_dict_is_a_new_dict_of_its_fields_in_order() -> None:
+    b = Bound(2, 10, 100, 50, 200, 200, 100, 3.5, 4e12)
+    d = b.as_dict()
+    assert d == {f.name: getattr(b, f.name) for f in dataclasses.fields(Bound)}
+    assert list(d) == [f.name for f in dataclasses.fields(Bound)]
+    d["k_max"] = 0
+    assert b.k_max == 3.5 and b.as_dict() is not b.as_dict()
