@@ -35,15 +35,26 @@ import contextlib
 import itertools
 import logging
 import math
+import operator
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from gateway.ledger.errors import StoreError
 from gateway.ledger.ledger import BudgetRefused, Ledger
-from gateway.ledger.values import BudgetSpec, HoldRequest, Reservation, ScopeRef, SettleResult
+from gateway.ledger.values import (
+    BudgetSpec,
+    BudgetState,
+    HoldRequest,
+    Reservation,
+    ScopeRef,
+    SettleResult,
+    Tightest,
+    tightest_in,
+)
 
 log = logging.getLogger("kgate.leases")
 
@@ -65,6 +76,15 @@ def slice_lease_seconds(config: Any) -> float:
     return float(longest) + float(config.store.lease_grace_seconds)
 
 
+Key = tuple[str, int]  # a scope's ScopeRef.key and its budgets' id: spec tuples are cached per tier, one object each
+
+
+def _key(scope: ScopeRef, budgets: tuple[BudgetSpec, ...]) -> Key:
+    """The key of a scope's slice and demand. A str and an int: hashing a ScopeRef would run its Python
+    ``__hash__`` on every lookup."""
+    return scope.key, id(budgets)
+
+
 def _amount(hold: HoldRequest, budget: BudgetSpec) -> float:
     amount = hold.amounts.get(budget.metric)
     return 1.0 if amount is None and budget.metric == "requests" else float(amount or 0.0)
@@ -72,7 +92,11 @@ def _amount(hold: HoldRequest, budget: BudgetSpec) -> float:
 
 @dataclass(eq=False)
 class Slice:
-    """A replica's slice of one scope's budgets: a hold in Redis under its own id, spent locally."""
+    """A replica's slice of one scope's budgets: a hold in Redis under its own id, spent locally.
+
+    The next batch is kept as flat lists, summed with ``map`` (no Python loop per request): ``cuts`` per
+    budget, ``sums`` per metric of :attr:`metrics`, the budgets' metrics each once (the batch posts no
+    other: :meth:`batch_actual`)."""
 
     id: str
     scope: ScopeRef
@@ -83,56 +107,104 @@ class Slice:
     inflight: int = 0
     retired: bool = False
     batches: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    actual: dict[str, float] = field(default_factory=dict)  # the next batch: actual usage per metric
     cuts: list[float] = field(default_factory=list)  # the next batch: per budget, what leaves the slice's hold
+    sums: list[float] = field(default_factory=list)  # the next batch: actual usage per metric of `metrics`
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     queued: bool = False  # a batch is to be sent on the next turn of the event loop
     timer: asyncio.TimerHandle | None = None  # ... or within BATCH_SECONDS (settles nobody waits for)
+    metrics: tuple[str, ...] = field(init=False)  # the budgets' metrics, each once, in the budgets' order
+    _tightest: Tightest | None = field(init=False, default=None)
+    _tightest_known: bool = field(init=False, default=False)
 
-    def fits(self, amounts: Sequence[float]) -> bool:
-        if self.retired:
-            return False
-        remaining = self.remaining
-        for i, a in enumerate(amounts):
-            if a > remaining[i]:
-                return False
-        return True
+    def __post_init__(self) -> None:
+        self.metrics = tuple(dict.fromkeys(b.metric for b in self.budgets))
 
     def add(self, actual: Mapping[str, float], cuts: Sequence[float]) -> None:
-        for metric, value in actual.items():
-            self.actual[metric] = self.actual.get(metric, 0.0) + value
+        """Into the next batch: a request's ``actual`` usage (per metric; a metric it lacks adds 0) and what
+        leaves the slice's hold for it (per budget)."""
         if not self.cuts:
             self.cuts = [0.0] * len(self.budgets)
-        for i, c in enumerate(cuts):
-            self.cuts[i] += c
+            self.sums = [0.0] * len(self.metrics)
+        self.cuts = list(map(operator.add, self.cuts, cuts))
+        if actual:
+            self.sums = list(map(operator.add, self.sums, map(actual.get, self.metrics, repeat(0.0))))
+
+    def pending(self) -> bool:
+        """Whether the next batch has anything in it."""
+        return bool(self.cuts)
+
+    def batch_actual(self) -> dict[str, float]:
+        """The next batch's actual usage per metric of the budgets (0 for a metric no request reported)."""
+        return dict(zip(self.metrics, self.sums or repeat(0.0), strict=False))
+
+    def tightest(self) -> Tightest | None:
+        """The tightest budget as seen when the slice was taken, with its remaining fraction: the same for
+        every request admitted from the slice (which carries those figures), so computed once."""
+        if not self._tightest_known:
+            replies = self.reservation.replies
+            self._tightest = tightest_in(self.scope, self.budgets, replies[0]) if replies else None
+            self._tightest_known = True
+        return self._tightest
 
 
 @dataclass(slots=True)
 class _Demand:
-    """A scope's recent demand on this replica, per metric, and what was left under each limit."""
+    """A scope's recent demand on this replica, and what was left under each limit.
 
+    It keeps its budgets (the tuple whose id is in its key: kept alive, that id cannot name another tuple
+    while the key is in use) and their shape, read by every request admitted: ``names``, each budget's
+    metric; ``defaults``, what a request holds on it when its amounts do not name the metric. The demand
+    is summed per budget, with ``map`` (no Python loop per request): budgets of one metric get the same
+    amounts, so each budget's sum is its metric's."""
+
+    budgets: tuple[BudgetSpec, ...]
     since: float = field(default_factory=time.monotonic)
-    amounts: dict[str, float] = field(default_factory=dict)
+    sums: list[float] | None = None  # per budget: the amounts asked for since `since` (None: none yet)
     headroom: list[float] | None = None  # per budget: limit - used - held, when last seen
     tight_until: float = 0.0
     acquiring: asyncio.Event | None = None  # set when the slice being asked for has come (or has not)
-    firsts: tuple[str | None, ...] | None = None
+    names: tuple[str, ...] = field(init=False)
+    defaults: tuple[float, ...] = field(init=False)
+    zeros: tuple[float, ...] = field(init=False)
 
-    def metrics(self, budgets: Sequence[BudgetSpec]) -> tuple[str | None, ...]:
-        """Each budget's metric, None where an earlier budget has the same one (demand counts it once)."""
-        if self.firsts is None:
-            names = [b.metric for b in budgets]
-            self.firsts = tuple(m if m not in names[:i] else None for i, m in enumerate(names))
-        return self.firsts
+    def __post_init__(self) -> None:
+        self.names = tuple([b.metric for b in self.budgets])
+        self.defaults = tuple([1.0 if m == "requests" else 0.0 for m in self.names])
+        self.zeros = (0.0,) * len(self.names)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LocalReservation(Reservation):
-    """A request admitted from slices, one per scope (``replies``: each slice's, from when it was taken)."""
+    """A request admitted from slices, one per scope (``replies``: each slice's, from when it was taken).
+
+    ``__init__`` is spelled out, as :class:`Reservation`'s is (every request admitted from a slice builds
+    one); tests/unit/test_perf_ledger.py checks that it sets exactly the dataclass's fields."""
 
     slices: tuple[Slice, ...] = ()
     amounts: tuple[tuple[float, ...], ...] = ()  # per scope, per budget: what the request took
     ended: list[bool] = field(default_factory=list)  # settled or released once: a rerun changes nothing
+
+    def __init__(self, request_id: str, holds: tuple[HoldRequest, ...], replies: tuple[Any, ...] = (),
+                 expires_at: float = 0.0, slices: tuple[Slice, ...] = (),
+                 amounts: tuple[tuple[float, ...], ...] = (), ended: list[bool] | None = None) -> None:
+        d = self.__dict__
+        d["request_id"] = request_id
+        d["holds"] = holds
+        d["replies"] = replies
+        d["expires_at"] = expires_at
+        d["slices"] = slices
+        d["amounts"] = amounts
+        d["ended"] = [] if ended is None else ended
+
+    def tightest(self) -> BudgetState | None:
+        """As :meth:`Reservation.tightest`, from each slice's tightest budget (computed once per slice: the
+        figures are the slice's, the same for all its requests)."""
+        best: Tightest | None = None
+        for s in self.slices:
+            t = s.tightest()
+            if t is not None and (best is None or t[0] < best[0]):
+                best = t
+        return None if best is None else best[1]
 
 
 class LeaseBook:
@@ -143,9 +215,9 @@ class LeaseBook:
         self.ledger = ledger
         self.lease_seconds = lease_seconds
         self._clock = clock
-        self._slices: dict[tuple[ScopeRef, int], Slice] = {}
+        self._slices: dict[Key, Slice] = {}
         self._retired: set[Slice] = set()
-        self._demand: dict[tuple[ScopeRef, int], _Demand] = {}
+        self._demand: dict[Key, _Demand] = {}
         self._prefix = f"lease:{secrets.token_hex(6)}:"
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -157,55 +229,54 @@ class LeaseBook:
     def admit(self, request_id: str, holds: Sequence[HoldRequest], *, note: bool = True) -> LocalReservation | None:
         """The request admitted from this replica's slices, or None: it must reserve for itself (a slice
         is then asked for in the background, where the scope is not tight)."""
-        now = self._clock()
         chosen: list[Slice] = []
         taken: list[tuple[float, ...]] = []
         for hold in holds:
-            key = (hold.scope, id(hold.budgets))  # spec tuples are cached per tier: one object each
+            budgets = hold.budgets
+            key = (hold.scope.key, id(budgets))  # _key(), inlined: every request, every scope
             demand = self._demand.get(key)
             if demand is None:
                 if len(self._demand) > 65536:
                     self._demand.clear()
-                demand = self._demand[key] = _Demand(since=now)
-            given = hold.amounts
-            amounts = tuple([given.get(b.metric, 1.0 if b.metric == "requests" else 0.0) for b in hold.budgets])
+                demand = self._demand[key] = _Demand(budgets, since=self._clock())
+            # per budget: the amount given for its metric, else its default (requests: 1)
+            amounts = tuple(map(hold.amounts.get, demand.names, demand.defaults))
             if note:
-                seen = demand.amounts
-                for metric, a in zip(demand.metrics(hold.budgets), amounts, strict=True):
-                    if metric:  # None: a second budget of a metric already counted
-                        seen[metric] = seen.get(metric, 0.0) + a
+                demand.sums = list(map(operator.add, demand.sums or demand.zeros, amounts))
             s = self._slices.get(key)
-            if s is None or s.budgets is not hold.budgets or not s.fits(amounts):
+            # no slice of these budgets, or it is retired, or it has not room for every amount
+            if s is None or s.budgets is not budgets or s.retired or any(map(operator.gt, amounts, s.remaining)):
                 if note:
-                    self._note(key, demand, hold, now)
+                    self._note(key, demand, hold, self._clock())
                 return None
             chosen.append(s)
             taken.append(amounts)
         for s, amounts in zip(chosen, taken, strict=True):
-            for i, a in enumerate(amounts):
-                s.remaining[i] -= a
+            s.remaining = list(map(operator.sub, s.remaining, amounts))
             s.inflight += 1
         self.admitted_locally += 1
-        return LocalReservation(request_id, tuple(holds), tuple(r for s in chosen for r in s.reservation.replies),
-                                0.0, tuple(chosen), tuple(taken))
+        replies = chosen[0].reservation.replies if len(chosen) == 1 else tuple(
+            r for s in chosen for r in s.reservation.replies)
+        return LocalReservation(request_id, tuple(holds), replies, 0.0, tuple(chosen), tuple(taken))
 
     def observe(self, reservation: Reservation) -> None:
         """What a reserve of a request saw (used and held per budget): how much room a slice may take."""
         for hold, reply in zip(reservation.holds, reservation.replies, strict=False):
-            demand = self._demand.get((hold.scope, id(hold.budgets)))
+            demand = self._demand.get(_key(hold.scope, hold.budgets))
             if demand is not None:
-                demand.headroom = [b.limit - sum(reply.used_held(i)) for i, b in enumerate(hold.budgets)]
+                used, held = reply.used_held_columns()
+                demand.headroom = [b.limit - (u + h) for b, u, h in zip(hold.budgets, used, held, strict=True)]
 
     def refused(self, holds: Sequence[HoldRequest]) -> None:
         """A reserve was refused: the scopes are tight (no slice until requests find room again)."""
         now = self._clock()
         for hold in holds:
-            demand = self._demand.get((hold.scope, id(hold.budgets)))
+            demand = self._demand.get(_key(hold.scope, hold.budgets))
             if demand is not None:
                 demand.tight_until = now + TIGHT_SECONDS
                 demand.headroom = None
 
-    def _note(self, key: tuple[ScopeRef, int], demand: _Demand, hold: HoldRequest,
+    def _note(self, key: Key, demand: _Demand, hold: HoldRequest,
               now: float) -> None:
         if demand.acquiring is not None or now < demand.tight_until or demand.headroom is None:
             return
@@ -217,7 +288,7 @@ class LeaseBook:
         admit from it. (The slice may hold the very room the reserve missed: a request refused while its
         own replica's slice was on its way would leave that room unused.)"""
         pending = [d.acquiring for h in holds
-                   if (d := self._demand.get((h.scope, id(h.budgets)))) is not None and d.acquiring is not None]
+                   if (d := self._demand.get(_key(h.scope, h.budgets))) is not None and d.acquiring is not None]
         if not pending:
             return None
         for event in pending:
@@ -232,7 +303,7 @@ class LeaseBook:
         want: dict[str, float] = {}
         for i, b in enumerate(hold.budgets):
             one = _amount(hold, b)
-            rate = demand.amounts.get(b.metric, one) / elapsed
+            rate = (one if demand.sums is None else demand.sums[i]) / elapsed
             size = max(rate * SLICE_SECONDS, MIN_REQUESTS * one)
             size = min(size, HEADROOM_SHARE * max(demand.headroom[i], 0.0))
             if one > 0 and size < 2 * one:
@@ -242,7 +313,7 @@ class LeaseBook:
             want[b.metric] = min(want.get(b.metric, size), size)
         return want
 
-    async def _acquire(self, key: tuple[ScopeRef, int], demand: _Demand,
+    async def _acquire(self, key: Key, demand: _Demand,
                        hold: HoldRequest) -> None:
         try:
             now = self._clock()
@@ -265,7 +336,7 @@ class LeaseBook:
                 self._retire(old)
             self._slices[key] = Slice(slice_id, hold.scope, hold.budgets,
                                       [_amount(request, b) for b in hold.budgets], reservation)
-            demand.since, demand.amounts = self._clock(), {}
+            demand.since, demand.sums = self._clock(), None
         finally:
             event, demand.acquiring = demand.acquiring, None
             if event is not None:
@@ -276,8 +347,9 @@ class LeaseBook:
         if s.retired:
             return
         s.retired = True
-        if self._slices.get((s.scope, id(s.budgets))) is s:
-            del self._slices[(s.scope, id(s.budgets))]
+        key = _key(s.scope, s.budgets)
+        if self._slices.get(key) is s:
+            del self._slices[key]
         self._retired.add(s)
         s.add({}, s.remaining)
         s.remaining = [0.0] * len(s.remaining)
@@ -298,26 +370,31 @@ class LeaseBook:
                 done(None)
             return
         res.ended.append(True)
+        if done is None:  # a JSON answer's: nobody waits (every such request)
+            for s, taken in zip(res.slices, res.amounts, strict=True):
+                s.add(actual, taken)
+                s.inflight -= 1
+                if not s.queued and s.timer is None:  # else on its way already (_queue, without the call)
+                    self._queue(s, urgent=False)
+            return
         futures = []
         for s, taken in zip(res.slices, res.amounts, strict=True):
             s.add(actual, taken)
             s.inflight -= 1
-            if done is not None:
-                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                s.waiters.append(fut)
-                futures.append(fut)
-            self._queue(s, urgent=done is not None)
-        if done is not None:
-            left = len(futures)
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            s.waiters.append(fut)
+            futures.append(fut)
+            self._queue(s)
+        left = len(futures)
 
-            def one(_: asyncio.Future[None]) -> None:
-                nonlocal left
-                left -= 1
-                if left == 0:
-                    done(None)
+        def one(_: asyncio.Future[None]) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                done(None)
 
-            for fut in futures:
-                fut.add_done_callback(one)
+        for fut in futures:
+            fut.add_done_callback(one)
 
     async def settle(self, res: LocalReservation, actual: Mapping[str, float]) -> SettleResult:
         """Settle and wait until the batches carrying it were sent (a batch the store did not take is retried
@@ -350,7 +427,7 @@ class LeaseBook:
                     s.remaining[i] += a
 
     def _queue(self, s: Slice, *, urgent: bool = True) -> None:
-        if s.queued:
+        if s.queued or (not urgent and s.timer is not None):  # on its way already
             return
         loop = asyncio.get_running_loop()
         if urgent:
@@ -369,12 +446,11 @@ class LeaseBook:
         if s.timer is not None:
             s.timer.cancel()
             s.timer = None
-        if not s.cuts and not s.actual:
+        if not s.pending():
             self._maybe_release(s)
             return
-        actual, cuts, waiters = s.actual, s.cuts or [0.0] * len(s.budgets), s.waiters
-        s.actual, s.cuts, s.waiters = {}, [], []
-        amounts = {b.metric: actual.get(b.metric, 0.0) for b in s.budgets}
+        amounts, cuts, waiters = s.batch_actual(), s.cuts, s.waiters
+        s.sums, s.cuts, s.waiters = [], [], []
         batch = f"{s.id}:{next(s.batches)}"
         sent = False
         while True:
@@ -397,7 +473,7 @@ class LeaseBook:
 
     def _maybe_release(self, s: Slice) -> None:
         """A retired slice with nothing in flight or queued holds nothing more: release its record."""
-        if (s.retired and s.inflight == 0 and not s.queued and s.timer is None and not s.cuts and not s.actual
+        if (s.retired and s.inflight == 0 and not s.queued and s.timer is None and not s.pending()
                 and s in self._retired):
             self._retired.discard(s)
             self._spawn(self._release(s))

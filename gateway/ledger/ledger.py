@@ -151,9 +151,10 @@ class Ledger:
         self._release = self.store.register_script(_TEXTS["release"])
         self._state = self.store.register_script(_TEXTS["state"])
         self._settle_batch = self.store.register_script(_TEXTS["settle_batch"])
-        self._bases: dict[ScopeRef, str] = {}
+        # keyed by ScopeRef.key, a str: hashing a ScopeRef runs its Python __hash__ on every lookup
+        self._bases: dict[str, str] = {}
         self._leases: dict[float, str] = {}
-        self._touched: OrderedDict[ScopeRef, None] = OrderedDict()
+        self._touched: OrderedDict[str, ScopeRef] = OrderedDict()
 
     # -------------------------------------------------------------------------------- public API
     async def reserve(self, request_id: str, holds: Sequence[HoldRequest],
@@ -169,7 +170,7 @@ class Ledger:
             raise ValueError("a request needs an id")
         if not (math.isfinite(lease_seconds) and lease_seconds > 0):
             raise ValueError("lease_seconds must be positive")
-        holds = tuple(h for h in holds if h.budgets)
+        holds = tuple([h for h in holds if h.budgets])
         lease = self._leases.get(lease_seconds)
         if lease is None:  # a lease is the upstream's timeout plus a grace: a handful of values, each encoded once
             if len(self._leases) > 64:
@@ -178,7 +179,7 @@ class Ledger:
         replies: list[codec.Reply] = []
         expires_at = 0.0
         for i, hold in enumerate(holds):
-            amounts = {b.metric: _hold_amount(hold, b) for b in hold.budgets}
+            amounts = _hold_amounts(hold)
             argv = codec.call_args(self._now(), self.lease_expiry, self._ttl, request_id, lease, hold.budgets, amounts)
             try:
                 reply = codec.Reply(await self._reserve(keys=[self._touch(hold.scope)], args=argv))
@@ -252,15 +253,20 @@ class Ledger:
         argvs, _ = self._settle_argvs(reservation, actual, False)
         futures = [self._settle.send(keys=[self._base(hold.scope)], args=argv)
                    for hold, argv in zip(reservation.holds, argvs, strict=True)]
+        if len(futures) == 1:  # one scope (the common case): its answer is the answer
+            only = futures[0]
+            assert only is not None  # connected, checked above: queueing cannot disconnect
+            only.add_done_callback(lambda fut: done(_settle_error(fut)))
+            return True
         left = len(futures)
         errors: list[BaseException] = []
 
         def answered(fut: asyncio.Future[Any]) -> None:
             nonlocal left
             left -= 1
-            error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+            error = _settle_error(fut)
             if error is not None:
-                errors.append(store_error(error) if isinstance(error, STORE_FAILURES) else error)
+                errors.append(error)
             if left == 0:
                 done(errors[0] if errors else None)
 
@@ -276,8 +282,7 @@ class Ledger:
         """Each scope's settle arguments, every amount checked before any scope is sent."""
         rid = reservation.request_id
         flag = "1" if report else "0"
-        amounts = _Actual()
-        amounts.actual = actual
+        amounts = _actual_amounts(actual, reservation.holds)
         argvs = []
         for hold in reservation.holds:
             argvs.append(codec.call_args(self._now(), self.lease_expiry, self._ttl, rid, flag, hold.budgets, amounts))
@@ -322,7 +327,7 @@ class Ledger:
         """Number of live leases on ``scopes`` — by default the (up to 1024) scopes this ledger touched
         most recently. A request holding on three scopes counts three times. Expired leases not yet
         reaped still count."""
-        targets = list(scopes if scopes is not None else self._touched)
+        targets = list(scopes if scopes is not None else self._touched.values())
         if not targets:
             return 0
         try:
@@ -347,20 +352,20 @@ class Ledger:
         return "" if self._clock is None else codec.num(self._clock())
 
     def _base(self, scope: ScopeRef) -> str:
-        base = self._bases.get(scope)
+        base = self._bases.get(scope.key)
         if base is None:
             if len(self._bases) > 65536:
                 self._bases.clear()
             ident = scope.id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-            base = self._bases[scope] = f"{self.key_prefix}:{{{scope.scope}:{ident}}}"
+            base = self._bases[scope.key] = f"{self.key_prefix}:{{{scope.scope}:{ident}}}"
         return base
 
     def _touch(self, scope: ScopeRef) -> str:
         """The scope's base, the scope remembered for :meth:`holds_outstanding` (a reserve's: holds are made
         there, and only there)."""
-        touched = self._touched
-        touched[scope] = None
-        touched.move_to_end(scope)
+        touched, key = self._touched, scope.key
+        touched[key] = scope
+        touched.move_to_end(key)
         if len(touched) > 1024:
             touched.popitem(last=False)
         return self._base(scope)
@@ -401,15 +406,44 @@ def _hold_amount(hold: HoldRequest, budget: BudgetSpec, *, strict: bool = True) 
     return amount
 
 
-class _Actual(dict[str, float]):
-    """The actual amounts per metric, each checked when a budget first asks for it."""
+def _settle_error(fut: asyncio.Future[Any]) -> BaseException | None:
+    """A posted settle's error, if it failed: a :class:`StoreError` for a store failure, ``CancelledError``."""
+    error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+    if error is not None and isinstance(error, STORE_FAILURES):
+        return store_error(error)
+    return error
 
-    __slots__ = ("actual",)
-    actual: Mapping[str, float]
 
-    def __missing__(self, metric: str) -> float:
-        amount = self[metric] = _actual_amount(self.actual, metric)
-        return amount
+def _hold_amounts(hold: HoldRequest) -> dict[str, float]:
+    """Per metric of the hold's budgets, the amount to hold (:func:`_hold_amount` for each budget in turn,
+    in one loop: every reserve runs it)."""
+    given = hold.amounts
+    amounts: dict[str, float] = {}
+    for b in hold.budgets:
+        metric = b.metric
+        amount = given.get(metric)
+        if amount is None:
+            if metric != "requests":
+                raise ValueError(f"no amount to hold for metric {metric!r} (budget {b.label!r})")
+            amounts[metric] = 1.0
+            continue
+        amount = float(amount)
+        if not 0.0 <= amount < math.inf:  # finite and >= 0 (NaN fails every comparison)
+            raise ValueError(f"amount for {metric!r} must be a finite number >= 0, got {amount!r}")
+        amounts[metric] = amount
+    return amounts
+
+
+def _actual_amounts(actual: Mapping[str, float], holds: Sequence[HoldRequest]) -> dict[str, float]:
+    """The actual amount of every metric the holds' budgets count (``requests``: 1 unless given, other
+    missing metrics 0), each checked once, in the order the budgets name them: the first bad one raises."""
+    amounts: dict[str, float] = {}
+    for hold in holds:
+        for b in hold.budgets:
+            metric = b.metric
+            if metric not in amounts:
+                amounts[metric] = _actual_amount(actual, metric)
+    return amounts
 
 
 def _actual_amount(actual: Mapping[str, float], metric: str) -> float:
@@ -417,7 +451,7 @@ def _actual_amount(actual: Mapping[str, float], metric: str) -> float:
     if amount is None:
         return 1.0 if metric == "requests" else 0.0
     amount = float(amount)
-    if not (math.isfinite(amount) and amount >= 0):
+    if not 0.0 <= amount < math.inf:  # finite and >= 0 (NaN fails every comparison)
         raise ValueError(f"actual {metric!r} must be a finite number >= 0, got {amount!r}")
     return amount
 

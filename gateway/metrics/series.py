@@ -11,8 +11,8 @@ and ``rule`` from the policy, ``api``, ``op`` and error ``kind`` from the code.
 
 Counters and histograms are :mod:`gateway.metrics.loop` families (no lock per increment: every update runs
 on the event loop); gauges are prometheus_client's. Labelled children are cached in dicts keyed by their
-label tuple, so the hot path (:meth:`Metrics.observe_request`) does one dict lookup per (model, tier) and
-per (model, tier, api, decision).
+label tuple. The hot path (:meth:`Metrics.observe_request`) finds everything a finished request touches
+in one object per label set (:class:`_RequestSeries`), with one dict lookup.
 """
 
 from __future__ import annotations
@@ -87,6 +87,20 @@ class _ModelTier:
     samples: HistogramChild
     k_above_evaluated: CounterChild
     overruns: CounterChild
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestSeries:
+    """Everything :meth:`Metrics.observe_request` touches for one set of its arguments' labels (model, tier,
+    api, decision, would_deny, as passed): found with one dict lookup per request instead of one per
+    family, with the labels folded (unknown model or tier, shadow-mode ``would_deny``) once. ``rules`` is
+    where the decision's rules count: :meth:`Metrics._denial`, :meth:`Metrics._clamp`, or nowhere."""
+
+    requests: CounterChild  # kgate_requests_total{model, tier, api, decision}
+    usage: _ModelTier  # the (model, tier) series of what a served request spent
+    overhead: HistogramChild  # kgate_gateway_overhead_seconds{api}
+    tier: str  # as exported
+    rules: Callable[[str, str], CounterChild] | None
 
 
 class _StoreTimer:
@@ -203,7 +217,7 @@ class Metrics:
             ProcessCollector(registry=r)
 
         # label tuple → child; filled on first use
-        self._request_children: dict[tuple[str, str, str, str], CounterChild] = {}
+        self._series: dict[tuple[str, str, str, str, bool], _RequestSeries] = {}  # by observe_request's arguments
         self._model_tier_children: dict[tuple[str, str], _ModelTier] = {}
         self._source_children: dict[str, CounterChild] = {}
         self._denial_children: dict[tuple[str, str], CounterChild] = {}
@@ -238,6 +252,7 @@ class Metrics:
         """
         self._models = frozenset(config.models)
         self._tiers = frozenset(config.tiers)
+        self._series.clear()  # their labels were folded under the old names
         sha = config.version or UNKNOWN
         if self._policy_sha is not None and self._policy_sha != sha:
             self._policy_info.remove(self._policy_sha)
@@ -268,30 +283,40 @@ class Metrics:
         request that shadow mode served although the policy would have refused it: a served one
         (allowed, clamped, partial, spooled) is counted under the decision ``would_deny``.
         """
-        model = self._model(model)
-        tier = self._tier(tier)
-        if would_deny and decision in _SERVED:
-            decision = "would_deny"
-        key = (model, tier, api, decision)
-        child = self._request_children.get(key)
-        if child is None:
-            if decision not in DECISIONS:
-                raise ValueError(f"unknown decision {decision!r}; expected one of {sorted(DECISIONS)}")
-            child = self._request_children[key] = self._requests.labels(*key)
-        child.inc()
+        series = self._series.get((model, tier, api, decision, would_deny))
+        if series is None:
+            series = self._request_series(model, tier, api, decision, would_deny)
+        series.requests.value += 1.0  # CounterChild.inc(1.0) without the call (and its sign check)
         if usage is not None:
-            self._observe_usage(model, tier, usage, evaluated_max_k)
+            self._observe_usage(series.usage, usage, evaluated_max_k)
         if overhead_s is not None:
-            self._overhead_child(api).observe(overhead_s if overhead_s > 0.0 else 0.0)
-        if decision in ("denied", "would_deny") or would_deny:
+            series.overhead.observe(overhead_s if overhead_s > 0.0 else 0.0)
+        if series.rules is not None:
             for r in _rules(denied_rules, rule):
-                self._denial(tier, r).inc()
-        elif decision == "clamped":
-            for r in _rules(denied_rules, rule):
-                self._clamp(tier, r).inc()
+                series.rules(series.tier, r).inc()
 
-    def _observe_usage(self, model: str, tier: str, measured: Measured,
-                       evaluated_max_k: float | None) -> None:
+    def _request_series(self, model: str, tier: str, api: str, decision: Decision | str,
+                        would_deny: bool) -> _RequestSeries:
+        """The series of :meth:`observe_request` for these labels, made and remembered (until the policy
+        changes: the folding of model and tier names depends on it)."""
+        folded_model, folded_tier = self._model(model), self._tier(tier)
+        folded = "would_deny" if would_deny and decision in _SERVED else decision
+        if folded not in DECISIONS:
+            raise ValueError(f"unknown decision {folded!r}; expected one of {sorted(DECISIONS)}")
+        rules: Callable[[str, str], CounterChild] | None = None
+        if folded in ("denied", "would_deny") or would_deny:
+            rules = self._denial
+        elif folded == "clamped":
+            rules = self._clamp
+        series = _RequestSeries(self._requests.labels(folded_model, folded_tier, api, folded),
+                                self._model_tier(folded_model, folded_tier), self._overhead_child(api),
+                                folded_tier, rules)
+        if len(self._series) >= 4096:  # names not in the policy fold into a few series, but each is a key here
+            self._series.clear()
+        self._series[(model, tier, api, decision, would_deny)] = series
+        return series
+
+    def _model_tier(self, model: str, tier: str) -> _ModelTier:
         mt = self._model_tier_children.get((model, tier))
         if mt is None:
             mt = self._model_tier_children[(model, tier)] = _ModelTier(
@@ -304,21 +329,25 @@ class Metrics:
                 k_above_evaluated=self._k_above.labels(model, tier),
                 overruns=self._overruns.labels(model, tier),
             )
+        return mt
+
+    def _observe_usage(self, mt: _ModelTier, measured: Measured, evaluated_max_k: float | None) -> None:
+        # Counters by their value, without CounterChild.inc's call: every amount here is >= 0 already.
         u = measured.usage
-        mt.prompt.inc(u.prompt_tokens if u.prompt_tokens > 0 else 0)
-        mt.reasoning.inc(u.reasoning_tokens if u.reasoning_tokens > 0 else 0)
-        mt.output.inc(u.output_tokens if u.output_tokens > 0 else 0)
-        mt.flops.inc(measured.flops if measured.flops > 0.0 else 0.0)
+        mt.prompt.value += u.prompt_tokens if u.prompt_tokens > 0 else 0
+        mt.reasoning.value += u.reasoning_tokens if u.reasoning_tokens > 0 else 0
+        mt.output.value += u.output_tokens if u.output_tokens > 0 else 0
+        mt.flops.value += measured.flops if measured.flops > 0.0 else 0.0
         mt.k.observe(measured.k)
         mt.samples.observe(u.samples)
         if evaluated_max_k is not None and measured.k > evaluated_max_k:
-            mt.k_above_evaluated.inc()
+            mt.k_above_evaluated.value += 1.0
         if measured.overrun:
-            mt.overruns.inc()
+            mt.overruns.value += 1.0
         src = self._source_children.get(u.source)
         if src is None:
             src = self._source_children[u.source] = self._usage_source.labels(u.source)
-        src.inc()
+        src.value += 1.0
 
     def _overhead_child(self, api: str) -> HistogramChild:
         child = self._overhead_children.get(api)
@@ -386,7 +415,7 @@ class Metrics:
     # ------------------------------------------------------------------------------------------- store
     def observe_store(self, op: str, latency_s: float, error: bool = False) -> None:
         """One store operation (reserve, settle, release, lookup, replay, ping, ...)."""
-        children = self._store_child(op)
+        children = self._store_children.get(op) or self._store_child(op)
         children[0].observe(latency_s if latency_s > 0.0 else 0.0)
         if error:
             children[1].inc()
@@ -399,8 +428,10 @@ class Metrics:
         return children
 
     def store_latency(self, op: str, seconds: float) -> None:
-        """Short form of :meth:`observe_store` for an operation that succeeded."""
-        self.observe_store(op, seconds)
+        """Short form of :meth:`observe_store` for an operation that succeeded (spelled out: a reserve and a
+        settle of every request not admitted from a slice come here)."""
+        children = self._store_children.get(op) or self._store_child(op)
+        children[0].observe(seconds if seconds > 0.0 else 0.0)
 
     def store_error(self, op: str, seconds: float | None = None) -> None:
         """A failed store operation, with its latency when known (prefer :meth:`time_store`, which
