@@ -596,6 +596,7 @@ class Directory:
             if len(self._last) >= CACHE_MAX:      # API keys must not fill it
                 self._last.clear()
             self._last[key] = value
+        _resume_cancellation()
         return value
 
     def _sweep(self, now: float) -> None:
@@ -659,6 +660,7 @@ class Directory:
                 except STORE_FAILURES as exc:
                     raise store_error(exc) from exc
                 self._pepper = raw if isinstance(raw, bytes) else str(raw).encode()
+                _resume_cancellation()
         return self._hmac(key)
 
     def _hmac(self, key: str) -> str:
@@ -670,3 +672,14 @@ class Directory:
         if self._redis is None:
             raise RuntimeError("this operation needs the store")
         return self._redis
+
+
+def _resume_cancellation() -> None:
+    """Raise the cancellation the current task was asked for, if a store call swallowed it.
+
+    redis-py's asyncio client can return a command's answer to a task cancelled while the reply was on its
+    way, without the ``CancelledError`` (tests/integration/test_cancel_during_lookup.py). A request cancelled
+    by a shutdown then ran on to wait for its body. The task remembers the request (``Task.cancelling()``),
+    so a lookup that completes re-raises it: the value is cached all the same, for the next request."""
+    if cancelled():
+        raise asyncio.CancelledError()
