@@ -284,7 +284,7 @@ class FastPath(asyncio.Protocol):
                     lambda: _peer(transport) if transport is not None else "closed", req.body, req.doc)
         try:
             answer: Answer | None = await serve(engine, req.adapter, call, None, _same,
-                                                lambda adm: self._stream(adm, req))
+                                                lambda adm: self._stream(adm, req), self._task)
         except asyncio.CancelledError:  # a drain that ended: the engine settled what was generated
             self._closing = True
             answer = None

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -47,13 +47,16 @@ BodyRead = Callable[[int, float], Awaitable[bytes]]  # (max_body_bytes, body_tim
 
 
 async def serve(engine: Engine, adapter: Adapter, call: Call, read_body: BodyRead | None,
-                unary: Callable[[Answer], R], stream: Callable[[Admission], Awaitable[R]]) -> R:
+                unary: Callable[[Answer], R], stream: Callable[[Admission], Awaitable[R]],
+                task: asyncio.Task[Any] | None = None) -> R:
     """Admit ``call``, then answer it: ``unary`` makes the server's response of an :class:`Answer` (a JSON
     answer, a denial, an error), ``stream`` serves an admitted stream itself. ``read_body`` is awaited once
-    the caller is known (None: ``call.body`` holds it). Every way out is recorded (:meth:`Engine.done`)."""
+    the caller is known (None: ``call.body`` holds it). Every way out is recorded (:meth:`Engine.done`).
+    ``task``: the task running this, when the caller knows it (else looked up), for the drain to cancel."""
     gw = engine.gw
     gw.inflight += 1
-    task = asyncio.current_task()
+    if task is None:
+        task = asyncio.current_task()
     if task is not None:
         gw.handlers.add(task)
     facts = engine.begin(adapter.api)
