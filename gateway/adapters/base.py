@@ -44,18 +44,18 @@ class StreamMeter(ABC):
         self._parser = SSEParser()
 
     def feed(self, chunk: bytes) -> bytes:
-        out: list[bytes] = []
-        for ev in self._parser.feed(chunk):
-            if self.on_event(ev):
-                out.append(ev.raw)
-        return b"".join(out)
+        events = self._parser.feed(chunk)
+        if not events:
+            return b""
+        on_event = self.on_event
+        if len(events) == 1:  # the common case: a read brings one event
+            ev = events[0]
+            return ev.raw if on_event(ev) else b""
+        return b"".join([ev.raw for ev in events if on_event(ev)])
 
     def close(self) -> bytes:
-        out: list[bytes] = []
-        for ev in self._parser.flush():
-            if self.on_event(ev):
-                out.append(ev.raw)
-        return b"".join(out)
+        on_event = self.on_event
+        return b"".join([ev.raw for ev in self._parser.flush() if on_event(ev)])
 
     @abstractmethod
     def on_event(self, ev: SSEEvent) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from gateway.adapters.base import Adapter, StreamMeter, nonneg, req_bool, req_int, req_obj, req_str
+from gateway.adapters.base import USAGE_CEILING, Adapter, StreamMeter, nonneg, req_bool, req_int, req_obj, req_str
 from gateway.adapters.sse import SSEEvent
 from gateway.engine.compute import ComputeRequest, Usage, UsageSource
 from gateway.engine.errors import BadRequest
@@ -160,40 +160,43 @@ def usage_from_counts(u: Mapping[str, Any], *, samples: int, reasoning_estimate:
       parts left out (Google's OpenAI-compatible endpoint counts thoughts only there), so it is
       added to reasoning. A smaller total changes nothing.
     """
-    prompt = nonneg(u.get(prompt_key))
-    total = nonneg(u.get("total_tokens"))
-    completion_v = u.get(completion_key)
-    if completion_v is not None:
-        completion = nonneg(completion_v)
+    # nonneg's first case (a plain int in range) inlined for the counts of every answer: a call each
+    # otherwise. tests/unit/test_perf_finish.py holds this function to its plain form.
+    v = u.get(prompt_key)
+    prompt = v if type(v) is int and 0 < v <= USAGE_CEILING else nonneg(v)
+    v = u.get("total_tokens")
+    total = v if type(v) is int and 0 < v <= USAGE_CEILING else nonneg(v)
+    v = u.get(completion_key)
+    if v is not None:
+        completion = v if type(v) is int and 0 < v <= USAGE_CEILING else nonneg(v)
     else:  # some servers send only the total
         completion = max(total - prompt, 0)
     reasoning = reported_reasoning(u, details_key)
-    if reasoning and reasoning_outside(prompt, completion, reasoning, total):
-        visible = completion
-    elif reasoning:
-        reasoning = min(reasoning, completion)
-        visible = completion - reasoning
-    else:
-        reasoning = split_reasoning(completion, reasoning_estimate, visible_estimate)
+    if reasoning:
+        if reasoning_outside(prompt, completion, reasoning, total):
+            visible = completion
+        else:
+            reasoning = min(reasoning, completion)
+            visible = completion - reasoning
+    else:  # the usual answer: no reasoning reported, none returned (split_reasoning's 0, without the call)
+        reasoning = split_reasoning(completion, reasoning_estimate, visible_estimate) if reasoning_estimate > 0 else 0
         visible = completion - reasoning
     hidden = total - (prompt + reasoning + visible)
     if hidden > 0:
         reasoning += hidden
-    return Usage(
-        samples=max(samples, 1),
-        prompt_tokens=prompt,
-        reasoning_tokens=reasoning,
-        output_tokens=visible,
-        source=source,
-        cached_tokens=cached_tokens(u),
-    )
+    # Positional, in Usage's field order (samples, prompt, reasoning, output, source, cached): a class
+    # called with keywords has them packed into a dict for its __init__, on every answer.
+    return Usage(samples if samples >= 1 else 1, prompt, reasoning, visible, source, cached_tokens(u))
 
 
 def reported_reasoning(u: Mapping[str, Any], details_key: str = "completion_tokens_details") -> int:
     """The reasoning count a server reported: under ``details_key``, or at the top of usage (SGLang)."""
     details = u.get(details_key)
     reasoning = nonneg(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
-    return reasoning or nonneg(u.get("reasoning_tokens"))
+    if reasoning:
+        return reasoning
+    v = u.get("reasoning_tokens")
+    return 0 if v is None else nonneg(v)  # usually absent: nonneg(None)'s 0 without the call
 
 
 def reasoning_outside(prompt: int, completion: int, reasoning: int, total: int) -> bool:
@@ -222,11 +225,16 @@ def split_reasoning(generated: int, reasoning_estimate: int, visible_estimate: i
 
 
 def cached_tokens(u: Mapping[str, Any]) -> int:
-    for key in ("prompt_tokens_details", "input_tokens_details"):
-        d = u.get(key)
-        if isinstance(d, dict) and d.get("cached_tokens"):
-            return nonneg(d.get("cached_tokens"))
-    return nonneg(u.get("prompt_cache_hit_tokens"))  # DeepSeek
+    """Cached prompt tokens: ``prompt_tokens_details`` (Chat), ``input_tokens_details`` (Responses), else
+    DeepSeek's ``prompt_cache_hit_tokens``. (Spelled out, not a loop over the two keys: every answer.)"""
+    d = u.get("prompt_tokens_details")
+    if isinstance(d, dict) and d.get("cached_tokens"):
+        return nonneg(d.get("cached_tokens"))
+    d = u.get("input_tokens_details")
+    if isinstance(d, dict) and d.get("cached_tokens"):
+        return nonneg(d.get("cached_tokens"))
+    v = u.get("prompt_cache_hit_tokens")  # DeepSeek
+    return 0 if v is None else nonneg(v)
 
 
 def has_counts(u: Any, *keys: str) -> bool:
@@ -281,6 +289,8 @@ class ChoiceStreamMeter(StreamMeter):
         self._final: dict[str, Any] | None = None
 
     def on_event(self, ev: SSEEvent) -> bool:
+        # On every chunk of every chat stream: exact type checks (orjson makes exact dicts, lists and ints,
+        # so ``type(x) is dict`` says what ``isinstance`` would), locals, and the usage cases off the loop.
         data = ev.data
         if not data or data[0] != "{":
             if data is not None and data.strip() == "[DONE]":
@@ -290,44 +300,57 @@ class ChoiceStreamMeter(StreamMeter):
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             return True
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:
             return True
         choices = obj.get("choices")
-        usage = obj.get("usage")
         if not choices:
-            if isinstance(usage, dict):  # the request's usage chunk
-                self._final = usage
+            return self._no_choices(obj)
+        if type(choices) is not list:
+            return True
+        usage = obj.get("usage")
+        if type(usage) is dict:
+            if self._trailing_usage(choices):
+                self._final = usage  # OpenRouter's usage chunk: the request's, though it has a choice
                 return self.client_wants_usage
-            err = obj.get("error")
-            if isinstance(err, dict):
-                self.error = err
-            elif err is not None:
-                self.error = {"message": str(err)}
-            elif obj.get("object") == "error":
-                self.error = _flat_error(obj)
-            return True
-        if not isinstance(choices, list):
-            return True
-        if isinstance(usage, dict) and self._trailing_usage(choices):
-            self._final = usage  # OpenRouter's usage chunk: the request's, though it has a choice
-            return self.client_wants_usage
+        else:
+            usage = None
+        count = self._count
+        states = self._choices
         for c in choices:
-            if not isinstance(c, dict):
+            if type(c) is not dict:
                 continue
             idx = c.get("index", 0)
-            if not isinstance(idx, int) or isinstance(idx, bool):
+            if type(idx) is not int:
                 idx = 0
-            st = self._choices.get(idx)
+            st = states.get(idx)
             if st is None:
-                st = self._choices[idx] = _Choice()
-            v, r = self._count(c)
-            st.visible += v
-            st.reasoning += r
-            if c.get("finish_reason") is not None:
+                st = states[idx] = _Choice()
+            v, r = count(c)
+            if v:
+                st.visible += v
+            if r:
+                st.reasoning += r
+            finishing = c.get("finish_reason") is not None
+            if finishing:
                 st.finished = True
-            if isinstance(usage, dict):
+            if usage is not None:
                 st.usage = usage
-                st.usage_final = c.get("finish_reason") is not None
+                st.usage_final = finishing
+        return True
+
+    def _no_choices(self, obj: dict[str, Any]) -> bool:
+        """A chunk without choices: the request's usage chunk, an error, or nothing to meter."""
+        usage = obj.get("usage")
+        if isinstance(usage, dict):  # the request's usage chunk
+            self._final = usage
+            return self.client_wants_usage
+        err = obj.get("error")
+        if isinstance(err, dict):
+            self.error = err
+        elif err is not None:
+            self.error = {"message": str(err)}
+        elif obj.get("object") == "error":
+            self.error = _flat_error(obj)
         return True
 
     def _trailing_usage(self, choices: list[Any]) -> bool:

@@ -8,20 +8,37 @@ It sits on the gateway's streaming hot path (every chunk of every streamed answe
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 
-@dataclass(frozen=True)
 class SSEEvent:
-    """One server-sent event: its raw bytes (forwarded unchanged), its ``event:`` name and ``data:``."""
+    """One server-sent event: its raw bytes (forwarded unchanged), its ``event:`` name and ``data:``.
 
-    raw: bytes
-    event: str | None
-    data: str | None
+    A plain class with slots rather than a frozen dataclass: one is made for every event of every stream,
+    and a frozen dataclass's ``__init__`` (``object.__setattr__`` per field) costs several times as much.
+    Treat it as immutable all the same.
+    """
+
+    __slots__ = ("data", "event", "raw")
+
+    def __init__(self, raw: bytes, event: str | None, data: str | None):
+        self.raw = raw
+        self.event = event
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"SSEEvent(raw={self.raw!r}, event={self.event!r}, data={self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not SSEEvent:
+            return NotImplemented
+        assert isinstance(other, SSEEvent)
+        return self.raw == other.raw and self.event == other.event and self.data == other.data
+
+    def __hash__(self) -> int:
+        return hash((self.raw, self.event, self.data))
 
     def json(self) -> Any:
         """The data as JSON, or None when it is absent, ``[DONE]`` or not JSON."""
@@ -45,19 +62,28 @@ class SSEParser:
     def __init__(self) -> None:
         self._buf = b""
 
-    def feed(self, chunk: bytes) -> Iterator[SSEEvent]:
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """The events completed by ``chunk``, in order (a list: no generator to resume per event)."""
         buf = self._buf + chunk if self._buf else chunk
+        events: list[SSEEvent] = []
         start = 0
-        if b"\r" not in buf:  # the common case: LF only
+        if buf.find(b"\r") < 0:  # the common case: LF only (find, not `in`: see model_names.Renamer.body)
+            find = buf.find
             while True:
-                end = buf.find(b"\n\n", start)
+                end = find(b"\n\n", start)
                 if end < 0:
                     break
-                raw = buf[start:end + 2]
-                start = end + 2
-                ev = parse_event(raw)
-                if ev is not None:
-                    yield ev
+                nxt = end + 2
+                # The common event, one "data:" line and its blank line, inline (what parse_event makes of
+                # it): no other line end before the blank line. Anything else takes parse_event.
+                if buf.startswith(b"data:", start) and find(b"\n", start, end) < 0:
+                    v = start + 6 if buf[start + 5:start + 6] == b" " else start + 5
+                    events.append(SSEEvent(buf[start:nxt], None, buf[v:end].decode("utf-8", errors="replace")))
+                else:
+                    ev = parse_event(buf[start:nxt])
+                    if ev is not None:
+                        events.append(ev)
+                start = nxt
         else:
             for m in _BLANK_LINE.finditer(buf):
                 if m.end() == len(buf) and buf.endswith(b"\r"):
@@ -66,16 +92,18 @@ class SSEParser:
                 start = m.end()
                 ev = parse_event(raw)
                 if ev is not None:
-                    yield ev
-        self._buf = buf[start:]
+                    events.append(ev)
+        self._buf = buf[start:] if start else buf
+        return events
 
-    def flush(self) -> Iterator[SSEEvent]:
+    def flush(self) -> list[SSEEvent]:
         """What is left when the stream ends (an event without its closing blank line), bytes unchanged."""
         rest, self._buf = self._buf, b""
         if rest:
             ev = parse_event(rest)
             if ev is not None:
-                yield ev
+                return [ev]
+        return []
 
     @property
     def pending(self) -> bytes:

@@ -164,23 +164,64 @@ async def reserve(gw: Gateway, facts: Facts, tier: TierConfig, parsed: ParsedReq
 
 def ratelimit_headers(label: str, limit: float, remaining: float, reset: int) -> dict[str, str]:
     """The IETF draft's ``RateLimit-Policy`` and ``RateLimit`` fields for one budget."""
-    return {"RateLimit-Policy": f'"{label}";q={_q(limit)}', "RateLimit": f'"{label}";r={_q(remaining)};t={reset}'}
+    return {"RateLimit-Policy": _policy_value(label, limit), "RateLimit": f'"{label}";r={_q(remaining)};t={reset}'}
+
+
+_POLICY_VALUES: dict[tuple[str, float], str] = {}
+
+
+def _policy_value(label: str, limit: float) -> str:
+    """``"label";q=limit``: the same text on every answer under one budget, so formatted once per (label,
+    limit). Numbers that compare equal format alike here (``_q`` of 5, 5.0, True and -0.0 vs 0.0 agree),
+    so the dict's equality is exact enough for a key."""
+    key = (label, limit)
+    value = _POLICY_VALUES.get(key)
+    if value is None:
+        if len(_POLICY_VALUES) > 4096:  # budgets come from the policy; a reload may bring new ones
+            _POLICY_VALUES.clear()
+        value = _POLICY_VALUES[key] = f'"{label}";q={_q(limit)}'
+    return value
 
 
 def _q(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:.6g}"
+    f = x if type(x) is float else float(x)  # float() of a float is a type call: skipped on answers
+    return str(int(x)) if f.is_integer() else f"{x:.6g}"
+
+
+_G6: dict[float, str] = {}
+
+
+def _g6(x: float) -> str:
+    """``f"{x:.6g}"``, remembered per value: the bound's K is one of a few values, formatted on every
+    answer. Zero is never kept (0.0 and -0.0 are equal keys but format as "0" and "-0"); any other equal
+    numbers (1, 1.0, True) format alike."""
+    text = _G6.get(x)
+    if text is None:
+        text = f"{x:.6g}"
+        if x:
+            if len(_G6) > 4096:
+                _G6.clear()
+            _G6[x] = text
+    return text
 
 
 def answer_headers(facts: Facts, reservation: Reservation | None) -> dict[str, str]:
-    """kgate's own response headers: the request id, the bound's K, real clamps, the tightest budget."""
+    """kgate's own response headers: the request id, the bound's K, real clamps, the tightest budget.
+    (The two RateLimit fields are set one by one rather than through :func:`ratelimit_headers`: no
+    intermediate dict on every answer; tests/unit/test_perf_finish.py holds them to the same text.)"""
     h = {"x-kgate-request-id": facts.request_id}
-    if facts.bound is not None:
-        h["x-kgate-k-max"] = f"{facts.bound.k_max:.6g}"
+    bound = facts.bound
+    if bound is not None:
+        h["x-kgate-k-max"] = _g6(bound.k_max)
     if facts.clamped:
         h["x-kgate-clamped"] = ", ".join(facts.clamped)
     if reservation is not None:
         tight = reservation.tightest()
         if tight is not None:
-            h.update(ratelimit_headers(tight.budget.label, tight.limit, tight.remaining,
-                                       max(0, int(tight.reset_at - time.time() + 0.999))))
+            label = tight.budget.label
+            h["RateLimit-Policy"] = _policy_value(label, tight.limit)
+            reset = int(tight.reset_at - time.time() + 0.999)
+            if reset < 0:  # not max(0, ...): a builtin's call costs more than the test
+                reset = 0
+            h["RateLimit"] = f'"{label}";r={_q(tight.remaining)};t={reset}'
     return h

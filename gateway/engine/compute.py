@@ -96,7 +96,7 @@ class Bound:
         """The fields by name, in their declared order (a new dict). A copy of the instance's dict, which
         ``__init__`` fills with exactly the fields in that order (tests/unit/test_perf_compute.py checks it):
         dataclasses.asdict deep-copies and costs more than the whole bound computation."""
-        return dict(self.__dict__)
+        return self.__dict__.copy()
 
 
 @dataclass(frozen=True, init=False)

@@ -240,8 +240,9 @@ def _unsettled(gw: Gateway, adm: Admission, why: str) -> None:
 
 def _actual(measured: Measured) -> dict[str, float]:
     u = measured.usage
-    return {"requests": 1, "prompt_tokens": u.prompt_tokens, "output_tokens": u.output_tokens,
-            "reasoning_tokens": u.reasoning_tokens, "generated_tokens": u.generated_tokens,
+    out, reasoning = u.output_tokens, u.reasoning_tokens  # generated_tokens without the property's call
+    return {"requests": 1, "prompt_tokens": u.prompt_tokens, "output_tokens": out,
+            "reasoning_tokens": reasoning, "generated_tokens": reasoning + out,
             "flops": measured.flops, "k_units": measured.k}
 
 

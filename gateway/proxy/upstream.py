@@ -156,7 +156,14 @@ def _clean(value: str) -> bool:
 def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """The upstream's headers passed back to the client: the allowlisted ones whose value is safe to send
     (the httptools parser already refuses CR, LF and NUL in a value; this holds for any client)."""
-    return {k: v for k in FORWARD_RESPONSE_HEADERS if (v := upstream.get(k)) is not None and _clean(v)}
+    # A loop, not a comprehension (a function call of its own in 3.11), with _clean inlined: on every
+    # answer. tests/unit/test_perf_finish.py holds it to _clean.
+    h = {}
+    for k in FORWARD_RESPONSE_HEADERS:
+        v = upstream.get(k)
+        if v is not None and len(v) <= MAX_FORWARDED_VALUE and v.isascii() and v.isprintable():
+            h[k] = v
+    return h
 
 
 async def send(client: UpstreamClient, target: Target, path: str, body: bytes,
