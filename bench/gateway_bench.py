@@ -257,16 +257,17 @@ async def warm_up(url: str, n: int = 10) -> str:
 
 
 def target_verdicts(results: dict[str, dict], ratios: dict[str, float], ttfb_added_ms: float) -> list[tuple[str, bool]]:
-    """The benchmark's targets, each with whether this run met it (those whose cases were run)."""
+    """The benchmark's targets, each with whether this run met it (those whose cases were run): issue 18's
+    (35% of the simulator at 32 connections, 0.6 ms added p50 at one, 50x LiteLLM) and the first byte's."""
     out: list[tuple[str, bool]] = []
     if "json/c32" in ratios:
         sim = results["simulator/json/c32"]["rps"]
         out.append((f"simulator alone >= 10,000 req/s, JSON, 32 connections: {sim:,.0f}", sim >= 10_000))
-        out.append((f"kgate >= 25% of the simulator's throughput there: {ratios['json/c32']:.1%}",
-                    ratios["json/c32"] >= 0.25))
+        out.append((f"kgate >= 35% of the simulator's throughput there: {ratios['json/c32']:.1%}",
+                    ratios["json/c32"] >= 0.35))
     if "gateway/json/c1" in results:
         added = results["gateway/json/c1"]["p50_ms"] - results["simulator/json/c1"]["p50_ms"]
-        out.append((f"added p50 latency at 1 connection < 1 ms: {added:.3f} ms", added < 1.0))
+        out.append((f"added p50 latency at 1 connection <= 0.6 ms: {added:.3f} ms", added <= 0.6))
     out.append((f"first streamed byte within 1 ms of direct: +{ttfb_added_ms:.3f} ms", ttfb_added_ms <= 1.0))
     if "kgate/litellm/json/c32" in ratios:  # issue 18's target, where LiteLLM ran beside
         x = ratios["kgate/litellm/json/c32"]
