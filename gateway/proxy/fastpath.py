@@ -110,8 +110,8 @@ class FastPath(asyncio.Protocol):
     """One client connection: serves requests of the common shape, hands the connection to aiohttp at the
     first that is not (see the module's docstring)."""
 
-    __slots__ = ("_buf", "_busy", "_closing", "_drain_waiter", "_idle_since", "_paused", "_server", "_task",
-                 "_timer", "_timer_kind", "transport")
+    __slots__ = ("_buf", "_busy", "_closing", "_drain_waiter", "_idle_since", "_paused", "_server", "_streaming",
+                 "_task", "_timer", "_timer_kind", "transport")
 
     def __init__(self, server: GuardedServer):
         self._server = server
@@ -125,6 +125,7 @@ class FastPath(asyncio.Protocol):
         self._idle_since = 0.0  # loop time of the last answer
         self._paused = False  # the transport's write buffer is over its high-water mark (a stream waits)
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._streaming = False  # the request being answered has started a stream (its head is on its way)
 
     # ------------------------------------------------------------------------------- connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -282,6 +283,7 @@ class FastPath(asyncio.Protocol):
         engine = self._server.engine
         call = Call(req.adapter, {}, req.path, req.headers, _NO_QUERY, "",
                     lambda: _peer(transport) if transport is not None else "closed", req.body, req.doc)
+        self._streaming = False
         try:
             answer: Answer | None = await serve(engine, req.adapter, call, None, _same,
                                                 lambda adm: self._stream(adm, req), self._task)
@@ -299,6 +301,11 @@ class FastPath(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         close = req.close or self._closing or self._server.closing
+        if self._streaming and answer is not _STREAMED:
+            # A stream was started and something after it failed (serve answered an error): no other answer
+            # can follow its head on this connection, so it is cut off (the client sees a stream without its
+            # end), as aiohttp does with a response it cannot send after a prepared one.
+            answer = None
         if answer is _STREAMED:
             pass  # written as it came
         elif answer is not None:
@@ -419,6 +426,7 @@ class _Chunked:
         if transport is None or transport.is_closing():
             return False
         self._head = _head(status, headers, self._close or conn._closing or conn._server.closing, None)
+        conn._streaming = True
         asyncio.get_running_loop().call_soon(self._send_head)
         return True
 
@@ -433,6 +441,8 @@ class _Chunked:
         transport = conn.transport
         if transport is None or transport.is_closing():
             return False
+        if not data:
+            return True  # an empty chunk would be the stream's end
         chunk = b"%x\r\n%b\r\n" % (len(data), data)
         if self._head:
             chunk, self._head = self._head + chunk, b""

@@ -396,3 +396,36 @@ async def test_a_stream_shows_its_head_before_its_first_slow_event(redis_url: st
                 ended = asyncio.get_running_loop().time()
     assert b"data: [DONE]" in rest
     assert ended - headed > 1.0  # the head came while the upstream was still thinking
+
+
+async def test_a_failure_after_a_stream_started_cuts_it_off_without_a_second_answer(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a stream's head is out, no other answer can follow on the connection: a failure after it (here
+    one injected into the engine's stream settlement) ends the connection, never a 500 written into the
+    chunked body (which a client would read as the next response); the next connection is served."""
+    from gateway.engine.errors import InternalError
+    from gateway.engine.flow import Engine
+
+    real = Engine.finish_stream
+    calls: list[int] = []
+
+    async def failing(self: Engine, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:  # the first stream only
+            raise InternalError("injected after the stream started")
+        await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "finish_stream", failing)
+    async with two_gateways(tmp_path, redis_url) as (fast, _slow):
+        async with connect(fast.url) as c:
+            await c.send(post({**CHAT, "stream": True}) + REQUESTS["ok"])  # and one pipelined behind it
+            async with asyncio.timeout(LIMIT):
+                head = await c.reader.readuntil(b"\r\n\r\n")
+                rest = await c.reader.read()  # to the connection's end
+        assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+        assert b"HTTP/1.1" not in rest and not rest.endswith(b"0\r\n\r\n")  # cut off: no end, no second answer
+        rid = next(line.split(b": ", 1)[1].decode() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"x-kgate-request-id"))
+        rec = next(r for r in audit_records(fast) if r.get("request_id") == rid)  # recorded all the same
+        assert rec["decision"] == "failed" and rec["status"] == 500
+        assert (await one(fast.url, post({**CHAT, "stream": True})))[0] == 200
